@@ -1,0 +1,95 @@
+"""Assignment tables: the device-ready form of a placement plan.
+
+Axis legend: L MoE layers, E experts, S global slots (rank r owns slots [r*S/R, (r+1)*S/R)),
+R ranks, M max replicas of one expert.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jax_eplb._errors import EplbInputError
+
+
+class AssignmentTables(NamedTuple):
+    """int32 tables derived from ``slot_to_expert``; ready for ``jax.device_put``.
+
+    slot_to_expert: ``[L, S]`` expert held by each global slot.
+    replica_count:  ``[L, E]`` number of slots holding each expert (>= 1).
+    expert_slots:   ``[L, E, M]`` global slot ids of each expert's replicas, ascending, -1 padded.
+    """
+
+    slot_to_expert: np.ndarray
+    replica_count: np.ndarray
+    expert_slots: np.ndarray
+
+    @property
+    def num_slots(self) -> int:
+        return self.slot_to_expert.shape[-1]
+
+    @property
+    def num_experts(self) -> int:
+        return self.replica_count.shape[-1]
+
+
+def default_slot_to_expert(num_experts: int, num_slots: int, ep_size: int) -> np.ndarray:
+    """TensorRT-LLM's layout without a plan: rank r holds experts r*E//R, r*E//R+1, ... (mod E).
+
+    Returns ``[S]`` int32.
+    """
+    check_slot_geometry(num_experts, num_slots, ep_size)
+    slots_per_rank = num_slots // ep_size
+    rank = np.arange(ep_size)[:, None]
+    local = np.arange(slots_per_rank)[None, :]
+    return ((rank * num_experts // ep_size + local) % num_experts).reshape(-1).astype(np.int32)
+
+
+def check_slot_geometry(num_experts: int, num_slots: int, ep_size: int) -> None:
+    if ep_size < 1:
+        raise EplbInputError(f"ep_size must be >= 1, got {ep_size}")
+    if num_slots < num_experts:
+        raise EplbInputError(f"num_slots ({num_slots}) must be >= the number of experts ({num_experts})")
+    if num_slots % ep_size:
+        raise EplbInputError(f"num_slots ({num_slots}) must be divisible by ep_size ({ep_size})")
+
+
+def build_assignment_tables(slot_to_expert, num_experts: int, max_replicas: int | None = None) -> AssignmentTables:
+    """Derives the tables from ``slot_to_expert`` ``[L, S]`` (or ``[S]``, treated as one layer).
+
+    Raises EplbInputError if an id is out of range or an expert has no replica.
+    ``max_replicas`` pads M to a fixed size (so tables of several plans share one shape and a
+    jitted step does not recompile); by default M = max replica count (at least 1).
+    """
+    slot_to_expert = np.asarray(slot_to_expert)
+    if slot_to_expert.ndim == 1:
+        slot_to_expert = slot_to_expert[None]
+    if slot_to_expert.ndim != 2:
+        raise EplbInputError(f"slot_to_expert must be [layers, slots], got shape {slot_to_expert.shape}")
+    if not np.issubdtype(slot_to_expert.dtype, np.integer):
+        raise EplbInputError(f"slot_to_expert must hold integers, got {slot_to_expert.dtype}")
+    num_layers, num_slots = slot_to_expert.shape
+    bad = (slot_to_expert < 0) | (slot_to_expert >= num_experts)
+    if bad.any():
+        layer, slot = np.argwhere(bad)[0]
+        raise EplbInputError(
+            f"layer row {layer}: slot {slot} holds expert {slot_to_expert[layer, slot]}, "
+            f"expected 0..{num_experts - 1}")
+    replica_count = np.zeros((num_layers, num_experts), np.int32)
+    np.add.at(replica_count, (np.arange(num_layers)[:, None], slot_to_expert), 1)
+    if (replica_count == 0).any():
+        layer, expert = np.argwhere(replica_count == 0)[0]
+        raise EplbInputError(f"layer row {layer}: expert {expert} has no slot")
+    needed = int(replica_count.max())
+    width = needed if max_replicas is None else int(max_replicas)
+    if width < needed:
+        raise EplbInputError(f"max_replicas={width} but an expert has {needed} replicas")
+    # Stable sort by expert keeps slot ids ascending within each expert's run.
+    order = np.argsort(slot_to_expert, axis=1, kind="stable")  # [L, S] slot ids grouped by expert
+    run_start = np.cumsum(replica_count, axis=1) - replica_count  # [L, E]
+    sorted_expert = np.take_along_axis(slot_to_expert, order, axis=1)
+    rank_in_run = np.arange(num_slots)[None, :] - np.take_along_axis(run_start, sorted_expert, axis=1)
+    expert_slots = np.full((num_layers, num_experts, width), -1, np.int32)
+    expert_slots[np.arange(num_layers)[:, None], sorted_expert, rank_in_run] = order
+    return AssignmentTables(slot_to_expert.astype(np.int32), replica_count, expert_slots)

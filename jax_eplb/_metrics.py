@@ -1,0 +1,52 @@
+"""Load metrics as TensorRT-LLM's report defines them.
+
+Per layer and iteration, over ranks (or slots/experts with ``per_expert``): mean, unbiased std
+(N-1) and imbalance = max/mean - 1; each averaged over the iterations.
+Axis legend: I iterations, L layers, E experts, S slots, R ranks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from jax_eplb._errors import EplbInputError
+
+
+class LoadMetrics(NamedTuple):
+    """Each ``[L]``, averaged over iterations."""
+
+    mean: np.ndarray
+    std: np.ndarray
+    imbalance: np.ndarray
+
+
+def rank_loads_from_counts(counts: np.ndarray, ep_size: int) -> np.ndarray:
+    """``[..., X]`` per-expert or per-slot counts -> ``[..., R]`` sums of contiguous blocks."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape[-1] % ep_size:
+        raise EplbInputError(f"{counts.shape[-1]} experts/slots cannot be split evenly over ep_size={ep_size}")
+    return counts.reshape(*counts.shape[:-1], ep_size, -1).sum(axis=-1)
+
+
+def load_metrics(loads: np.ndarray) -> LoadMetrics:
+    """``[I, L, N]`` loads of N units (ranks or slots) -> metrics per layer."""
+    loads = np.asarray(loads, dtype=np.float64)
+    mean = loads.mean(axis=-1)
+    std = loads.std(axis=-1, ddof=1) if loads.shape[-1] > 1 else np.zeros_like(mean)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        imbalance = np.where(mean > 0, loads.max(axis=-1) / mean - 1.0, 0.0)
+    return LoadMetrics(mean.mean(axis=0), std.mean(axis=0), imbalance.mean(axis=0))
+
+
+def project_onto_plan(counts: np.ndarray, slot_to_expert: np.ndarray) -> np.ndarray:
+    """Expert counts ``[I, L, E]`` -> slot counts ``[I, L, S]``: each expert's count split evenly
+    over its replicas in ``slot_to_expert`` ``[L, S]``."""
+    counts = np.asarray(counts, dtype=np.float64)
+    slot_to_expert = np.asarray(slot_to_expert)
+    num_layers = slot_to_expert.shape[0]
+    replicas = np.zeros((num_layers, counts.shape[-1]))
+    np.add.at(replicas, (np.arange(num_layers)[:, None], slot_to_expert), 1)
+    per_replica = counts / np.maximum(replicas, 1)[None]
+    return np.take_along_axis(per_replica, np.broadcast_to(slot_to_expert, (counts.shape[0],) + slot_to_expert.shape), axis=2)

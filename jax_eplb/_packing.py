@@ -1,0 +1,58 @@
+"""Packing replicas onto ranks: the greedy capacity-constrained packer shared by the planners.
+
+Pure numpy, vectorised over rows (layers). Axis legend: B rows, N items, P packs (ranks).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Packing(NamedTuple):
+    """pack: ``[B, N]`` pack of each item; rank_in_pack: ``[B, N]`` its position in the pack."""
+
+    pack: np.ndarray
+    rank_in_pack: np.ndarray
+
+
+def greedy_pack(item_size: np.ndarray, item_order: np.ndarray, num_packs: int) -> Packing:
+    """Visits items in ``item_order`` and puts each on the lightest pack that has room.
+
+    Every pack takes exactly N / P items; ties go to the lower pack index; a pack's positions
+    are filled in visiting order.
+
+    Args:
+      item_size: ``[B, N]`` item sizes.
+      item_order: ``[B, N]`` item indices in visiting order.
+    """
+    item_size = np.asarray(item_size, dtype=np.float64)
+    num_rows, num_items = item_size.shape
+    per_pack = num_items // num_packs
+    rows = np.arange(num_rows)
+    pack_load = np.zeros((num_rows, num_packs))
+    pack_fill = np.zeros((num_rows, num_packs), np.int64)
+    pack = np.zeros((num_rows, num_items), np.int64)
+    rank_in_pack = np.zeros((num_rows, num_items), np.int64)
+    for step in range(num_items):
+        item = item_order[:, step]
+        chosen = np.argmin(np.where(pack_fill < per_pack, pack_load, np.inf), axis=1)
+        pack[rows, item] = chosen
+        rank_in_pack[rows, item] = pack_fill[rows, chosen]
+        pack_load[rows, chosen] += item_size[rows, item]
+        pack_fill[rows, chosen] += 1
+    return Packing(pack, rank_in_pack)
+
+
+def descending_order(size: np.ndarray) -> np.ndarray:
+    """``[B, N]`` indices sorting each row by size descending; ties keep index order."""
+    return np.argsort(-np.asarray(size, dtype=np.float64), axis=1, kind="stable")
+
+
+def expand_replicas(replica_count: np.ndarray) -> np.ndarray:
+    """``[L, S]`` expert of each replica, experts ascending (expert e repeated count[e] times)."""
+    ends = np.cumsum(replica_count, axis=1)  # [L, E]
+    num_slots = int(ends[0, -1])
+    slot = np.arange(num_slots)
+    return (slot[None, :, None] >= ends[:, None, :]).sum(axis=2)

@@ -1,0 +1,1 @@
+"""Pallas kernels for jax_eplb (installed as ``jax_eplb_kernels``)."""

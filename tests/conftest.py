@@ -1,0 +1,23 @@
+"""Test setup: 8 CPU-emulated devices, set before JAX is imported anywhere."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
+
+
+@pytest.fixture
+def real_loads():
+    """[L, E] DeepSeek-V3 loads from the shared data set; skipped where it is absent."""
+    path = SHARED_DATA / "prefill_in1024.json"
+    if not path.exists():
+        pytest.skip("shared DeepSeek-V3 statistics not present")
+    from jax_eplb import load_sglang_json
+
+    return load_sglang_json(path).total()
