@@ -1,1 +1,11 @@
-"""Pallas kernels for jax_eplb (installed as ``jax_eplb_kernels``)."""
+"""Pallas kernels for jax_eplb, installed as ``jax_eplb_kernels``.
+
+Each kernel: a plain-XLA reference (oracle and CPU fallback), a Pallas GPU implementation
+(Triton lowering with explicit compiler params; ``interpret=True`` runs it on any backend),
+and one public function with ``implementation=``.
+"""
+
+from jax_eplb_kernels._dispatch import IMPLEMENTATIONS, resolve_implementation
+from jax_eplb_kernels.histogram import HistogramBlockSizes, histogram_reference, routing_histogram
+from jax_eplb_kernels.slot_routing import (ROUND_ROBIN_BLOCK, RoutingBlockSizes, SlotRouting, route_reference,
+                                           route_to_slots)

@@ -1,0 +1,3 @@
+from jax_eplb_kernels.histogram.api import routing_histogram
+from jax_eplb_kernels.histogram.pallas_gpu import HistogramBlockSizes, histogram_pallas
+from jax_eplb_kernels.histogram.reference import histogram_reference

@@ -1,0 +1,29 @@
+"""Public routing histogram with an ``implementation=`` override."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_eplb_kernels._dispatch import resolve_implementation
+from jax_eplb_kernels.histogram.pallas_gpu import HistogramBlockSizes, histogram_pallas
+from jax_eplb_kernels.histogram.reference import histogram_reference
+
+
+def routing_histogram(ids: jax.Array, num_bins: int, *, implementation: str = "auto",
+                      block_sizes: HistogramBlockSizes = HistogramBlockSizes()) -> jax.Array:
+    """Counts routed ids ``[T, k]`` (any shape) into ``[num_bins]`` int32.
+
+    Ids < 0 or >= num_bins (padding, dropped entries) are ignored.
+
+    Args:
+      implementation: ``auto`` (Pallas on GPU, XLA elsewhere), ``xla``, ``pallas`` (compiled;
+        GPU only) or ``pallas_interpret`` (Pallas semantics on any backend; for tests).
+    """
+    if num_bins < 1:
+        raise ValueError(f"num_bins must be >= 1, got {num_bins}")
+    if not jax.numpy.issubdtype(ids.dtype, jax.numpy.integer):
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    impl = resolve_implementation(implementation)
+    if impl == "xla":
+        return histogram_reference(ids, num_bins)
+    return histogram_pallas(ids, num_bins, block_sizes, interpret=impl == "pallas_interpret")

@@ -1,0 +1,53 @@
+"""Public expert -> slot routing with an ``implementation=`` override."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from jax_eplb_kernels._dispatch import resolve_implementation
+from jax_eplb_kernels.histogram.reference import histogram_reference
+from jax_eplb_kernels.slot_routing.pallas_gpu import RoutingBlockSizes, route_pallas
+from jax_eplb_kernels.slot_routing.reference import ROUND_ROBIN_BLOCK, route_reference
+
+
+class SlotRouting(NamedTuple):
+    """slot_ids: ``[T, K]`` int32 (num_slots for invalid entries); slot_counts: ``[S]`` int32 or None."""
+
+    slot_ids: jax.Array
+    slot_counts: jax.Array | None
+
+
+def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots: jax.Array, num_slots: int, *,
+                   rank_offset: jax.Array | int = 0, with_histogram: bool = False, block: int = ROUND_ROBIN_BLOCK,
+                   implementation: str = "auto", block_sizes: RoutingBlockSizes = RoutingBlockSizes()) -> SlotRouting:
+    """Chooses a replica slot for every (token, k) entry by TensorRT-LLM's round-robin rule.
+
+    Args:
+      expert_ids: ``[T, K]`` int expert ids; ids < 0 or >= E are invalid (-> ``num_slots``).
+      replica_count: ``[E]``; expert_slots: ``[E, M]`` ascending slot ids, -1 padded (one layer
+        of :class:`jax_eplb.AssignmentTables`).
+      rank_offset: added to the block index (the EP rank under attention data parallelism).
+      with_histogram: also return the ``[S]`` count of entries per chosen slot.
+      implementation: ``auto`` | ``xla`` | ``pallas`` | ``pallas_interpret``.
+    """
+    if expert_ids.ndim != 2:
+        raise ValueError(f"expert_ids must be [T, K], got shape {expert_ids.shape}")
+    if replica_count.ndim != 1 or expert_slots.ndim != 2 or expert_slots.shape[0] != replica_count.shape[0]:
+        raise ValueError(f"expected replica_count [E] and expert_slots [E, M], got {replica_count.shape} "
+                         f"and {expert_slots.shape}")
+    if num_slots < replica_count.shape[0]:
+        raise ValueError(f"num_slots ({num_slots}) < experts ({replica_count.shape[0]})")
+    impl = resolve_implementation(implementation)
+    if impl == "xla":
+        slots = route_reference(expert_ids, replica_count, expert_slots, num_slots, rank_offset, block)
+        counts = histogram_reference(slots, num_slots) if with_histogram else None
+        return SlotRouting(slots, counts)
+    chunk = min(block_sizes.chunk, block)
+    if block % chunk:
+        raise ValueError(f"block ({block}) must be a multiple of the chunk ({chunk})")
+    slots, counts = route_pallas(expert_ids, jnp.asarray(replica_count), jnp.asarray(expert_slots), rank_offset,
+                                 num_slots, block, block_sizes, interpret=impl == "pallas_interpret")
+    return SlotRouting(slots, counts if with_histogram else None)

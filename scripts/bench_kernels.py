@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Routing-histogram speed in-device: Pallas vs jnp.bincount vs segment_sum vs one-hot sum.
+
+Each figure is the time of one histogram measured inside one jitted fori_loop of ``--reps``
+dependent repetitions (host dispatch excluded), minus nothing: an empty-body loop is printed
+as the floor. Effective GB/s = bytes of ids read / time, next to a measured copy bandwidth.
+
+  python scripts/bench_kernels.py            # GPU sizes: 65,536 and 8,388,608 ids, 256/288 bins
+  python scripts/bench_kernels.py --quick    # tiny CPU run that only checks the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_eplb_kernels import histogram_reference, routing_histogram
+
+
+def candidates(num_bins, on_gpu):
+    c = {
+        "bincount": lambda ids: jnp.bincount(ids.reshape(-1), length=num_bins).astype(jnp.int32),
+        "segment_sum": lambda ids: jax.ops.segment_sum(jnp.ones(ids.size, jnp.int32), ids.reshape(-1), num_bins),
+        "xla_scatter": lambda ids: histogram_reference(ids, num_bins),
+    }
+    c["onehot_sum"] = lambda ids: (ids.reshape(-1, 1) == jnp.arange(num_bins)).sum(0, dtype=jnp.int32)
+    impl = "pallas" if on_gpu else "pallas_interpret"
+    c["pallas"] = lambda ids: routing_histogram(ids, num_bins, implementation=impl)
+    return c
+
+
+def in_device_seconds(fn, ids, reps):
+    """Time per call of ``fn`` inside one jitted loop; each rep depends on the previous one."""
+    @jax.jit
+    def loop(ids):
+        def body(_, carry):
+            acc, x = carry
+            h = fn(x)
+            return acc + h[0], x + (h[0] & 0)  # tie iterations together without changing ids
+        return jax.lax.fori_loop(0, reps, body, (jnp.int32(0), ids))[0]
+    loop(ids).block_until_ready()
+    start = time.perf_counter()
+    loop(ids).block_until_ready()
+    return (time.perf_counter() - start) / reps
+
+
+def copy_bandwidth(nbytes, reps):
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    t = in_device_seconds(lambda v: (v * 1.0001)[:1].astype(jnp.int32), x, reps)  # read+write nbytes
+    return 2 * nbytes / t
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--json", default=None, help="also write results here")
+    args = parser.parse_args()
+    on_gpu = jax.default_backend() == "gpu"
+    sizes = [4096] if args.quick else [65_536, 8_388_608]
+    bins_list = [256] if args.quick else [256, 288]
+    reps = args.reps or (3 if args.quick else 200)
+    print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}, reps {reps}")
+    bw = copy_bandwidth(1 << (20 if args.quick else 30), reps if not args.quick else 2)
+    print(f"measured copy bandwidth: {bw / 1e9:.1f} GB/s (read+write)")
+    floor = in_device_seconds(lambda x: x[:1, 0], jnp.zeros((8, 8), jnp.int32), reps)
+    print(f"loop floor (trivial body): {floor * 1e6:.1f} us")
+    rows = []
+    print(f"{'ids':>10} {'bins':>5} {'impl':>12} {'us/call':>10} {'GB/s':>8} {'% copy bw':>9} {'vs bincount':>11}")
+    for n in sizes:
+        for num_bins in bins_list:
+            ids = jnp.asarray(np.random.default_rng(0).integers(0, num_bins, size=(n // 8, 8)), jnp.int32)
+            expected = np.bincount(np.asarray(ids).reshape(-1), minlength=num_bins)
+            base = None
+            for name, fn in candidates(num_bins, on_gpu).items():
+                if name == "onehot_sum" and n * num_bins > 2**31 // 4:
+                    continue
+                np.testing.assert_array_equal(np.asarray(jax.jit(fn)(ids)), expected)
+                t = in_device_seconds(fn, ids, reps)
+                base = t if name == "bincount" else base
+                gbs = ids.nbytes / t / 1e9
+                row = dict(ids=n, bins=num_bins, impl=name, us=t * 1e6, gbs=gbs, pct_bw=100 * ids.nbytes / t / bw,
+                           speedup_vs_bincount=base / t)
+                rows.append(row)
+                print(f"{n:>10} {num_bins:>5} {name:>12} {t * 1e6:>10.1f} {gbs:>8.1f} {row['pct_bw']:>8.1f}% "
+                      f"{row['speedup_vs_bincount']:>10.2f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": jax.devices()[0].device_kind, "jax": jax.__version__, "copy_bw": bw,
+                       "floor_us": floor * 1e6, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
