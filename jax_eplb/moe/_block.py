@@ -1,0 +1,197 @@
+"""The expert-parallel MoE block (Flax NNX) and its pure forward function.
+
+Axis legend: T tokens, H hidden, F expert FFN, E experts, K top-k, S slots, R ranks
+(mesh axis ``ep``), m = S/R local slots, M max replicas.
+
+Expert weights live per slot, ``[S, ...]``, sharded over ``ep``; the assignment table
+(``replica_count [E]``, ``expert_slots [E, M]``) is an ordinary device array argument, so a
+new placement never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_eplb.moe._dispatch import all_to_all_moe
+from jax_eplb.moe._replica_choice import POLICIES, load_aware_slots, round_robin_slots
+from jax_eplb.moe._routers import Routing, deepseek_topk, softmax_topk
+
+EP_AXIS = "ep"
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    hidden_size: int
+    expert_ffn_size: int
+    num_experts: int
+    top_k: int
+    router: str = "softmax"  # "softmax" (Mixtral/Qwen3) or "deepseek"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0
+    shared_ffn_size: int | None = None
+
+    def __post_init__(self):
+        if self.router not in ("softmax", "deepseek"):
+            raise ValueError(f"router must be 'softmax' or 'deepseek', got {self.router!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+        if self.router == "deepseek" and self.num_experts % self.n_group:
+            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+
+
+class ExpertWeights(NamedTuple):
+    """SwiGLU experts: gate, up ``[X, H, F]``; down ``[X, F, H]`` (X = E logical or S slots)."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+
+class RouterWeights(NamedTuple):
+    kernel: jax.Array  # [H, E]
+    correction_bias: jax.Array  # [E] (DeepSeek selection bias; zeros otherwise)
+
+
+def route(config: MoEConfig, router: RouterWeights, x: jax.Array) -> Routing:
+    logits = jnp.dot(x.astype(jnp.float32), router.kernel.astype(jnp.float32))  # [T, E]
+    if config.router == "deepseek":
+        return deepseek_topk(logits, router.correction_bias, config.top_k, config.n_group, config.topk_group,
+                             config.routed_scaling_factor)
+    return softmax_topk(logits, config.top_k, config.renormalize)
+
+
+def swiglu(x, gate, up, down):
+    """Dense SwiGLU for ``x`` ``[T, H]`` with ``[H, F]``, ``[H, F]``, ``[F, H]`` weights, float32 out."""
+    h = jax.nn.silu(jnp.dot(x, gate, preferred_element_type=jnp.float32)) * jnp.dot(
+        x, up, preferred_element_type=jnp.float32)
+    return jnp.dot(h.astype(x.dtype), down, preferred_element_type=jnp.float32)
+
+
+def chunk_sizes(local_tokens: int, num_ranks: int, moe_max_num_tokens: int | None) -> list[int]:
+    """TensorRT-LLM's chunking: ceil(total / max) chunks, each rank's tokens split near-equally."""
+    if not moe_max_num_tokens:
+        return [local_tokens]
+    chunks = max(1, -(-local_tokens * num_ranks // moe_max_num_tokens))
+    return [len(c) for c in np.array_split(np.arange(local_tokens), chunks) if len(c)]
+
+
+def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts: ExpertWeights, x: jax.Array,
+                   replica_count: jax.Array, expert_slots: jax.Array, *, replica_policy: str = "round_robin",
+                   moe_max_num_tokens: int | None = None, kernel_implementation: str = "auto"):
+    """Routed-expert output ``[T, H]`` float32 for tokens ``x`` ``[T, H]`` sharded over ``ep``.
+
+    Also returns the ``[R, S]`` per-rank count of entries each slot received (the statistics).
+    """
+    if replica_policy not in POLICIES:
+        raise ValueError(f"replica_policy must be one of {POLICIES}, got {replica_policy!r}")
+    num_ranks = mesh.shape[EP_AXIS]
+    num_slots = slot_experts.gate.shape[0]
+    if x.shape[0] % num_ranks:
+        raise ValueError(f"{x.shape[0]} tokens do not split over ep={num_ranks} ranks; pad the batch")
+    sizes = chunk_sizes(x.shape[0] // num_ranks, num_ranks, moe_max_num_tokens)
+
+    def body(x_local, kernel, bias, w_gate, w_up, w_down, replica_count, expert_slots):
+        rank = jax.lax.axis_index(EP_AXIS)
+        outs, slot_counts = [], jnp.zeros((num_slots,), jnp.int32)
+        start = 0
+        for size in sizes:  # static chunking
+            xc = x_local[start:start + size]
+            start += size
+            routing = route(config, RouterWeights(kernel, bias), xc)
+            if replica_policy == "round_robin":
+                slots = round_robin_slots(routing.expert_ids, replica_count, expert_slots, num_slots, rank,
+                                          kernel_implementation)
+            else:
+                slots = load_aware_slots(routing.expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS)
+            slot_counts = slot_counts.at[slots.reshape(-1)].add(1, mode="drop")
+            outs.append(all_to_all_moe(xc, routing.weights, slots, w_gate, w_up, w_down, EP_AXIS))
+        return jnp.concatenate(outs, axis=0), slot_counts[None]
+
+    fn = jax.shard_map(
+        body, mesh=mesh,
+        in_specs=(P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),
+        out_specs=(P(EP_AXIS), P(EP_AXIS)),
+        check_vma=False)
+    return fn(x, router.kernel, router.correction_bias, slot_experts.gate, slot_experts.up, slot_experts.down,
+              replica_count, expert_slots)
+
+
+def slot_weights_from_logical(logical: ExpertWeights, slot_to_expert, mesh) -> ExpertWeights:
+    """Lays logical experts ``[E, ...]`` into slots ``[S, ...]`` by ``slot_to_expert`` ``[S]``,
+    sharded over ``ep``. The gather runs per shard on the host copy: no device holds all experts."""
+    sharding = NamedSharding(mesh, P(EP_AXIS))
+    index = np.asarray(slot_to_expert)
+
+    def lay(w):
+        host = np.asarray(w)
+        return jax.make_array_from_callback((index.size,) + host.shape[1:], sharding,
+                                            lambda idx: host[index[idx[0]]])
+
+    return ExpertWeights(*(lay(w) for w in logical))
+
+
+class EPMoEBlock(nnx.Module):
+    """Router + routed experts (per slot, sharded over ``ep``) + optional shared experts."""
+
+    def __init__(self, config: MoEConfig, mesh, slot_to_expert, *, rngs: nnx.Rngs, dtype=jnp.float32,
+                 replica_policy: str = "round_robin", moe_max_num_tokens: int | None = None):
+        self.config, self.mesh = config, mesh
+        self.replica_policy, self.moe_max_num_tokens = replica_policy, moe_max_num_tokens
+        c = config
+        init = jax.nn.initializers.normal(0.02)
+        self.router_kernel = nnx.Param(init(rngs.params(), (c.hidden_size, c.num_experts), jnp.float32))
+        self.correction_bias = nnx.Param(jnp.zeros((c.num_experts,), jnp.float32))
+        logical = ExpertWeights(
+            init(rngs.params(), (c.num_experts, c.hidden_size, c.expert_ffn_size), dtype),
+            init(rngs.params(), (c.num_experts, c.hidden_size, c.expert_ffn_size), dtype),
+            init(rngs.params(), (c.num_experts, c.expert_ffn_size, c.hidden_size), dtype))
+        slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
+        self.w_gate, self.w_up, self.w_down = (nnx.Param(w) for w in slots)
+        if c.num_shared_experts:
+            f = (c.shared_ffn_size or c.expert_ffn_size) * c.num_shared_experts
+            self.shared = nnx.Param(ExpertWeights(init(rngs.params(), (c.hidden_size, f), dtype),
+                                                  init(rngs.params(), (c.hidden_size, f), dtype),
+                                                  init(rngs.params(), (f, c.hidden_size), dtype)))
+        else:
+            self.shared = None
+
+    def load_experts(self, logical: ExpertWeights, slot_to_expert) -> None:
+        """Replaces the slot weights from logical experts under a (new) placement."""
+        for param, value in zip((self.w_gate, self.w_up, self.w_down),
+                                slot_weights_from_logical(logical, slot_to_expert, self.mesh)):
+            param.set_value(value)
+
+    def __call__(self, x, replica_count, expert_slots):
+        """``x`` ``[T, H]`` -> (``[T, H]`` in x.dtype, ``[R, S]`` slot counts)."""
+        out, slot_counts = ep_moe_forward(
+            self.config, self.mesh, RouterWeights(self.router_kernel.get_value(), self.correction_bias.get_value()),
+            ExpertWeights(self.w_gate.get_value(), self.w_up.get_value(), self.w_down.get_value()), x,
+            replica_count, expert_slots,
+            replica_policy=self.replica_policy, moe_max_num_tokens=self.moe_max_num_tokens)
+        if self.shared is not None:
+            out = out + swiglu(x, *self.shared.get_value())
+        return out.astype(x.dtype), slot_counts
+
+
+def dense_moe_reference(config: MoEConfig, router: RouterWeights, logical: ExpertWeights, x, shared=None):
+    """Single-device dense MoE in float32: a loop over logical experts (the test oracle)."""
+    x = x.astype(jnp.float32)
+    routing = route(config, router, x)
+    out = jnp.zeros(x.shape, jnp.float32)
+    for e in range(config.num_experts):
+        weight = jnp.sum(jnp.where(routing.expert_ids == e, routing.weights, 0.0), axis=1)  # [T]
+        out = out + weight[:, None] * swiglu(x, *(w[e].astype(jnp.float32) for w in logical))
+    if shared is not None:
+        out = out + swiglu(x, *(w.astype(jnp.float32) for w in shared))
+    return out

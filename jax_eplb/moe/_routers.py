@@ -1,0 +1,48 @@
+"""Routers: logits -> (weights, expert ids) per token. Pure functions.
+
+Axis legend: T tokens, E experts, K top-k, G expert groups.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+    weights: jax.Array  # [T, K] float32 combine weights
+    expert_ids: jax.Array  # [T, K] int32
+
+
+def softmax_topk(logits: jax.Array, top_k: int, renormalize: bool = True) -> Routing:
+    """Mixtral / Qwen3-MoE: softmax over experts, top-k, optionally renormalised to sum 1."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [T, E]
+    weights, ids = jax.lax.top_k(probs, top_k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return Routing(weights, ids.astype(jnp.int32))
+
+
+def deepseek_topk(logits: jax.Array, correction_bias: jax.Array, top_k: int, n_group: int, topk_group: int,
+                  routed_scaling_factor: float = 1.0, normalize: bool = True) -> Routing:
+    """DeepSeek-V3: sigmoid scores; the bias only steers selection; group-limited top-k.
+
+    A group is scored by the sum of its top-2 biased scores; only experts of the ``topk_group``
+    best groups can be chosen. Weights come from the unbiased scores, normalised, times
+    ``routed_scaling_factor``.
+    """
+    num_tokens, num_experts = logits.shape
+    scores = jax.nn.sigmoid(logits.astype(jnp.float32))  # [T, E]
+    biased = scores + correction_bias.astype(jnp.float32)[None, :]
+    grouped = biased.reshape(num_tokens, n_group, num_experts // n_group)  # [T, G, E/G]
+    group_score = jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0].sum(axis=-1)  # [T, G]
+    _, best_groups = jax.lax.top_k(group_score, topk_group)  # [T, topk_group]
+    group_mask = jnp.zeros((num_tokens, n_group), bool).at[jnp.arange(num_tokens)[:, None], best_groups].set(True)
+    expert_mask = jnp.repeat(group_mask, num_experts // n_group, axis=1)  # [T, E]
+    _, ids = jax.lax.top_k(jnp.where(expert_mask, biased, -jnp.inf), top_k)
+    weights = jnp.take_along_axis(scores, ids, axis=1)
+    if normalize and top_k > 1:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return Routing(weights * routed_scaling_factor, ids.astype(jnp.int32))
