@@ -6,7 +6,9 @@ Axis legend: T local tokens, K top-k, E experts, M max replicas, S slots, R rank
 * ``load_aware``: the all-gathered per-rank expert counts of this batch decide, identically on
   every rank, how many entries of each expert each replica takes (water-filling: every
   expert's entries go preferably to its replicas on the least-loaded ranks); an entry's global
-  index within its expert (lower ranks first, then local order) picks its replica.
+  index within its expert (lower ranks first, then local order) picks its replica. The batch
+  keeps the round-robin choice instead if that happens to give a lower max rank load, so
+  load_aware is never worse than round_robin.
 """
 
 from __future__ import annotations
@@ -86,4 +88,12 @@ def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, a
     replica = jnp.sum(global_index[:, None] >= bounds[safe], axis=1)
     replica = jnp.minimum(replica, jnp.maximum(replica_count[safe] - 1, 0))
     slot = expert_slots[safe, replica]
-    return jnp.where(valid, slot, num_slots).astype(jnp.int32).reshape(expert_ids.shape)
+    water = jnp.where(valid, slot, num_slots).astype(jnp.int32).reshape(expert_ids.shape)
+    # Integer rounding and the sweep order can leave water-filling a hair behind the fixed rule on
+    # small batches: keep whichever of the two gives the lower max rank load (same choice on
+    # every rank, decided from psum-ed slot counts).
+    robin = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank)
+    per_slot = jax.lax.psum(jnp.stack([
+        jnp.zeros((num_slots,), jnp.int32).at[c.reshape(-1)].add(1, mode="drop") for c in (water, robin)]), axis_name)
+    peak = per_slot.reshape(2, num_ranks, -1).sum(axis=2).max(axis=1)  # [2]
+    return jnp.where(peak[0] <= peak[1], water, robin)
