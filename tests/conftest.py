@@ -1,9 +1,12 @@
-"""Test setup: 8 CPU-emulated devices, set before JAX is imported anywhere."""
+"""Test setup: 8 CPU-emulated devices, set before JAX is imported anywhere.
+
+On a GPU machine the GPU stays the default backend (the kernel GPU tests use it); mesh tests
+fall back to the emulated CPU devices when there are fewer accelerators than ranks.
+"""
 
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
 
