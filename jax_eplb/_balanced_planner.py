@@ -12,24 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from jax_eplb._baseline_planners import deepseek_plan, trtllm_plan
-from jax_eplb._packing import descending_order, expand_replicas, greedy_pack
-from jax_eplb._refine import duplicate_count, rank_loads, refine_by_swaps
+from jax_eplb._packing import pack_replicas
+from jax_eplb._refine import rank_loads, refine_by_swaps
 from jax_eplb._replication import greedy_replication
 
 
 FEW_SLOTS_PER_RANK = 4  # at or below this, replica counts are searched, not only greedy
-
-
-def _pack(load: np.ndarray, count: np.ndarray, ep_size: int) -> np.ndarray:
-    """Greedy packing of the replicas given by ``count`` ``[B, E]`` -> ``[B, S]`` slot_to_expert."""
-    item_expert = expand_replicas(count)
-    item_size = np.take_along_axis(load / count, item_expert, axis=1)
-    packing = greedy_pack(item_size, descending_order(item_size), ep_size)
-    slots_per_rank = item_expert.shape[1] // ep_size
-    slot = packing.pack * slots_per_rank + packing.rank_in_pack
-    out = np.empty_like(item_expert)
-    np.put_along_axis(out, slot, item_expert, axis=1)
-    return out
 
 
 def _max_load(load, slot_to_expert, ep_size):
@@ -48,7 +36,7 @@ def search_replica_counts(load: np.ndarray, count: np.ndarray, ep_size: int,
     """
     count = count.copy()
     num_layers, num_experts = load.shape
-    plan = _pack(load, count, ep_size)
+    plan = pack_replicas(load, count, ep_size)
     peak = _max_load(load, plan, ep_size)
     active = np.ones(num_layers, bool)
     per_rank = plan.shape[1] // ep_size
@@ -74,7 +62,7 @@ def search_replica_counts(load: np.ndarray, count: np.ndarray, ep_size: int,
         cand_load = np.repeat(w, per_rank * donors.shape[1], axis=0)
         cand_ok = ok.reshape(-1) & (cand.min(axis=1) >= 1)
         cand = np.where(cand_ok[:, None], cand, np.repeat(c, per_rank * donors.shape[1], axis=0))
-        cand_plan = _pack(cand_load, cand, ep_size)
+        cand_plan = pack_replicas(cand_load, cand, ep_size)
         cand_peak = np.where(cand_ok, _max_load(cand_load, cand_plan, ep_size), np.inf).reshape(rows.size, -1)
         best = np.argmin(cand_peak, axis=1)
         better = cand_peak[np.arange(rows.size), best] < peak[rows] * (1 - 1e-12)
@@ -91,10 +79,10 @@ def balanced_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
     """``[L, E]`` loads -> ``[L, S]`` slot_to_expert."""
     load = np.asarray(load, dtype=np.float64)
     count = greedy_replication(load, num_slots, prefer_larger_id=False).replica_count
-    candidates = [refine_by_swaps(load, _pack(load, count, ep_size), ep_size)]
+    candidates = [refine_by_swaps(load, pack_replicas(load, count, ep_size), ep_size)]
     if num_slots // ep_size <= FEW_SLOTS_PER_RANK and num_slots > load.shape[1]:
         searched = search_replica_counts(load, count, ep_size)
-        candidates.append(refine_by_swaps(load, _pack(load, searched, ep_size), ep_size))
+        candidates.append(refine_by_swaps(load, pack_replicas(load, searched, ep_size), ep_size))
     candidates += [trtllm_plan(load, num_slots, ep_size), deepseek_plan(load, num_slots, ep_size)]
     peak = np.stack([_max_load(load, c, ep_size) for c in candidates])  # [C, L]
     best = np.argmin(peak, axis=0)  # ours come first and win ties

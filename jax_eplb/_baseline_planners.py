@@ -11,15 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb._packing import Packing, descending_order, expand_replicas, greedy_pack
+from jax_eplb._packing import Packing, descending_order, greedy_pack, pack_replicas
 from jax_eplb._replication import greedy_replication, trtllm_replication
-
-
-def _slots_from_packing(item_expert: np.ndarray, packing: Packing, slots_per_rank: int) -> np.ndarray:
-    slot = packing.pack * slots_per_rank + packing.rank_in_pack  # [L, S]
-    slot_to_expert = np.empty_like(item_expert)
-    np.put_along_axis(slot_to_expert, slot, item_expert, axis=1)
-    return slot_to_expert
 
 
 def trtllm_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
@@ -29,11 +22,7 @@ def trtllm_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
     to the least-loaded rank with a free slot (ties: lower rank).
     """
     load = np.asarray(load, dtype=np.float64)
-    count = trtllm_replication(load, num_slots)
-    item_expert = expand_replicas(count)  # [L, S], experts ascending
-    item_size = np.take_along_axis(load / count, item_expert, axis=1)
-    packing = greedy_pack(item_size, descending_order(item_size), ep_size)
-    return _slots_from_packing(item_expert, packing, num_slots // ep_size)
+    return pack_replicas(load, trtllm_replication(load, num_slots), ep_size)
 
 
 # ----------------------------------------------------------------------------- DeepSeek EPLB

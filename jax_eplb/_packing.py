@@ -56,3 +56,18 @@ def expand_replicas(replica_count: np.ndarray) -> np.ndarray:
     num_slots = int(ends[0, -1])
     slot = np.arange(num_slots)
     return (slot[None, :, None] >= ends[:, None, :]).sum(axis=2)
+
+
+def pack_replicas(load: np.ndarray, replica_count: np.ndarray, ep_size: int) -> np.ndarray:
+    """Greedy packing of replicas: ``[B, E]`` loads and counts -> ``[B, S]`` slot_to_expert.
+
+    Replicas (load/count each) are visited by size descending, expert id ascending; each goes to
+    the least-loaded rank with a free slot (ties: lower rank), filling its slots in order.
+    """
+    item_expert = expand_replicas(replica_count)  # [B, S], experts ascending
+    item_size = np.take_along_axis(load / replica_count, item_expert, axis=1)
+    packing = greedy_pack(item_size, descending_order(item_size), ep_size)
+    slot = packing.pack * (item_expert.shape[1] // ep_size) + packing.rank_in_pack
+    slot_to_expert = np.empty_like(item_expert)
+    np.put_along_axis(slot_to_expert, slot, item_expert, axis=1)
+    return slot_to_expert

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 
+from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
+
 
 def replica_sizes(load: np.ndarray, slot_to_expert: np.ndarray) -> np.ndarray:
     """``[B, S]`` load carried by each slot when an expert's load splits evenly over its replicas."""
-    count = np.zeros(load.shape, np.int64)
-    np.add.at(count, (np.arange(load.shape[0])[:, None], slot_to_expert), 1)
-    return np.take_along_axis(load / np.maximum(count, 1), slot_to_expert, axis=1)
+    return project_onto_plan(np.asarray(load)[None], slot_to_expert)[0]
 
 
 def rank_loads(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int) -> np.ndarray:
     """``[B, R]`` load of each rank under a plan."""
-    sizes = replica_sizes(load, slot_to_expert)
-    return sizes.reshape(sizes.shape[0], ep_size, -1).sum(axis=2)
+    return rank_loads_from_counts(replica_sizes(load, slot_to_expert), ep_size)
 
 
 def duplicate_count(slot_to_expert: np.ndarray, ep_size: int) -> np.ndarray:

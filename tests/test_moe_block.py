@@ -62,8 +62,6 @@ def test_matches_dense_reference(ranks, kind, policy):
     logical, router = make_weights(ranks)
     x = jax.random.normal(jax.random.key(7), (32, H))
     slot_to_expert = placement(kind, ranks, seed=ranks)
-    if len(slot_to_expert) % ranks:
-        pytest.skip("identity placement of 8 experts has fewer slots than ranks need")
     max_tokens = 8 if kind == "random" else None  # chunked and unchunked
     out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens)
     assert_close(out, dense_moe_reference(config, router, logical, x))
