@@ -1,7 +1,8 @@
 """``jax-eplb`` command line: thin wrappers over the Python API.
 
 Subcommands mirror TensorRT-LLM's scripts and flags (``report`` = report_load_statistics.py,
-``generate`` = generate_eplb_config.py).
+``generate`` = generate_eplb_config.py, ``bench ... throughput`` = trtllm-bench,
+``prepare-dataset`` = prepare_dataset.py); ``demo`` runs the whole workflow.
 """
 
 from __future__ import annotations
@@ -112,16 +113,118 @@ def run_generate(args) -> int:
 
 
 def add_demo_parser(sub):
-    parser = sub.add_parser("demo", help="run the whole offline EPLB workflow on an embedded default")
-    parser.add_argument("--output_dir", default="demo_output", help="where statistics, plan and heatmap go")
+    parser = sub.add_parser("demo", help="run the whole EPLB workflow on the embedded default model")
+    parser.add_argument("--output_dir", default="demo_output", help="where dataset, statistics, plan and heatmap go")
+    parser.add_argument("--model", default="tiny", help="model config YAML or shipped name (default: tiny)")
+    parser.add_argument("--ep", type=int, default=8)
+    parser.add_argument("--num_slots", type=int, default=80)
+    parser.add_argument("--emulate_devices", type=int, default=8,
+                        help="CPU-emulated devices (default 8; 0: use the machine's accelerators)")
+    parser.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--synthetic", action="store_true",
+                        help="planner-only demo on synthetic statistics (no model is run)")
     parser.set_defaults(handler=run_demo)
 
 
 def run_demo(args) -> int:
-    from jax_eplb._offline_demo import DemoSettings, run_offline_demo
+    if args.synthetic:
+        from jax_eplb._synthetic_demo import DemoSettings, run_synthetic_demo
 
-    run_offline_demo(args.output_dir, DemoSettings(seed=args.seed))
+        run_synthetic_demo(args.output_dir, DemoSettings(seed=args.seed))
+        return 0
+    from jax_eplb.serving._workflow import WorkflowSettings, run_model_workflow
+
+    summary = run_model_workflow(args.output_dir, WorkflowSettings(
+        model=args.model, ep=args.ep, num_slots=args.num_slots, emulate_devices=args.emulate_devices or None,
+        replica_policy=args.replica_policy, seed=args.seed, progress=sys.stderr.isatty()))
+    return 0 if summary["tokens_identical"] else 1
+
+
+def add_bench_parser(sub):
+    parser = sub.add_parser("bench", help="run a model over a dataset (mirrors trtllm-bench)")
+    parser.add_argument("--model", required=True, help="model config YAML or shipped name (tiny, deepseek_v3_slice)")
+    parser.add_argument("--model_path", default=None, help="orbax checkpoint directory (default: seeded random weights)")
+    parser.add_argument("--seed", type=int, default=0, help="random-weight seed when no --model_path")
+    parser.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator host:port")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    thr = modes.add_parser("throughput", help="greedy generation throughput with per-rank load")
+    thr.add_argument("--ep", type=int, required=True, help="expert-parallel ranks")
+    thr.add_argument("--dataset", required=True, help="JSON lines: task_id, input_ids or prompt, output_tokens")
+    thr.add_argument("--extra_llm_api_options", default=None,
+                     help="YAML with moe_max_num_tokens and moe_load_balancer (path or mapping)")
+    thr.add_argument("--warmup", type=int, default=0, help="requests run first, untimed")
+    thr.add_argument("--eos_id", type=int, default=-1, help="stop a request at this token (-1: never)")
+    thr.add_argument("--max_batch_size", type=int, default=256)
+    thr.add_argument("--emulate_devices", type=int, default=None,
+                     help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
+    thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
+    thr.add_argument("--transport", choices=("all_to_all", "ragged"), default="all_to_all",
+                     help="MoE dispatch: fixed-capacity all_to_all (any backend) or ragged_all_to_all (GPU)")
+    thr.add_argument("--output_tokens", default=None, help="write the generated ids per task (JSON lines)")
+    thr.add_argument("--report_json", default=None, help="write all figures as JSON")
+    thr.add_argument("--no_progress", action="store_true")
+    parser.set_defaults(handler=run_bench)
+
+
+def run_bench(args) -> int:
+    from jax_eplb.serving import ThroughputSettings, format_figures, initialize_distributed, run_throughput
+
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    result = run_throughput(ThroughputSettings(
+        model=args.model, dataset=args.dataset, ep=args.ep, model_path=args.model_path,
+        extra_llm_api_options=args.extra_llm_api_options, warmup=args.warmup, eos_id=args.eos_id,
+        max_batch_size=args.max_batch_size, emulate_devices=args.emulate_devices,
+        replica_policy=args.replica_policy, transport=args.transport, seed=args.seed,
+        output_tokens=args.output_tokens, report_json=args.report_json, progress=not args.no_progress))
+    print(format_figures(result.figures))
+    return 0
+
+
+def add_prepare_dataset_parser(sub):
+    parser = sub.add_parser("prepare-dataset", help="write a synthetic trtllm-bench dataset (token-norm-dist)")
+    parser.add_argument("--output", required=True, help="JSON lines file to write")
+    parser.add_argument("--vocab_size", type=int, default=None, help="token id range (default: --model's vocab)")
+    parser.add_argument("--model", default="tiny", help="model config whose vocabulary the ids use")
+    parser.add_argument("--seed", type=int, default=0)
+    dist = parser.add_subparsers(dest="distribution", required=True)
+    norm = dist.add_parser("token-norm-dist", help="normally distributed input/output lengths")
+    norm.add_argument("--num-requests", "--num_requests", dest="num_requests", type=int, required=True)
+    norm.add_argument("--input-mean", "--input_mean", dest="input_mean", type=int, required=True)
+    norm.add_argument("--output-mean", "--output_mean", dest="output_mean", type=int, required=True)
+    norm.add_argument("--input-stdev", "--input_stdev", dest="input_stdev", type=float, default=0.0)
+    norm.add_argument("--output-stdev", "--output_stdev", dest="output_stdev", type=float, default=0.0)
+    parser.set_defaults(handler=run_prepare_dataset)
+
+
+def run_prepare_dataset(args) -> int:
+    from jax_eplb.model import ModelConfig, resolve_model_config
+    from jax_eplb.serving import prepare_dataset
+
+    vocab = args.vocab_size or ModelConfig.from_yaml(resolve_model_config(args.model)).vocab_size
+    path = prepare_dataset(args.output, num_requests=args.num_requests, input_mean=args.input_mean,
+                           output_mean=args.output_mean, input_stdev=args.input_stdev,
+                           output_stdev=args.output_stdev, vocab_size=vocab, seed=args.seed)
+    print(f"wrote {args.num_requests} requests -> {path}")
+    return 0
+
+
+def add_checkpoint_parser(sub):
+    parser = sub.add_parser("create-checkpoint", help="write a seeded random orbax checkpoint for a model config")
+    parser.add_argument("--model", required=True, help="model config YAML or shipped name")
+    parser.add_argument("--output", required=True, help="new checkpoint directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(handler=run_create_checkpoint)
+
+
+def run_create_checkpoint(args) -> int:
+    from jax_eplb.model import ModelConfig, create_random_checkpoint, resolve_model_config
+
+    config = ModelConfig.from_yaml(resolve_model_config(args.model))
+    path = create_random_checkpoint(args.output, config, args.seed)
+    print(f"wrote {config.name} checkpoint (seed {args.seed}) -> {path}")
     return 0
 
 
@@ -131,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_report_parser(sub)
     add_generate_parser(sub)
     add_demo_parser(sub)
+    add_bench_parser(sub)
+    add_prepare_dataset_parser(sub)
+    add_checkpoint_parser(sub)
     return parser
 
 

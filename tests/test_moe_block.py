@@ -41,12 +41,17 @@ def placement(kind, ranks, seed=0):
     return plan_placement(load, num_slots, ranks).slot_to_expert[0]  # from the planner
 
 
-def run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens):
+def run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens, **options):
+    """-> (out [T, H], slot counts [R, S]) of the EP block."""
     mesh = mesh_of(ranks)
     tables = build_assignment_tables(slot_to_expert, config.num_experts)
     slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
-    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, replica_policy=policy, moe_max_num_tokens=max_tokens))
-    return fn(router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
+    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, replica_policy=policy, moe_max_num_tokens=max_tokens,
+                                   record="slot", **options))
+    result = fn(router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
+    # The in-graph per-rank load must agree with the recorded slot histogram.
+    np.testing.assert_array_equal(np.asarray(result.rank_load), np.asarray(result.counts).sum(0).reshape(ranks, -1).sum(1))
+    return result.out, result.counts
 
 
 def assert_close(out, ref):
@@ -63,9 +68,69 @@ def test_matches_dense_reference(ranks, kind, policy):
     x = jax.random.normal(jax.random.key(7), (32, H))
     slot_to_expert = placement(kind, ranks, seed=ranks)
     max_tokens = 8 if kind == "random" else None  # chunked and unchunked
-    out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens)
+    matmul = "ragged_dot" if kind == "planned" else "padded"
+    out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens,
+                            grouped_matmul=matmul)
     assert_close(out, dense_moe_reference(config, router, logical, x))
     assert int(counts.sum()) == 32 * 2  # every entry served, none dropped
+
+
+@pytest.mark.parametrize("ranks", [2, 8])
+@pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
+def test_ragged_transport_offsets_match_dense_reference(ranks, policy):
+    """The ragged transport's offsets and layouts, with the primitive emulated (XLA:CPU lacks it)."""
+    from jax_eplb.moe import emulated_ragged_all_to_all
+
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
+    logical, router = make_weights(ranks + 10)
+    x = jax.random.normal(jax.random.key(8), (32, H))
+    slot_to_expert = placement("random", ranks, seed=ranks + 1)
+    for max_tokens in (None, 8):
+        out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens,
+                                transport="ragged", ragged_all_to_all=emulated_ragged_all_to_all)
+        assert_close(out, dense_moe_reference(config, router, logical, x))
+        assert int(counts.sum()) == 64
+
+
+def test_token_mask_and_record_modes():
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
+    logical, router = make_weights(4)
+    mesh = mesh_of(4)
+    x = jax.random.normal(jax.random.key(9), (16, H))
+    mask = jnp.arange(16) % 3 != 0
+    slot_to_expert = placement("random", 4, seed=9)
+    tables = build_assignment_tables(slot_to_expert, E)
+    slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
+    args = (router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
+    ref = dense_moe_reference(config, router, logical, x) * mask[:, None]
+    forward = jax.jit(ep_moe_forward, static_argnums=(0, 1), static_argnames=("record",))
+    by_expert = forward(config, mesh, *args, token_mask=mask, record="expert")
+    assert_close(by_expert.out, ref)
+    ids = np.asarray(jax.jit(lambda x: __import__("jax_eplb").moe.route(config, router, x).expert_ids)(x))
+    want = np.zeros((4, E), np.int64)
+    for t in range(16):
+        if mask[t]:
+            np.add.at(want[t // 4], ids[t], 1)  # rank t // 4 holds token t
+    np.testing.assert_array_equal(np.asarray(by_expert.counts), want)
+    plain = forward(config, mesh, *args, token_mask=mask)
+    assert plain.counts is None
+    np.testing.assert_array_equal(np.asarray(plain.rank_load), np.asarray(by_expert.rank_load))
+    assert int(plain.rank_load.sum()) == int(mask.sum()) * 2
+
+
+@pytest.mark.parametrize("rows,tile", [(1, 4), (37, 8), (64, 64)])
+def test_padded_grouped_matmul_equals_ragged_dot(rows, tile):
+    from jax_eplb.moe import expert_compute
+
+    rng = np.random.default_rng(rows)
+    m = 5
+    x = jnp.asarray(rng.normal(size=(rows, H)), jnp.float32)
+    row_slot = jnp.asarray(rng.integers(0, m + 1, size=rows), jnp.int32)  # m = empty row
+    w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((m, H, F), (m, H, F), (m, F, H))]
+    a = expert_compute(x, row_slot, *w, grouped_matmul="ragged_dot")
+    b = expert_compute(x, row_slot, *w, grouped_matmul="padded", tile=tile)
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    assert not np.any(np.asarray(b)[np.asarray(row_slot) == m])
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
@@ -82,7 +147,8 @@ def test_deepseek_router_with_shared_experts_via_nnx_module(policy):
     block.correction_bias.set_value(jnp.linspace(-0.5, 0.5, E))
     tables = build_assignment_tables(slot_to_expert, E)
     x = jax.random.normal(jax.random.key(2), (24, H))
-    out, _ = block(x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
+    out = nnx.jit(lambda block, x, rc, es: block(x, rc, es).out)(
+        block, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
     router = RouterWeights(block.router_kernel.get_value(), block.correction_bias.get_value())
     assert_close(out, dense_moe_reference(config, router, logical, x, shared=block.shared.get_value()))
 
@@ -114,7 +180,7 @@ def test_invalid_expert_ids_contribute_nothing():
     def run(x, ids):
         def body(x, ids, g, u, d, rc, es):
             s = round_robin_slots(ids, rc, es, 16, jax.lax.axis_index("ep"))
-            return all_to_all_moe(x, weights[: x.shape[0]], s, g, u, d, "ep")
+            return all_to_all_moe(x, weights[: x.shape[0]], s, g, u, d, "ep")[0]
         return jax.shard_map(body, mesh=mesh, in_specs=(jax.P("ep"), jax.P("ep")) + (jax.P("ep"),) * 3 + (jax.P(),) * 2,
                              out_specs=jax.P("ep"), check_vma=False)(
             x, ids, *slots, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))

@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_eplb.moe._dispatch import all_to_all_moe
 from jax_eplb.moe._replica_choice import POLICIES, load_aware_slots, round_robin_slots
 from jax_eplb.moe._routers import Routing, deepseek_topk, softmax_topk
+from jax_eplb_kernels import routing_histogram
 
 EP_AXIS = "ep"
 
@@ -86,45 +87,92 @@ def chunk_sizes(local_tokens: int, num_ranks: int, moe_max_num_tokens: int | Non
     return [len(c) for c in np.array_split(np.arange(local_tokens), chunks) if len(c)]
 
 
-def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts: ExpertWeights, x: jax.Array,
-                   replica_count: jax.Array, expert_slots: jax.Array, *, replica_policy: str = "round_robin",
-                   moe_max_num_tokens: int | None = None, kernel_implementation: str = "auto"):
-    """Routed-expert output ``[T, H]`` float32 for tokens ``x`` ``[T, H]`` sharded over ``ep``.
+class MoEOutput(NamedTuple):
+    """What one MoE layer returns.
 
-    Also returns the ``[R, S]`` per-rank count of entries each slot received (the statistics).
+    out:       ``[T, H]`` float32 routed-expert output.
+    rank_load: ``[R]`` int32 (token, k) entries each rank computed this call (in-graph balance).
+    counts:    ``[R, X]`` int32 per-rank routing histogram (X = E expert ids or S slot ids, see
+               ``record``), or None when not recorded (then it is not computed at all).
+    """
+
+    out: jax.Array
+    rank_load: jax.Array
+    counts: jax.Array | None
+
+
+RECORD_MODES = (None, "expert", "slot")
+
+
+def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts: ExpertWeights, x: jax.Array,
+                   replica_count: jax.Array, expert_slots: jax.Array, *, token_mask: jax.Array | None = None,
+                   replica_policy: str = "round_robin", moe_max_num_tokens: int | None = None,
+                   record: str | None = None, transport: str = "all_to_all", grouped_matmul: str = "auto",
+                   kernel_implementation: str = "auto", ragged_all_to_all=None) -> MoEOutput:
+    """Routed experts for tokens ``x`` ``[T, H]`` sharded over ``ep`` (see MoEOutput).
+
+    Args:
+      replica_count: ``[E]``; expert_slots: ``[E, M]`` (the layer's assignment table).
+      token_mask: optional ``[T]`` bool; False tokens (padding, finished requests) route nowhere,
+        output zeros and are not counted.
+      record: None, ``"expert"`` (histogram of logical expert ids) or ``"slot"`` (of slot ids).
+      transport: ``all_to_all`` (fixed capacity, any backend) or ``ragged`` (GPU).
+      grouped_matmul: ``ragged_dot``, ``padded`` or ``auto`` (padded on CPU, ragged_dot elsewhere).
+      kernel_implementation: routing kernels' choice; ``auto`` picks by the mesh's platform.
+      ragged_all_to_all: replaces ``jax.lax.ragged_all_to_all`` (tests emulate it on CPU).
     """
     if replica_policy not in POLICIES:
         raise ValueError(f"replica_policy must be one of {POLICIES}, got {replica_policy!r}")
+    if record not in RECORD_MODES:
+        raise ValueError(f"record must be one of {RECORD_MODES}, got {record!r}")
     num_ranks = mesh.shape[EP_AXIS]
     num_slots = slot_experts.gate.shape[0]
     if x.shape[0] % num_ranks:
         raise ValueError(f"{x.shape[0]} tokens do not split over ep={num_ranks} ranks; pad the batch")
+    if token_mask is None:
+        token_mask = jnp.ones((x.shape[0],), bool)
     sizes = chunk_sizes(x.shape[0] // num_ranks, num_ranks, moe_max_num_tokens)
+    num_bins = config.num_experts if record == "expert" else num_slots
+    platform = mesh.devices.flat[0].platform
+    if grouped_matmul == "auto":
+        grouped_matmul = "padded" if platform == "cpu" else "ragged_dot"
+    if kernel_implementation == "auto" and platform != "gpu":
+        kernel_implementation = "xla"
 
-    def body(x_local, kernel, bias, w_gate, w_up, w_down, replica_count, expert_slots):
+    def body(x_local, mask_local, kernel, bias, w_gate, w_up, w_down, replica_count, expert_slots):
         rank = jax.lax.axis_index(EP_AXIS)
-        outs, slot_counts = [], jnp.zeros((num_slots,), jnp.int32)
+        outs = []
+        rank_load = jnp.zeros((num_ranks,), jnp.int32)
+        counts = jnp.zeros((num_bins,), jnp.int32)
         start = 0
         for size in sizes:  # static chunking
-            xc = x_local[start:start + size]
+            xc, mc = x_local[start:start + size], mask_local[start:start + size]
             start += size
             routing = route(config, RouterWeights(kernel, bias), xc)
+            expert_ids = jnp.where(mc[:, None], routing.expert_ids, -1)
             if replica_policy == "round_robin":
-                slots = round_robin_slots(routing.expert_ids, replica_count, expert_slots, num_slots, rank,
+                slots = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank,
                                           kernel_implementation)
             else:
-                slots = load_aware_slots(routing.expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS)
-            slot_counts = slot_counts.at[slots.reshape(-1)].add(1, mode="drop")
-            outs.append(all_to_all_moe(xc, routing.weights, slots, w_gate, w_up, w_down, EP_AXIS))
-        return jnp.concatenate(outs, axis=0), slot_counts[None]
+                slots = load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS,
+                                         kernel_implementation)
+            if record is not None:
+                counts = counts + routing_histogram(expert_ids if record == "expert" else slots, num_bins,
+                                                    implementation=kernel_implementation)
+            out, sent = all_to_all_moe(xc, routing.weights, slots, w_gate, w_up, w_down, EP_AXIS, transport=transport,
+                                       grouped_matmul=grouped_matmul, ragged_all_to_all=ragged_all_to_all)
+            outs.append(out)
+            rank_load = rank_load + sent
+        return jnp.concatenate(outs, axis=0), jax.lax.psum(rank_load, EP_AXIS), counts[None]
 
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),
-        out_specs=(P(EP_AXIS), P(EP_AXIS)),
+        in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),
+        out_specs=(P(EP_AXIS), P(), P(EP_AXIS)),
         check_vma=False)
-    return fn(x, router.kernel, router.correction_bias, slot_experts.gate, slot_experts.up, slot_experts.down,
-              replica_count, expert_slots)
+    out, rank_load, counts = fn(x, token_mask, router.kernel, router.correction_bias, slot_experts.gate,
+                                slot_experts.up, slot_experts.down, replica_count, expert_slots)
+    return MoEOutput(out, rank_load, counts if record is not None else None)
 
 
 def slot_weights_from_logical(logical: ExpertWeights, slot_to_expert, mesh) -> ExpertWeights:
@@ -145,9 +193,11 @@ class EPMoEBlock(nnx.Module):
     """Router + routed experts (per slot, sharded over ``ep``) + optional shared experts."""
 
     def __init__(self, config: MoEConfig, mesh, slot_to_expert, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 replica_policy: str = "round_robin", moe_max_num_tokens: int | None = None):
+                 replica_policy: str = "round_robin", moe_max_num_tokens: int | None = None,
+                 record: str | None = None, transport: str = "all_to_all"):
         self.config, self.mesh = config, mesh
-        self.replica_policy, self.moe_max_num_tokens = replica_policy, moe_max_num_tokens
+        self.forward_options = dict(replica_policy=replica_policy, moe_max_num_tokens=moe_max_num_tokens,
+                                    record=record, transport=transport)
         c = config
         init = jax.nn.initializers.normal(0.02)
         self.router_kernel = nnx.Param(init(rngs.params(), (c.hidden_size, c.num_experts), jnp.float32))
@@ -172,16 +222,16 @@ class EPMoEBlock(nnx.Module):
                                 slot_weights_from_logical(logical, slot_to_expert, self.mesh)):
             param.set_value(value)
 
-    def __call__(self, x, replica_count, expert_slots):
-        """``x`` ``[T, H]`` -> (``[T, H]`` in x.dtype, ``[R, S]`` slot counts)."""
-        out, slot_counts = ep_moe_forward(
+    def __call__(self, x, replica_count, expert_slots, token_mask=None) -> MoEOutput:
+        """``x`` ``[T, H]`` -> MoEOutput with ``out`` ``[T, H]`` in x.dtype (shared experts added)."""
+        result = ep_moe_forward(
             self.config, self.mesh, RouterWeights(self.router_kernel.get_value(), self.correction_bias.get_value()),
             ExpertWeights(self.w_gate.get_value(), self.w_up.get_value(), self.w_down.get_value()), x,
-            replica_count, expert_slots,
-            replica_policy=self.replica_policy, moe_max_num_tokens=self.moe_max_num_tokens)
+            replica_count, expert_slots, token_mask=token_mask, **self.forward_options)
+        out = result.out
         if self.shared is not None:
             out = out + swiglu(x, *self.shared.get_value())
-        return out.astype(x.dtype), slot_counts
+        return result._replace(out=out.astype(x.dtype))
 
 
 def dense_moe_reference(config: MoEConfig, router: RouterWeights, logical: ExpertWeights, x, shared=None):

@@ -72,7 +72,8 @@ def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, n
     return (floor + (rank_of_remainder < missing[:, None])).astype(jnp.int32)
 
 
-def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, axis_name: str):
+def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, axis_name: str,
+                     implementation: str = "auto"):
     """``[T, K]`` slots so that, over all ranks, the batch's per-rank loads are as even as possible."""
     num_experts, max_replicas = expert_slots.shape
     num_ranks = jax.lax.axis_size(axis_name)
@@ -92,7 +93,7 @@ def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, a
     # Integer rounding and the sweep order can leave water-filling a hair behind the fixed rule on
     # small batches: keep whichever of the two gives the lower max rank load (same choice on
     # every rank, decided from psum-ed slot counts).
-    robin = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank)
+    robin = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation)
     per_slot = jax.lax.psum(jnp.stack([
         jnp.zeros((num_slots,), jnp.int32).at[c.reshape(-1)].add(1, mode="drop") for c in (water, robin)]), axis_name)
     peak = per_slot.reshape(2, num_ranks, -1).sum(axis=2).max(axis=1)  # [2]

@@ -1,4 +1,4 @@
-"""The offline EPLB workflow end to end on synthetic statistics (no model needed).
+"""The offline EPLB workflow on synthetic statistics alone (no model): ``jax-eplb demo --synthetic``.
 
 record (synthetic TensorRT-LLM dump) -> report -> generate plan -> report the held-out
 iterations under the plan -> heatmap of per-layer, per-rank load before and after.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jax_eplb._atomic import atomic_path
+from jax_eplb._heatmap import save_heatmap
 from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
 from jax_eplb._plan_config import MoeLoadBalancerConfig, plan_config_from_slots
 from jax_eplb._planner import plan_placement
@@ -34,28 +34,7 @@ class DemoSettings:
     seed: int = 0
 
 
-def save_heatmap(path: Path, before: np.ndarray, after: np.ndarray, layer_ids) -> None:
-    """``before``/``after``: ``[L, R]`` rank load / mean rank load."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.35 * len(layer_ids) + 2), sharey=True)
-    vmax = max(before.max(), after.max())
-    for ax, data, title in ((axes[0], before, "without EPLB"), (axes[1], after, "with EPLB plan")):
-        image = ax.imshow(data, aspect="auto", cmap="magma", vmin=0, vmax=vmax)
-        ax.set_title(f"{title}\n(summed load) mean imbalance {np.mean(data.max(1) - 1):.3f}")
-        ax.set_xlabel("EP rank")
-    axes[0].set_yticks(range(len(layer_ids)), [str(i) for i in layer_ids])
-    axes[0].set_ylabel("MoE layer")
-    fig.colorbar(image, ax=axes, label="rank load / mean")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-
-
-def run_offline_demo(output_dir: str | Path, settings: DemoSettings = DemoSettings(), log=print) -> dict:
+def run_synthetic_demo(output_dir: str | Path, settings: DemoSettings = DemoSettings(), log=print) -> dict:
     out = Path(output_dir)
     s = settings
     layer_ids = list(range(s.first_moe_layer, s.first_moe_layer + s.num_moe_layers))

@@ -1,0 +1,82 @@
+"""trtllm-bench datasets: JSON lines ``{"task_id", "input_ids" | "prompt", "output_tokens"}``.
+
+``prompt`` (text) is accepted for compatibility; without a tokenizer its UTF-8 bytes are the
+token ids (mod the vocabulary), so text prompts run but are not meaningful language.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from jax_eplb._atomic import atomic_write_text
+from jax_eplb._errors import EplbInputError
+
+
+class Request(NamedTuple):
+    task_id: int | str
+    input_ids: tuple[int, ...]
+    output_tokens: int
+
+
+def load_dataset(path, vocab_size: int, max_seq_len: int) -> list[Request]:
+    """Reads and validates every line before any work starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise EplbInputError(f"dataset {path} does not exist")
+    requests = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise EplbInputError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise EplbInputError(f"{where}: expected an object with task_id, input_ids/prompt, output_tokens")
+        if "input_ids" in row:
+            ids = row["input_ids"]
+            if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise EplbInputError(f"{where}: input_ids must be a list of integers")
+        elif isinstance(row.get("prompt"), str):
+            ids = [b % vocab_size for b in row["prompt"].encode()]
+        else:
+            raise EplbInputError(f"{where}: needs 'input_ids' (list of ints) or 'prompt' (text)")
+        if not ids:
+            raise EplbInputError(f"{where}: empty prompt")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise EplbInputError(f"{where}: token id {bad[0]} outside the vocabulary [0, {vocab_size})")
+        out = row.get("output_tokens")
+        if not isinstance(out, int) or isinstance(out, bool) or out < 1:
+            raise EplbInputError(f"{where}: output_tokens must be a positive integer, got {out!r}")
+        if len(ids) + out > max_seq_len:
+            raise EplbInputError(f"{where}: prompt ({len(ids)}) + output_tokens ({out}) exceeds the model's "
+                                 f"max_seq_len ({max_seq_len})")
+        requests.append(Request(row.get("task_id", len(requests)), tuple(ids), out))
+    if not requests:
+        raise EplbInputError(f"dataset {path} holds no requests")
+    return requests
+
+
+def _lengths(rng, count, mean, stdev, low=1):
+    return np.maximum(low, np.round(rng.normal(mean, stdev, count))).astype(int) if stdev else np.full(count, mean)
+
+
+def prepare_dataset(path, *, num_requests: int, input_mean: int, output_mean: int, input_stdev: float = 0.0,
+                    output_stdev: float = 0.0, vocab_size: int = 512, seed: int = 0) -> Path:
+    """Synthetic token ids with normally distributed lengths (trtllm-bench's ``token-norm-dist``)."""
+    if num_requests < 1 or input_mean < 1 or output_mean < 1:
+        raise EplbInputError("num_requests, input_mean and output_mean must be >= 1")
+    rng = np.random.default_rng(seed)
+    inputs = _lengths(rng, num_requests, input_mean, input_stdev)
+    outputs = _lengths(rng, num_requests, output_mean, output_stdev)
+    lines = [json.dumps({"task_id": i, "input_ids": rng.integers(0, vocab_size, n).tolist(), "output_tokens": int(o)})
+             for i, (n, o) in enumerate(zip(inputs, outputs))]
+    path = Path(path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return path

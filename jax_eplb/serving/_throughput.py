@@ -1,0 +1,250 @@
+"""``jax-eplb bench ... throughput``: greedy generation over a dataset on an ``ep`` mesh.
+
+Static batching: requests are taken in dataset order, ``max_batch_size`` at a time (padded to a
+multiple of ``ep``; attention is data-parallel, so each rank's rows are its local tokens). A
+batch runs one prefill iteration (prompts right-padded to the dataset's longest) and then one
+decode iteration per new token until every row has its ``output_tokens`` (or hit ``eos_id``).
+Every prefill/decode call is one *iteration* (the statistics' iteration index).
+
+Per-rank load is measured in-graph every iteration (entries each rank's experts computed, per
+MoE layer); its imbalance (max/mean - 1), averaged over iterations and layers, is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+
+from jax_eplb._assignment import build_assignment_tables, check_slot_geometry
+from jax_eplb._atomic import atomic_write_text
+from jax_eplb._errors import EplbInputError
+from jax_eplb.model import (MoEOptions, MoETransformer, ModelConfig, init_weights, placed_weights, resolve_model_config,
+                            restore_checkpoint)
+from jax_eplb.serving._dataset import Request, load_dataset
+from jax_eplb.serving._devices import ep_mesh, to_host
+from jax_eplb.serving._options import load_extra_options
+from jax_eplb.serving._recorder import StatisticsRecorder
+
+
+@dataclasses.dataclass(frozen=True)
+class ThroughputSettings:
+    model: str  # model config YAML
+    dataset: str
+    ep: int
+    model_path: str | None = None  # orbax checkpoint; None: seeded random weights
+    extra_llm_api_options: str | None = None
+    warmup: int = 0  # requests run first, untimed and not in the figures
+    eos_id: int = -1  # < 0: ignore EOS, always generate output_tokens
+    max_batch_size: int = 256
+    emulate_devices: int | None = None
+    replica_policy: str = "round_robin"
+    transport: str = "all_to_all"
+    seed: int = 0
+    output_tokens: str | None = None
+    report_json: str | None = None
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class ThroughputResult:
+    figures: dict
+    tokens: dict  # task_id -> generated ids
+    statistics_path: str | None
+    slot_to_expert: np.ndarray  # [Lm, S] placement used
+
+
+class _Prepared(NamedTuple):
+    config: ModelConfig
+    requests: list
+    options: object
+    slot_to_expert: np.ndarray
+    balanced: bool
+    batch: int
+
+
+def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecorder | None]:
+    """Reads and checks every input before any device work."""
+    config = ModelConfig.from_yaml(resolve_model_config(s.model))
+    requests = load_dataset(s.dataset, config.vocab_size, config.max_seq_len)
+    options = load_extra_options(s.extra_llm_api_options)
+    if s.max_batch_size < 1:
+        raise EplbInputError(f"--max_batch_size must be >= 1, got {s.max_batch_size}")
+    if not 0 <= s.warmup:
+        raise EplbInputError(f"--warmup must be >= 0, got {s.warmup}")
+    if s.model_path is not None and not Path(s.model_path).is_dir():
+        raise EplbInputError(f"--model_path {s.model_path} does not exist")
+    balancer = options.load_balancer
+    balanced = balancer is not None
+    if balanced and balancer.layer_updates_per_iter > 0:
+        raise EplbInputError("moe_load_balancer.layer_updates_per_iter > 0 (online rebalancing) is not supported by "
+                             "`bench throughput` yet; use a static plan (layer_updates_per_iter: 0)")
+    if balanced:
+        slot_to_expert = balancer.slot_to_expert(config.moe_layer_ids, config.num_experts, s.ep)
+    else:
+        check_slot_geometry(config.num_experts, config.num_experts, s.ep)
+        slot_to_expert = np.tile(np.arange(config.num_experts, dtype=np.int32), (config.num_moe_layers, 1))
+    batch = -(-min(s.max_batch_size, len(requests)) // s.ep) * s.ep
+    recorder = StatisticsRecorder.from_environment(config.moe_layer_ids, config.top_k, environ)
+    return _Prepared(config, requests, options, slot_to_expert, balanced, batch), recorder
+
+
+def _imbalance(rank_load: np.ndarray) -> np.ndarray:
+    """``[Lm, R]`` -> ``[Lm]`` max/mean - 1 (NaN where a layer saw no entries)."""
+    mean = rank_load.mean(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, rank_load.max(axis=1) / mean - 1.0, np.nan)
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="tok", file=sys.stderr, leave=False)
+
+    def update(self, n: int):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], None] = print) -> ThroughputResult:
+    import os
+
+    prep, recorder = _prepare(s, os.environ if environ is None else environ)
+    config, requests = prep.config, prep.requests
+    mesh = ep_mesh(s.ep, s.emulate_devices)
+    record = None if recorder is None else ("slot" if prep.balanced else "expert")
+    moe_options = MoEOptions(replica_policy=s.replica_policy, moe_max_num_tokens=prep.options.moe_max_num_tokens,
+                             record=record, transport=s.transport)
+    for key in prep.options.ignored_keys:
+        log(f"note: extra option {key!r} has no effect here (ignored)")
+
+    start = time.perf_counter()
+    if s.model_path:
+        weights = restore_checkpoint(s.model_path, config, mesh, prep.slot_to_expert)
+    else:
+        weights = init_weights(config, s.seed, mesh, prep.slot_to_expert)
+        weights = placed_weights(weights, mesh, weights.moe.experts)
+    tables = build_assignment_tables(prep.slot_to_expert, config.num_experts)
+    model = MoETransformer(config, mesh, weights, tables, moe_options)
+    prefill_len = max(len(r.input_ids) for r in requests)
+    model.compile(prep.batch, prefill_len)
+    log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
+        f"{model.num_slots} slots on ep={s.ep} ({mesh.devices.flat[0].platform}); batch {prep.batch}, "
+        f"prefill {prefill_len}; weights + compile {time.perf_counter() - start:.1f} s")
+
+    iteration = 0
+    warm, timed = requests[:s.warmup], requests[s.warmup:]
+    tokens: dict = {}
+    stats = {"prefill_s": [], "decode_s": [], "imbalance": [], "rank_load": []}
+
+    def run_batch(batch_requests: list[Request], collect: bool, progress: _Progress):
+        nonlocal iteration
+        b = prep.batch
+        rows = len(batch_requests)
+        prompt = np.zeros((b, prefill_len), np.int32)
+        lengths = np.zeros(b, np.int32)
+        budget = np.zeros(b, np.int32)
+        for i, r in enumerate(batch_requests):
+            prompt[i, :len(r.input_ids)] = r.input_ids
+            lengths[i], budget[i] = len(r.input_ids), r.output_tokens
+        generated = [[] for _ in range(rows)]
+        active = np.arange(b) < rows
+        positions = lengths.copy()
+        cache = model.new_cache(b)
+        first = True
+        while active.any():
+            if recorder is not None:
+                recorder.begin_iteration(iteration)
+            t0 = time.perf_counter()
+            out = model.prefill(prompt, lengths, cache) if first else model.decode(next_token, positions, active,
+                                                                                    cache)
+            next_token = to_host(out.next_token)
+            rank_load = to_host(out.rank_load)
+            elapsed = time.perf_counter() - t0
+            cache = out.cache
+            if recorder is not None and recorder.wants(iteration):
+                recorder.add(iteration, to_host(out.counts))
+            if collect:
+                stats["prefill_s" if first else "decode_s"].append(elapsed)
+                stats["imbalance"].append(_imbalance(rank_load))
+                stats["rank_load"].append(rank_load)
+            if not first:
+                positions = positions + active
+            new = 0
+            for i in np.flatnonzero(active[:rows]):
+                generated[i].append(int(next_token[i]))
+                new += 1
+                if len(generated[i]) >= budget[i] or (s.eos_id >= 0 and next_token[i] == s.eos_id):
+                    active[i] = False
+            active[rows:] = False
+            progress.update(new)
+            first = False
+            iteration += 1
+        return generated
+
+    try:
+        for chunk in range(0, len(warm), prep.batch):
+            run_batch(warm[chunk:chunk + prep.batch], False, _Progress(0, False, ""))
+        progress = _Progress(sum(r.output_tokens for r in timed), s.progress, "generating")
+        t_start = time.perf_counter()
+        for chunk in range(0, len(timed), prep.batch):
+            batch_requests = timed[chunk:chunk + prep.batch]
+            for r, ids in zip(batch_requests, run_batch(batch_requests, True, progress)):
+                tokens[r.task_id] = ids
+        wall = time.perf_counter() - t_start
+        progress.close()
+    finally:
+        statistics_path = recorder.flush() if recorder is not None else None
+        if recorder is not None and recorder.written:
+            log(f"expert statistics of iterations {recorder.iterations[0]}-{recorder.iterations[-1]} -> "
+                f"{recorder.path}")
+        elif recorder is not None:
+            log(f"warning: no iteration fell in [{recorder.start}, {recorder.stop}); no statistics written")
+
+    output_tokens = sum(len(v) for v in tokens.values())
+    imbalance = np.array(stats["imbalance"]) if stats["imbalance"] else np.full((1, 1), np.nan)
+    figures = {
+        "model": config.name, "ep": s.ep, "num_slots": model.num_slots, "platform": mesh.devices.flat[0].platform,
+        "load_balancer": "static plan" if prep.balanced else "none", "replica_policy": s.replica_policy,
+        "requests": len(timed), "output_tokens": output_tokens, "iterations": len(stats["imbalance"]),
+        "wall_s": wall, "output_tokens_per_s": output_tokens / wall if wall else float("nan"),
+        "requests_per_s": len(timed) / wall if wall else float("nan"),
+        "mean_prefill_step_ms": 1e3 * float(np.mean(stats["prefill_s"])) if stats["prefill_s"] else None,
+        "mean_decode_step_ms": 1e3 * float(np.mean(stats["decode_s"])) if stats["decode_s"] else None,
+        "mean_step_ms": 1e3 * float(np.mean(stats["prefill_s"] + stats["decode_s"])),
+        "mean_imbalance": float(np.nanmean(imbalance)),
+        "mean_imbalance_per_layer": {int(l): float(v) for l, v in zip(config.moe_layer_ids, np.nanmean(imbalance, 0))},
+    }
+    if s.output_tokens:
+        atomic_write_text(Path(s.output_tokens), "".join(
+            json.dumps({"task_id": k, "output_ids": v}) + "\n" for k, v in tokens.items()))
+    if s.report_json:
+        atomic_write_text(Path(s.report_json), json.dumps(figures, indent=2) + "\n")
+    return ThroughputResult(figures, tokens, str(statistics_path) if statistics_path else None, prep.slot_to_expert)
+
+
+def format_figures(figures: dict) -> str:
+    rows = [("requests", f"{figures['requests']}"), ("output tokens", f"{figures['output_tokens']}"),
+            ("iterations", f"{figures['iterations']}"),
+            ("throughput (output tok/s)", f"{figures['output_tokens_per_s']:.1f}"),
+            ("throughput (requests/s)", f"{figures['requests_per_s']:.2f}"),
+            ("mean step (ms)", f"{figures['mean_step_ms']:.2f}"),
+            ("mean prefill step (ms)", f"{figures['mean_prefill_step_ms'] or float('nan'):.2f}"),
+            ("mean decode step (ms)", f"{figures['mean_decode_step_ms'] or float('nan'):.2f}"),
+            ("avg per-rank imbalance (in-graph)", f"{figures['mean_imbalance']:.4f}")]
+    title = (f"=== {figures['model']} ep={figures['ep']} slots={figures['num_slots']} "
+             f"({figures['load_balancer']}, {figures['replica_policy']}, {figures['platform']}) ===")
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([title] + [f"{k:<{width}}  {v}" for k, v in rows])

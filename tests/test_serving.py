@@ -1,0 +1,174 @@
+"""Runner, datasets, extra options, statistics recording and the end-to-end workflow."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from jax_eplb import EplbInputError, load_report, load_trtllm_dump
+from jax_eplb.cli import main
+from jax_eplb.serving import (StatisticsRecorder, ThroughputSettings, initialize_distributed, load_dataset,
+                              load_extra_options, prepare_dataset, run_throughput)
+from jax_eplb.serving._workflow import WorkflowSettings, run_model_workflow
+
+from test_model import SMALL
+
+
+@pytest.fixture
+def small_yaml(tmp_path):
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    return path
+
+
+def write_lines(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ----------------------------------------------------------------------------- datasets and options
+
+def test_prepare_dataset_round_trips(tmp_path):
+    path = prepare_dataset(tmp_path / "d.jsonl", num_requests=10, input_mean=6, output_mean=3, input_stdev=2,
+                           vocab_size=50, seed=1)
+    requests = load_dataset(path, vocab_size=50, max_seq_len=64)
+    assert [r.task_id for r in requests] == list(range(10))
+    assert all(r.output_tokens == 3 and all(0 <= t < 50 for t in r.input_ids) for r in requests)
+    assert len({len(r.input_ids) for r in requests}) > 1
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([{"task_id": 0, "input_ids": [1, 2], "output_tokens": 30}], "exceeds the model's max_seq_len"),
+    ([{"task_id": 0, "input_ids": [1, 99], "output_tokens": 2}], "outside the vocabulary"),
+    ([{"task_id": 0, "input_ids": [1, 2], "output_tokens": 0}], "output_tokens"),
+    ([{"task_id": 0, "output_tokens": 2}], "input_ids"),
+    ([], "no requests"),
+])
+def test_bad_datasets(tmp_path, rows, match):
+    with pytest.raises(EplbInputError, match=match):
+        load_dataset(write_lines(tmp_path / "d.jsonl", rows), vocab_size=64, max_seq_len=24)
+
+
+def test_dataset_text_prompts_and_bad_json(tmp_path):
+    path = write_lines(tmp_path / "d.jsonl", [{"task_id": "a", "prompt": "hi", "output_tokens": 2}])
+    assert load_dataset(path, 64, 24)[0].input_ids == (ord("h") % 64, ord("i") % 64)
+    path.write_text("{not json\n")
+    with pytest.raises(EplbInputError, match=r"d.jsonl:1: not JSON"):
+        load_dataset(path, 64, 24)
+    with pytest.raises(EplbInputError, match="does not exist"):
+        load_dataset(tmp_path / "missing.jsonl", 64, 24)
+
+
+def test_extra_options_path_inline_and_nested(tmp_path):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"num_slots": 24, "layer_updates_per_iter": 0}))
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"moe_max_num_tokens": 64, "moe_load_balancer": "plan.yaml",
+                                     "enable_attention_dp": True}))
+    options = load_extra_options(extra)  # relative plan path: next to the options file
+    assert options.moe_max_num_tokens == 64 and options.load_balancer.num_slots == 24
+    assert options.ignored_keys == ("enable_attention_dp",)
+    extra.write_text(yaml.safe_dump({"moe_config": {"max_num_tokens": 32, "load_balancer": {"num_slots": 20}}}))
+    options = load_extra_options(extra)
+    assert options.moe_max_num_tokens == 32 and options.load_balancer.num_slots == 20
+    extra.write_text(yaml.safe_dump({"moe_max_num_tokens": -1}))
+    with pytest.raises(EplbInputError, match="positive integer"):
+        load_extra_options(extra)
+    extra.write_text(yaml.safe_dump({"moe_load_balancer": {"num_slots": 20, "bogus": 1}}))
+    with pytest.raises(EplbInputError, match="unknown key"):
+        load_extra_options(extra)
+
+
+# ----------------------------------------------------------------------------- recorder
+
+def test_recorder_environment_and_window(tmp_path):
+    env = {"EXPERT_STATISTIC_ITER_RANGE": "2-4", "EXPERT_STATISTIC_PATH": str(tmp_path / "s")}
+    recorder = StatisticsRecorder.from_environment([1, 2], 2, env)
+    assert StatisticsRecorder.from_environment([1], 2, {}) is None
+    for it in range(6):
+        recorder.begin_iteration(it)
+        if recorder.wants(it):
+            recorder.add(it, np.full((2, 3, 4), it))  # [Lm, R, X]
+        if it == 4:
+            assert recorder.written  # written when iteration `stop` starts
+    stats = load_trtllm_dump(tmp_path / "s")
+    assert (stats.iter_start, stats.num_iters, stats.layer_ids, stats.ep_size) == (2, 2, (1, 2), 3)
+    np.testing.assert_array_equal(stats.counts[:, 0, 0], [2 * 3, 3 * 3])  # rank files summed
+    with pytest.raises(EplbInputError, match="already holds files"):
+        StatisticsRecorder.from_environment([1, 2], 2, env)
+    for bad in ("5", "4-2", "a-b"):
+        with pytest.raises(EplbInputError):
+            StatisticsRecorder.from_environment([1], 2, {"EXPERT_STATISTIC_ITER_RANGE": bad,
+                                                         "EXPERT_STATISTIC_PATH": str(tmp_path / "x")})
+
+
+def test_distributed_initialisation_is_detected(monkeypatch):
+    calls = []
+    monkeypatch.setattr("jax.distributed.initialize", lambda **kw: calls.append(kw))
+    assert not initialize_distributed(environ={})
+    assert not initialize_distributed(environ={"SLURM_NTASKS": "1"})
+    assert initialize_distributed(environ={"SLURM_NTASKS": "4"})
+    assert initialize_distributed("host:1234", 2, 0, environ={})
+    assert calls[-1] == {"coordinator_address": "host:1234", "num_processes": 2, "process_id": 0}
+
+
+# ----------------------------------------------------------------------------- runner
+
+def test_throughput_records_statistics_in_graph(tmp_path, small_yaml):
+    dataset = write_lines(tmp_path / "d.jsonl", [
+        {"task_id": i, "input_ids": list(range(1 + i % 5, 4 + i % 5 + i % 3)), "output_tokens": 2 + i % 4}
+        for i in range(12)])
+    env = {"EXPERT_STATISTIC_ITER_RANGE": "1-5", "EXPERT_STATISTIC_PATH": str(tmp_path / "stats")}
+    result = run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=4, max_batch_size=8,
+                                               progress=False, output_tokens=str(tmp_path / "out.jsonl"),
+                                               report_json=str(tmp_path / "r.json")), env, log=lambda _: None)
+    requests = load_dataset(dataset, 64, 24)
+    assert {k: len(v) for k, v in result.tokens.items()} == {r.task_id: r.output_tokens for r in requests}
+    stats = load_trtllm_dump(tmp_path / "stats")
+    assert (stats.iter_start, stats.num_iters, stats.ep_size, stats.num_experts) == (1, 4, 4, 16)
+    assert tuple(stats.layer_ids) == (1, 2)
+    # Iteration 1: the first batch's first decode: 8 rows active, top-4 -> 32 entries per layer.
+    assert stats.counts[0].sum(axis=-1).tolist() == [32, 32]
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert figures["output_tokens"] == sum(r.output_tokens for r in requests) and figures["iterations"] > 4
+    lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert {l["task_id"]: l["output_ids"] for l in lines} == result.tokens
+
+
+def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
+    dataset = write_lines(tmp_path / "d.jsonl", [{"task_id": 0, "input_ids": [1, 2], "output_tokens": 2}])
+    base = ["bench", "--model", str(small_yaml), "throughput", "--dataset", str(dataset), "--no_progress"]
+    cases = [
+        (["--ep", "3"], "divisible by ep_size"),
+        (["--ep", "16"], "needs 16 devices"),
+        (["--ep", "2", "--extra_llm_api_options", str(tmp_path / "nope.yaml")], "does not exist"),
+    ]
+    for extra, match in cases:
+        assert main(base + extra) == 2
+        assert match in capsys.readouterr().err
+    assert main(["bench", "--model", str(small_yaml), "throughput", "--ep", "2", "--dataset",
+                 str(tmp_path / "none.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    long = write_lines(tmp_path / "long.jsonl", [{"task_id": 0, "input_ids": [1] * 20, "output_tokens": 10}])
+    assert main(["bench", "--model", str(small_yaml), "throughput", "--ep", "2", "--dataset", str(long)]) == 2
+    assert "max_seq_len" in capsys.readouterr().err
+    online = tmp_path / "online.yaml"
+    online.write_text(yaml.safe_dump({"moe_load_balancer": {"num_slots": 16, "layer_updates_per_iter": 2}}))
+    assert main(base + ["--ep", "2", "--extra_llm_api_options", str(online)]) == 2
+    assert "online" in capsys.readouterr().err
+
+
+def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path):
+    """The README's main job on the embedded default model (smaller dataset)."""
+    summary = run_model_workflow(tmp_path, WorkflowSettings(num_requests=128, max_batch_size=128, output_len=16,
+                                                            progress=False, compare_load_aware=True),
+                                 log=lambda _: None)
+    assert summary["tokens_identical"]
+    assert summary["imbalance_before"] >= 3 * summary["imbalance_after"]
+    assert summary["imbalance_after_load_aware"] <= summary["imbalance_after"]
+    # The in-graph measurement is the same quantity as the recorded statistics' report.
+    assert summary["in_graph_before"] == pytest.approx(summary["imbalance_before"], rel=1e-6)
+    report = load_report(load_trtllm_dump(tmp_path / "expert_statistic_eplb"), ep_size=8)
+    assert report.columns["imbalance-ratio"][-1] == pytest.approx(summary["imbalance_after"])
+    assert (tmp_path / "load_heatmap.png").stat().st_size > 1000
