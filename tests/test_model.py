@@ -213,3 +213,17 @@ def test_bad_model_configs(bad, match):
     raw = {"model": {**SMALL["model"], **bad}}
     with pytest.raises(EplbInputError, match=match):
         ModelConfig.from_dict(raw, "bad.yaml")
+
+
+@pytest.mark.parametrize("name", ["tiny", "deepseek_v3_slice"])
+def test_shipped_configs_build(name):
+    """Shipped configs load and their weights have the advertised shapes (abstractly: no memory)."""
+    from jax_eplb.model import resolve_model_config
+
+    config = ModelConfig.from_yaml(resolve_model_config(name))
+    assert config.num_experts >= 64 and config.top_k >= 4 and config.n_group > 1 and config.router == "deepseek"
+    shapes = jax.eval_shape(lambda: init_weights(config, 0, mesh=None))
+    lm = config.num_layers - config.first_k_dense
+    assert shapes.moe.experts.gate.shape == (lm, config.num_experts, config.hidden_size, config.expert_ffn_size)
+    if name == "deepseek_v3_slice":
+        assert (config.hidden_size, config.expert_ffn_size, config.num_experts, config.top_k) == (7168, 2048, 256, 8)

@@ -50,8 +50,9 @@ def run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tok
                                    record="slot", **options))
     result = fn(router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
     # The in-graph per-rank load must agree with the recorded slot histogram.
-    np.testing.assert_array_equal(np.asarray(result.rank_load), np.asarray(result.counts).sum(0).reshape(ranks, -1).sum(1))
-    return result.out, result.counts
+    np.testing.assert_array_equal(np.asarray(result.rank_load),
+                                  np.asarray(result.slot_counts).sum(0).reshape(ranks, -1).sum(1))
+    return result.out, result.slot_counts
 
 
 def assert_close(out, ref):
@@ -104,16 +105,19 @@ def test_token_mask_and_record_modes():
     args = (router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
     ref = dense_moe_reference(config, router, logical, x) * mask[:, None]
     forward = jax.jit(ep_moe_forward, static_argnums=(0, 1), static_argnames=("record",))
-    by_expert = forward(config, mesh, *args, token_mask=mask, record="expert")
+    by_expert = forward(config, mesh, *args, token_mask=mask, record=("expert", "slot"))
     assert_close(by_expert.out, ref)
     ids = np.asarray(jax.jit(lambda x: __import__("jax_eplb").moe.route(config, router, x).expert_ids)(x))
     want = np.zeros((4, E), np.int64)
     for t in range(16):
         if mask[t]:
             np.add.at(want[t // 4], ids[t], 1)  # rank t // 4 holds token t
-    np.testing.assert_array_equal(np.asarray(by_expert.counts), want)
+    np.testing.assert_array_equal(np.asarray(by_expert.expert_counts), want)
+    slots = np.asarray(by_expert.slot_counts)  # [R, S]: each slot's entries are its expert's
+    np.testing.assert_array_equal(np.bincount(np.asarray(slot_to_expert), weights=slots.sum(0), minlength=E),
+                                  want.sum(0))
     plain = forward(config, mesh, *args, token_mask=mask)
-    assert plain.counts is None
+    assert plain.expert_counts is None and plain.slot_counts is None
     np.testing.assert_array_equal(np.asarray(plain.rank_load), np.asarray(by_expert.rank_load))
     assert int(plain.rank_load.sum()) == int(mask.sum()) * 2
 
@@ -254,3 +258,17 @@ def test_replica_quotas_water_fill_hand_worked():
                             jnp.asarray(tables.expert_slots[0]), slots_per_rank=2, num_ranks=2)
     # water level 9: rank 0 (base 6) takes 3 of e0, rank 1 (base 2) takes 7.
     assert np.asarray(quotas).tolist() == [[3, 7], [6, 0], [2, 0]]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="ragged_all_to_all runs on GPU only (scripts/gpu_check.sh)")
+@pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
+def test_ragged_transport_real_primitive_on_gpu(policy):
+    ranks = len(jax.devices())
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
+    logical, router = make_weights(3)
+    x = jax.random.normal(jax.random.key(5), (8 * ranks, H))
+    slot_to_expert = placement("random", ranks, seed=4) if 16 % ranks == 0 else np.arange(E)
+    for max_tokens in (None, 4 * ranks):
+        out, _ = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens, transport="ragged",
+                           grouped_matmul="ragged_dot")
+        assert_close(out, dense_moe_reference(config, router, logical, x))

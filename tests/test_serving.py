@@ -121,7 +121,7 @@ def test_throughput_records_statistics_in_graph(tmp_path, small_yaml):
         for i in range(12)])
     env = {"EXPERT_STATISTIC_ITER_RANGE": "1-5", "EXPERT_STATISTIC_PATH": str(tmp_path / "stats")}
     result = run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=4, max_batch_size=8,
-                                               progress=False, output_tokens=str(tmp_path / "out.jsonl"),
+                                               emulate_devices=8, progress=False, output_tokens=str(tmp_path / "out.jsonl"),
                                                report_json=str(tmp_path / "r.json")), env, log=lambda _: None)
     requests = load_dataset(dataset, 64, 24)
     assert {k: len(v) for k, v in result.tokens.items()} == {r.task_id: r.output_tokens for r in requests}
@@ -138,7 +138,8 @@ def test_throughput_records_statistics_in_graph(tmp_path, small_yaml):
 
 def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
     dataset = write_lines(tmp_path / "d.jsonl", [{"task_id": 0, "input_ids": [1, 2], "output_tokens": 2}])
-    base = ["bench", "--model", str(small_yaml), "throughput", "--dataset", str(dataset), "--no_progress"]
+    base = ["bench", "--model", str(small_yaml), "throughput", "--dataset", str(dataset), "--no_progress",
+            "--emulate_devices", "8"]
     cases = [
         (["--ep", "3"], "divisible by ep_size"),
         (["--ep", "16"], "needs 16 devices"),
@@ -153,10 +154,28 @@ def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
     long = write_lines(tmp_path / "long.jsonl", [{"task_id": 0, "input_ids": [1] * 20, "output_tokens": 10}])
     assert main(["bench", "--model", str(small_yaml), "throughput", "--ep", "2", "--dataset", str(long)]) == 2
     assert "max_seq_len" in capsys.readouterr().err
-    online = tmp_path / "online.yaml"
-    online.write_text(yaml.safe_dump({"moe_load_balancer": {"num_slots": 16, "layer_updates_per_iter": 2}}))
-    assert main(base + ["--ep", "2", "--extra_llm_api_options", str(online)]) == 2
-    assert "online" in capsys.readouterr().err
+    bad_plan = tmp_path / "bad_plan.yaml"
+    bad_plan.write_text(yaml.safe_dump({"moe_load_balancer": {"num_slots": 10}}))
+    assert main(base + ["--ep", "2", "--extra_llm_api_options", str(bad_plan)]) == 2
+    assert "num_slots (10) must be >=" in capsys.readouterr().err
+
+
+def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small_yaml):
+    dataset = write_lines(tmp_path / "d.jsonl", [
+        {"task_id": i, "input_ids": [(7 * i + j) % 64 for j in range(3 + i % 4)], "output_tokens": 6}
+        for i in range(8)])
+    base = dict(model=str(small_yaml), dataset=str(dataset), ep=4, max_batch_size=8, progress=False, emulate_devices=8)
+    plain = run_throughput(ThroughputSettings(**base), {}, log=lambda _: None)
+    extra = tmp_path / "online.yaml"
+    extra.write_text(yaml.safe_dump({"moe_load_balancer": {"num_slots": 24, "layer_updates_per_iter": 1}}))
+    env = {"EXPERT_STATISTIC_ITER_RANGE": "0-6", "EXPERT_STATISTIC_PATH": str(tmp_path / "stats")}
+    online = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra)), env, log=lambda _: None)
+    assert online.tokens == plain.tokens
+    assert online.figures["layer_updates"] > 0 and online.figures["slots_moved"] > 0
+    assert online.slot_to_expert.shape == (2, 24)
+    stats = load_trtllm_dump(tmp_path / "stats")  # slot ids with a balancer, as TensorRT-LLM
+    assert stats.num_experts == 24 and stats.num_iters == 6
+    assert stats.counts[1].sum(axis=-1).tolist() == [32, 32]  # 8 rows x top-4 per layer
 
 
 def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path):

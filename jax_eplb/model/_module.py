@@ -66,6 +66,11 @@ class MoETransformer(nnx.Module):
         weights = self.weights.get_value()
         experts = place_experts(logical_experts, tables.slot_to_expert, self.mesh)
         self.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
+        self.set_tables(tables)
+
+    def set_tables(self, tables: AssignmentTables) -> None:
+        """Swaps the assignment tables only (the caller has already moved the slot weights)."""
+        tables = self._padded(tables)
         replicated = NamedSharding(self.mesh, P())
         for var, value in ((self.slot_to_expert, tables.slot_to_expert), (self.replica_count, tables.replica_count),
                            (self.expert_slots, tables.expert_slots)):

@@ -92,22 +92,24 @@ class MoEOutput(NamedTuple):
 
     out:       ``[T, H]`` float32 routed-expert output.
     rank_load: ``[R]`` int32 (token, k) entries each rank computed this call (in-graph balance).
-    counts:    ``[R, X]`` int32 per-rank routing histogram (X = E expert ids or S slot ids, see
-               ``record``), or None when not recorded (then it is not computed at all).
+    expert_counts: ``[R, E]`` int32 per-rank histogram of routed logical expert ids, or None
+               when not recorded (then it is not computed at all).
+    slot_counts: ``[R, S]`` int32 per-rank histogram of the chosen slots, or None.
     """
 
     out: jax.Array
     rank_load: jax.Array
-    counts: jax.Array | None
+    expert_counts: jax.Array | None
+    slot_counts: jax.Array | None
 
 
-RECORD_MODES = (None, "expert", "slot")
+RECORD_MODES = ("expert", "slot")
 
 
 def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts: ExpertWeights, x: jax.Array,
                    replica_count: jax.Array, expert_slots: jax.Array, *, token_mask: jax.Array | None = None,
                    replica_policy: str = "round_robin", moe_max_num_tokens: int | None = None,
-                   record: str | None = None, transport: str = "all_to_all", grouped_matmul: str = "auto",
+                   record: tuple[str, ...] = (), transport: str = "all_to_all", grouped_matmul: str = "auto",
                    kernel_implementation: str = "auto", ragged_all_to_all=None) -> MoEOutput:
     """Routed experts for tokens ``x`` ``[T, H]`` sharded over ``ep`` (see MoEOutput).
 
@@ -115,7 +117,7 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
       replica_count: ``[E]``; expert_slots: ``[E, M]`` (the layer's assignment table).
       token_mask: optional ``[T]`` bool; False tokens (padding, finished requests) route nowhere,
         output zeros and are not counted.
-      record: None, ``"expert"`` (histogram of logical expert ids) or ``"slot"`` (of slot ids).
+      record: which histograms to compute: ``"expert"`` (logical expert ids) and/or ``"slot"``.
       transport: ``all_to_all`` (fixed capacity, any backend) or ``ragged`` (GPU).
       grouped_matmul: ``ragged_dot``, ``padded`` or ``auto`` (padded on CPU, ragged_dot elsewhere).
       kernel_implementation: routing kernels' choice; ``auto`` picks by the mesh's platform.
@@ -123,8 +125,9 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     """
     if replica_policy not in POLICIES:
         raise ValueError(f"replica_policy must be one of {POLICIES}, got {replica_policy!r}")
-    if record not in RECORD_MODES:
-        raise ValueError(f"record must be one of {RECORD_MODES}, got {record!r}")
+    record = (record,) if isinstance(record, str) else tuple(record or ())
+    if not set(record) <= set(RECORD_MODES):
+        raise ValueError(f"record must hold some of {RECORD_MODES}, got {record!r}")
     num_ranks = mesh.shape[EP_AXIS]
     num_slots = slot_experts.gate.shape[0]
     if x.shape[0] % num_ranks:
@@ -132,7 +135,6 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     if token_mask is None:
         token_mask = jnp.ones((x.shape[0],), bool)
     sizes = chunk_sizes(x.shape[0] // num_ranks, num_ranks, moe_max_num_tokens)
-    num_bins = config.num_experts if record == "expert" else num_slots
     platform = mesh.devices.flat[0].platform
     if grouped_matmul == "auto":
         grouped_matmul = "padded" if platform == "cpu" else "ragged_dot"
@@ -143,7 +145,8 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
         rank = jax.lax.axis_index(EP_AXIS)
         outs = []
         rank_load = jnp.zeros((num_ranks,), jnp.int32)
-        counts = jnp.zeros((num_bins,), jnp.int32)
+        expert_counts = jnp.zeros((config.num_experts if "expert" in record else 0,), jnp.int32)
+        slot_counts = jnp.zeros((num_slots if "slot" in record else 0,), jnp.int32)
         start = 0
         for size in sizes:  # static chunking
             xc, mc = x_local[start:start + size], mask_local[start:start + size]
@@ -156,23 +159,27 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
             else:
                 slots = load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS,
                                          kernel_implementation)
-            if record is not None:
-                counts = counts + routing_histogram(expert_ids if record == "expert" else slots, num_bins,
-                                                    implementation=kernel_implementation)
+            if "expert" in record:
+                expert_counts += routing_histogram(expert_ids, config.num_experts, implementation=kernel_implementation)
+            if "slot" in record:
+                slot_counts += routing_histogram(slots, num_slots, implementation=kernel_implementation)
             out, sent = all_to_all_moe(xc, routing.weights, slots, w_gate, w_up, w_down, EP_AXIS, transport=transport,
                                        grouped_matmul=grouped_matmul, ragged_all_to_all=ragged_all_to_all)
             outs.append(out)
             rank_load = rank_load + sent
-        return jnp.concatenate(outs, axis=0), jax.lax.psum(rank_load, EP_AXIS), counts[None]
+        return (jnp.concatenate(outs, axis=0), jax.lax.psum(rank_load, EP_AXIS), expert_counts[None],
+                slot_counts[None])
 
     fn = jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),
-        out_specs=(P(EP_AXIS), P(), P(EP_AXIS)),
+        out_specs=(P(EP_AXIS), P(), P(EP_AXIS), P(EP_AXIS)),
         check_vma=False)
-    out, rank_load, counts = fn(x, token_mask, router.kernel, router.correction_bias, slot_experts.gate,
-                                slot_experts.up, slot_experts.down, replica_count, expert_slots)
-    return MoEOutput(out, rank_load, counts if record is not None else None)
+    out, rank_load, expert_counts, slot_counts = fn(x, token_mask, router.kernel, router.correction_bias,
+                                                    slot_experts.gate, slot_experts.up, slot_experts.down,
+                                                    replica_count, expert_slots)
+    return MoEOutput(out, rank_load, expert_counts if "expert" in record else None,
+                     slot_counts if "slot" in record else None)
 
 
 def slot_weights_from_logical(logical: ExpertWeights, slot_to_expert, mesh) -> ExpertWeights:
@@ -194,7 +201,7 @@ class EPMoEBlock(nnx.Module):
 
     def __init__(self, config: MoEConfig, mesh, slot_to_expert, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  replica_policy: str = "round_robin", moe_max_num_tokens: int | None = None,
-                 record: str | None = None, transport: str = "all_to_all"):
+                 record: tuple[str, ...] = (), transport: str = "all_to_all"):
         self.config, self.mesh = config, mesh
         self.forward_options = dict(replica_policy=replica_policy, moe_max_num_tokens=moe_max_num_tokens,
                                     record=record, transport=transport)

@@ -14,7 +14,8 @@ Two transports share the routing metadata (:func:`dispatch_plan`):
 Two grouped matmuls: ``ragged_dot`` (XLA's grouped GEMM; on CPU it is a dense masked loop over
 all m groups) and ``padded`` (rows sorted by slot, every group padded to a tile, one batched
 matmul per tile with that tile's slot weights: about ``N*R + m*tile`` rows of work instead of
-``m * N*R``; faster on CPU).
+``m * N*R``; faster on CPU, 8x on the bench_moe layer; it gathers one weight copy per tile, so
+it is meant for CPU-sized experts, not for DeepSeek-sized ones on GPU).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+import jax
 import numpy as np
 
 from jax_eplb._assignment import build_assignment_tables, check_slot_geometry
@@ -46,6 +47,7 @@ class ThroughputSettings:
     replica_policy: str = "round_robin"
     transport: str = "all_to_all"
     seed: int = 0
+    online_planner: str = "migration_aware"  # or "trtllm": TensorRT-LLM's greedy, re-planned from scratch
     output_tokens: str | None = None
     report_json: str | None = None
     progress: bool = True
@@ -56,7 +58,8 @@ class ThroughputResult:
     figures: dict
     tokens: dict  # task_id -> generated ids
     statistics_path: str | None
-    slot_to_expert: np.ndarray  # [Lm, S] placement used
+    slot_to_expert: np.ndarray  # [Lm, S] placement at the end
+    per_iteration: list  # one dict per timed iteration: phase, imbalance, balancer work
 
 
 class _Prepared(NamedTuple):
@@ -67,6 +70,11 @@ class _Prepared(NamedTuple):
     balanced: bool
     batch: int
 
+    @property
+    def layer_updates_per_iter(self) -> int:
+        balancer = self.options.load_balancer
+        return balancer.layer_updates_per_iter if balancer is not None else 0
+
 
 def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecorder | None]:
     """Reads and checks every input before any device work."""
@@ -75,15 +83,14 @@ def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecor
     options = load_extra_options(s.extra_llm_api_options)
     if s.max_batch_size < 1:
         raise EplbInputError(f"--max_batch_size must be >= 1, got {s.max_batch_size}")
-    if not 0 <= s.warmup:
-        raise EplbInputError(f"--warmup must be >= 0, got {s.warmup}")
+    if not 0 <= s.warmup < len(requests):
+        raise EplbInputError(f"--warmup must be in [0, {len(requests)}) (requests in the dataset), got {s.warmup}")
+    if s.online_planner not in ("migration_aware", "trtllm"):
+        raise EplbInputError(f"online planner must be 'migration_aware' or 'trtllm', got {s.online_planner!r}")
     if s.model_path is not None and not Path(s.model_path).is_dir():
         raise EplbInputError(f"--model_path {s.model_path} does not exist")
     balancer = options.load_balancer
     balanced = balancer is not None
-    if balanced and balancer.layer_updates_per_iter > 0:
-        raise EplbInputError("moe_load_balancer.layer_updates_per_iter > 0 (online rebalancing) is not supported by "
-                             "`bench throughput` yet; use a static plan (layer_updates_per_iter: 0)")
     if balanced:
         slot_to_expert = balancer.slot_to_expert(config.moe_layer_ids, config.num_experts, s.ep)
     else:
@@ -118,13 +125,19 @@ class _Progress:
             self.bar.close()
 
 
-def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], None] = print) -> ThroughputResult:
+def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], None] = print,
+                   before_iteration: Callable | None = None) -> ThroughputResult:
+    """Runs the benchmark. ``before_iteration(iteration, model)``, if given, is called before
+    every step (benchmarks use it to change the workload mid-run)."""
     import os
 
     prep, recorder = _prepare(s, os.environ if environ is None else environ)
     config, requests = prep.config, prep.requests
     mesh = ep_mesh(s.ep, s.emulate_devices)
-    record = None if recorder is None else ("slot" if prep.balanced else "expert")
+    online = prep.layer_updates_per_iter > 0
+    record = () if recorder is None else (("slot",) if prep.balanced else ("expert",))
+    if online:
+        record = tuple(sorted(set(record) | {"expert"}))
     moe_options = MoEOptions(replica_policy=s.replica_policy, moe_max_num_tokens=prep.options.moe_max_num_tokens,
                              record=record, transport=s.transport)
     for key in prep.options.ignored_keys:
@@ -138,6 +151,16 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         weights = placed_weights(weights, mesh, weights.moe.experts)
     tables = build_assignment_tables(prep.slot_to_expert, config.num_experts)
     model = MoETransformer(config, mesh, weights, tables, moe_options)
+    balancer = None
+    if online:
+        from jax_eplb.model import init_weights as logical_init, restore_logical_experts
+        from jax_eplb.online import OnlineBalancer
+
+        master = (restore_logical_experts(s.model_path, config) if s.model_path
+                  else jax.tree.map(np.asarray, logical_init(config, s.seed, mesh=None).moe.experts))
+        trtllm = s.online_planner == "trtllm"
+        balancer = OnlineBalancer(model, master, prep.layer_updates_per_iter,
+                                  algorithm="trtllm" if trtllm else "balanced", migration_aware=not trtllm)
     prefill_len = max(len(r.input_ids) for r in requests)
     model.compile(prep.batch, prefill_len)
     log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
@@ -148,6 +171,8 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
     warm, timed = requests[:s.warmup], requests[s.warmup:]
     tokens: dict = {}
     stats = {"prefill_s": [], "decode_s": [], "imbalance": [], "rank_load": []}
+    per_iteration = []
+    timed_start = None  # first timed iteration (the online schedule starts there: warm-up excluded)
 
     def run_batch(batch_requests: list[Request], collect: bool, progress: _Progress):
         nonlocal iteration
@@ -167,7 +192,12 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         while active.any():
             if recorder is not None:
                 recorder.begin_iteration(iteration)
+            if before_iteration is not None:
+                before_iteration(iteration, model)
             t0 = time.perf_counter()
+            update = None
+            if balancer is not None and collect:
+                update = balancer.before_step(iteration - timed_start)
             out = model.prefill(prompt, lengths, cache) if first else model.decode(next_token, positions, active,
                                                                                     cache)
             next_token = to_host(out.next_token)
@@ -175,11 +205,21 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             elapsed = time.perf_counter() - t0
             cache = out.cache
             if recorder is not None and recorder.wants(iteration):
-                recorder.add(iteration, to_host(out.counts))
+                recorder.add(iteration, to_host(out.slot_counts if prep.balanced else out.expert_counts))
+            if balancer is not None and collect:
+                balancer.observe(out.expert_counts)
             if collect:
                 stats["prefill_s" if first else "decode_s"].append(elapsed)
-                stats["imbalance"].append(_imbalance(rank_load))
+                layer_imbalance = _imbalance(rank_load)
+                stats["imbalance"].append(layer_imbalance)
                 stats["rank_load"].append(rank_load)
+                row = {"iteration": iteration, "phase": "prefill" if first else "decode",
+                       "imbalance": float(np.nanmean(layer_imbalance)), "step_ms": 1e3 * elapsed}
+                if update is not None:
+                    row.update(slots_moved=update.slots_moved, bytes_moved=update.bytes_moved,
+                               plan_ms=1e3 * update.plan_seconds, apply_ms=1e3 * update.apply_seconds,
+                               layers_applied=list(update.layers_applied))
+                per_iteration.append(row)
             if not first:
                 positions = positions + active
             new = 0
@@ -198,6 +238,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         for chunk in range(0, len(warm), prep.batch):
             run_batch(warm[chunk:chunk + prep.batch], False, _Progress(0, False, ""))
         progress = _Progress(sum(r.output_tokens for r in timed), s.progress, "generating")
+        timed_start = iteration
         t_start = time.perf_counter()
         for chunk in range(0, len(timed), prep.batch):
             batch_requests = timed[chunk:chunk + prep.batch]
@@ -205,6 +246,8 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
                 tokens[r.task_id] = ids
         wall = time.perf_counter() - t_start
         progress.close()
+        if balancer is not None:
+            balancer.finish()
     finally:
         statistics_path = recorder.flush() if recorder is not None else None
         if recorder is not None and recorder.written:
@@ -227,12 +270,22 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         "mean_imbalance": float(np.nanmean(imbalance)),
         "mean_imbalance_per_layer": {int(l): float(v) for l, v in zip(config.moe_layer_ids, np.nanmean(imbalance, 0))},
     }
+    if balancer is not None:
+        updates = [r for r in balancer.reports if r.layers_applied]
+        figures.update(
+            load_balancer=f"online, k={prep.layer_updates_per_iter}, {s.online_planner}",
+            layer_updates=sum(len(r.layers_applied) for r in updates),
+            slots_moved=sum(r.slots_moved for r in updates), bytes_moved=sum(r.bytes_moved for r in updates),
+            mean_plan_ms_per_update=1e3 * float(np.mean([r.plan_seconds for r in updates])) if updates else 0.0,
+            mean_apply_ms_per_iteration=1e3 * float(np.mean([r.apply_seconds for r in balancer.reports])))
     if s.output_tokens:
         atomic_write_text(Path(s.output_tokens), "".join(
             json.dumps({"task_id": k, "output_ids": v}) + "\n" for k, v in tokens.items()))
     if s.report_json:
-        atomic_write_text(Path(s.report_json), json.dumps(figures, indent=2) + "\n")
-    return ThroughputResult(figures, tokens, str(statistics_path) if statistics_path else None, prep.slot_to_expert)
+        atomic_write_text(Path(s.report_json), json.dumps({**figures, "per_iteration": per_iteration}, indent=2) + "\n")
+    final_placement = balancer.slot_to_expert if balancer is not None else prep.slot_to_expert
+    return ThroughputResult(figures, tokens, str(statistics_path) if statistics_path else None, final_placement,
+                            per_iteration)
 
 
 def format_figures(figures: dict) -> str:
@@ -244,6 +297,12 @@ def format_figures(figures: dict) -> str:
             ("mean prefill step (ms)", f"{figures['mean_prefill_step_ms'] or float('nan'):.2f}"),
             ("mean decode step (ms)", f"{figures['mean_decode_step_ms'] or float('nan'):.2f}"),
             ("avg per-rank imbalance (in-graph)", f"{figures['mean_imbalance']:.4f}")]
+    if "slots_moved" in figures:
+        rows += [("layer updates", f"{figures['layer_updates']}"),
+                 ("slots moved (total)", f"{figures['slots_moved']}"),
+                 ("bytes moved (total)", f"{figures['bytes_moved'] / 2**20:.1f} MiB"),
+                 ("planner ms per layer update (host thread)", f"{figures['mean_plan_ms_per_update']:.2f}"),
+                 ("rebalance ms per iteration (in step loop)", f"{figures['mean_apply_ms_per_iteration']:.2f}")]
     title = (f"=== {figures['model']} ep={figures['ep']} slots={figures['num_slots']} "
              f"({figures['load_balancer']}, {figures['replica_policy']}, {figures['platform']}) ===")
     width = max(len(k) for k, _ in rows)

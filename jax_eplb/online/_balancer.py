@@ -1,0 +1,197 @@
+"""Online EP load balancing while serving (TensorRT-LLM's ``layer_updates_per_iter`` mode, improved).
+
+Per iteration:
+* ``observe``: the step's per-rank logical-expert counts ``[Lm, R, E]`` are summed over ranks
+  and folded into device-resident decayed statistics ``L <- decay * L + c`` (one tiny jitted
+  update; nothing goes to the host).
+* ``before_step``: plans that finished are applied (only changed slots are rewritten, from the
+  host master copy, then that layer's statistics are reset); the layers due by the schedule
+  have their statistics (``[k, E]``, one small transfer) planned on a host thread, overlapping
+  the next steps. Plans are migration-aware: experts stay in their slots where that costs no
+  balance, so an update moves few slots (TensorRT-LLM and DeepSeek re-plan from scratch).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_eplb._assignment import build_assignment_tables
+from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
+from jax_eplb._planner import plan_placement
+from jax_eplb.online._schedule import OnlineSchedule
+from jax_eplb.online._slot_writer import SlotWriter
+
+DECAY = 0.95
+
+
+@jax.jit
+def _decay_update(statistics, expert_counts, decay):
+    """statistics ``[Lm, E]`` f32, expert_counts ``[Lm, R, E]`` -> decayed sum (device)."""
+    return decay * statistics + expert_counts.sum(axis=1).astype(jnp.float32)
+
+
+@jax.jit
+def _reset_layers(statistics, layer_mask):
+    return jnp.where(layer_mask[:, None], 0.0, statistics)
+
+
+class UpdateReport(NamedTuple):
+    """What one iteration's balancer work cost (zeros when nothing happened)."""
+
+    iteration: int
+    layers_planned: tuple[int, ...]
+    layers_applied: tuple[int, ...]
+    slots_moved: int
+    bytes_moved: int
+    plan_seconds: float  # host-thread planner time of the plans applied now
+    apply_seconds: float  # time the step loop spent rewriting slots (stalls the next step)
+
+
+class _Planned(NamedTuple):
+    layers: tuple[int, ...]
+    slot_to_expert: np.ndarray  # [k, S]
+    seconds: float
+
+
+class OnlineBalancer:
+    """Keeps a :class:`~jax_eplb.model.MoETransformer`'s placement balanced while it serves.
+
+    Args:
+      model: its step must record ``"expert"`` counts (``MoEOptions(record=("expert", ...))``).
+      master_experts: host pytree of all logical experts ``[Lm, E, ...]`` (NumPy).
+      layer_updates_per_iter: k > 0 layers re-placed per iteration.
+      migration_aware: False re-plans every due layer from scratch (TensorRT-LLM's behaviour;
+        for comparison).
+      overlap: plan on a host thread (applied at the next iteration after it finishes); False
+        plans and applies within ``before_step`` (deterministic; for tests).
+      migration_tolerance: accepted relative rise of the max rank load (under the layer's current
+        statistics) to keep slots in place: a layer whose current placement is within it of the
+        new plan is not touched, and new plans keep experts in place within it.
+    """
+
+    def __init__(self, model, master_experts, layer_updates_per_iter: int, *, decay: float = DECAY,
+                 warmup_iters: int = 0, algorithm: str = "balanced", migration_tolerance: float = 0.05,
+                 migration_aware: bool = True, overlap: bool = True):
+        if "expert" not in model.options.record:
+            raise ValueError("the model's step must record expert counts: MoEOptions(record=('expert', ...))")
+        config = model.config
+        self.model, self.master = model, master_experts
+        self.schedule = OnlineSchedule(config.num_moe_layers, layer_updates_per_iter, warmup_iters)
+        self.decay, self.algorithm, self.tolerance = decay, algorithm, migration_tolerance
+        self.migration_aware = migration_aware
+        self.slot_to_expert = np.asarray(model.slot_to_expert.get_value()).copy()  # [Lm, S] host mirror
+        self._replicated = NamedSharding(model.mesh, P())
+        self.statistics = jax.device_put(jnp.zeros((config.num_moe_layers, config.num_experts), jnp.float32),
+                                         self._replicated)
+        self.writer = SlotWriter(model.mesh)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if overlap else None
+        self._pending: list[concurrent.futures.Future] = []
+        self.reports: list[UpdateReport] = []
+
+    # ------------------------------------------------------------------ per iteration
+
+    def observe(self, expert_counts) -> None:
+        """Folds one step's ``[Lm, R, E]`` counts into the decayed statistics (device only)."""
+        self.statistics = _decay_update(self.statistics, expert_counts, jnp.float32(self.decay))
+
+    def before_step(self, iteration: int) -> UpdateReport:
+        applied, moved, moved_bytes, plan_s, apply_s = [], 0, 0, 0.0, 0.0
+        done = [f.done() for f in self._pending]  # one look per future: a plan finishing now waits a step
+        ready = [f for f, d in zip(self._pending, done) if d]
+        self._pending = [f for f, d in zip(self._pending, done) if not d]
+        for future in ready:
+            a, m, b, p, t = self._apply(future.result())
+            applied += a
+            moved, moved_bytes, plan_s, apply_s = moved + m, moved_bytes + b, plan_s + p, apply_s + t
+        due = self.schedule.due(iteration)
+        if due:
+            loads = np.asarray(self.statistics[np.asarray(due)])  # [k, E]: one small transfer
+            previous = self.slot_to_expert[list(due)]
+            if self._pool is not None:
+                self._pending.append(self._pool.submit(self._plan, due, loads, previous))
+            else:
+                a, m, b, p, t = self._apply(self._plan(due, loads, previous))
+                applied += a
+                moved, moved_bytes, plan_s, apply_s = moved + m, moved_bytes + b, plan_s + p, apply_s + t
+        report = UpdateReport(iteration, tuple(due), tuple(applied), moved, moved_bytes, plan_s, apply_s)
+        self.reports.append(report)
+        return report
+
+    def finish(self) -> None:
+        """Applies plans still in flight (call at the end of serving)."""
+        for future in self._pending:
+            self._apply(future.result())
+        self._pending = []
+
+    # ------------------------------------------------------------------ planning and applying
+
+    def _plan(self, layers, loads, previous) -> _Planned:
+        """New placements for ``layers``; a layer whose current placement is within
+        ``migration_tolerance`` of the new plan's max rank load keeps it (moves nothing)."""
+        start = time.perf_counter()
+        model = self.model
+        if not np.any(loads):
+            return _Planned(tuple(layers), previous, time.perf_counter() - start)
+        if not self.migration_aware:
+            plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm)
+            return _Planned(tuple(layers), plan.slot_to_expert, time.perf_counter() - start)
+        plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm, previous=previous,
+                              migration_tolerance=self.tolerance)
+        current_peak = rank_loads_from_counts(project_onto_plan(loads[None], previous)[0], model.num_ranks).max(axis=1)
+        keep = current_peak <= plan.rank_load.max(axis=1) * (1 + self.tolerance)
+        chosen = np.where(keep[:, None], previous, plan.slot_to_expert)
+        return _Planned(tuple(layers), chosen, time.perf_counter() - start)
+
+    def _apply(self, planned: _Planned):
+        start = time.perf_counter()
+        weights = self.model.weights.get_value()
+        experts = weights.moe.experts
+        moved = moved_bytes = 0
+        for layer, new in zip(planned.layers, planned.slot_to_expert):
+            experts, move = self.writer.move_layer(experts, self.master, layer, self.slot_to_expert[layer], new)
+            self.slot_to_expert[layer] = new
+            moved, moved_bytes = moved + move.slots_moved, moved_bytes + move.bytes_moved
+        self.model.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
+        self.model.set_tables(build_assignment_tables(self.slot_to_expert, self.model.config.num_experts))
+        mask = np.zeros(self.slot_to_expert.shape[0], bool)
+        mask[list(planned.layers)] = True
+        self.statistics = _reset_layers(self.statistics, jax.device_put(mask, self._replicated))
+        return list(planned.layers), moved, moved_bytes, planned.seconds, time.perf_counter() - start
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {"statistics": self.statistics, "slot_to_expert": jnp.asarray(self.slot_to_expert)}
+
+    def save_state(self, path) -> None:
+        """Decayed statistics and the current plan, with orbax (a restarted server keeps its placement)."""
+        import orbax.checkpoint as ocp
+        from pathlib import Path
+
+        self.finish()
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(Path(path).absolute(), {"statistics": self.statistics,
+                                                   "slot_to_expert": np.asarray(self.slot_to_expert)})
+        checkpointer.wait_until_finished()
+
+    def restore_state(self, path) -> None:
+        """Loads saved statistics and re-lays the model's experts under the saved plan."""
+        import orbax.checkpoint as ocp
+        from pathlib import Path
+
+        target = {"statistics": jax.ShapeDtypeStruct(self.statistics.shape, jnp.float32, sharding=self._replicated),
+                  "slot_to_expert": np.zeros_like(self.slot_to_expert)}
+        restored = ocp.StandardCheckpointer().restore(Path(path).absolute(), target)
+        slot_to_expert = np.asarray(restored["slot_to_expert"])
+        if slot_to_expert.shape != self.slot_to_expert.shape:
+            raise ValueError(f"saved plan has shape {slot_to_expert.shape}, model has {self.slot_to_expert.shape}")
+        self.model.set_placement(build_assignment_tables(slot_to_expert, self.model.config.num_experts), self.master)
+        self.slot_to_expert = slot_to_expert.copy()
+        self.statistics = restored["statistics"]

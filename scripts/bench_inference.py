@@ -1,0 +1,81 @@
+#!/usr/bin/env python
+"""Inference throughput and step time: no EPLB vs a static EPLB plan (round_robin and
+load_aware replica choice), side by side in one run.
+
+The plan comes from statistics recorded in the no-EPLB run (the offline workflow). Default:
+the tiny model on 8 CPU-emulated devices (times compare configurations on this machine only;
+emulated devices share the host's cores, so a rank's extra load costs less than on real GPUs).
+On a GPU machine: ``--model deepseek_v3_slice --ep 1 --emulate_devices 0`` (one GPU has no EP
+imbalance to fix, so this measures the step cost of the slot machinery).
+
+  python scripts/bench_inference.py [--model tiny] [--ep 8] [--num_slots 80] [--requests 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--ep", type=int, default=8)
+    parser.add_argument("--num_slots", type=int, default=80)
+    parser.add_argument("--emulate_devices", type=int, default=8, help="0: the machine's accelerators")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--input_len", type=int, default=32)
+    parser.add_argument("--output_len", type=int, default=32)
+    parser.add_argument("--max_batch_size", type=int, default=128)
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    from jax_eplb import load_trtllm_dump, plan_config_from_slots, plan_placement
+    from jax_eplb.model import ModelConfig, resolve_model_config
+    from jax_eplb.serving import ThroughputSettings, prepare_dataset, run_throughput
+
+    config = ModelConfig.from_yaml(resolve_model_config(args.model))
+    work = Path(tempfile.mkdtemp(prefix="bench_inference_"))
+    dataset = prepare_dataset(work / "dataset.jsonl", num_requests=args.requests, input_mean=args.input_len,
+                              output_mean=args.output_len, vocab_size=config.vocab_size)
+    base = dict(model=args.model, dataset=str(dataset), ep=args.ep, max_batch_size=args.max_batch_size,
+                emulate_devices=args.emulate_devices or None, progress=False)
+    quiet = lambda _: None  # noqa: E731
+
+    env = {"EXPERT_STATISTIC_ITER_RANGE": "0-100000", "EXPERT_STATISTIC_PATH": str(work / "stats")}
+    rows = [("no EPLB", run_throughput(ThroughputSettings(**base), env, quiet))]
+    stats = load_trtllm_dump(work / "stats")
+    plan = plan_placement(stats.total(), args.num_slots, args.ep)
+    plan_path = work / "plan.yaml"
+    plan_config_from_slots(plan.slot_to_expert, stats.layer_ids).to_yaml(plan_path)
+    extra = work / "extra.yaml"
+    extra.write_text(f"moe_load_balancer: {plan_path}\n")
+    for policy in ("round_robin", "load_aware"):
+        rows.append((f"EPLB {args.num_slots} slots, {policy}", run_throughput(
+            ThroughputSettings(**base, extra_llm_api_options=str(extra), replica_policy=policy), None, quiet)))
+
+    first = rows[0][1].figures
+    platform = first["platform"]
+    print(f"model {config.name}, ep={args.ep} ({platform}), {args.requests} requests, input {args.input_len}, "
+          f"output {args.output_len}, batch {args.max_batch_size}")
+    head = f"{'configuration':<32} {'tok/s':>9} {'x':>6} {'step ms':>8} {'decode ms':>9} {'prefill ms':>10} {'imbalance':>9}"
+    print(head)
+    out = []
+    for name, result in rows:
+        f = result.figures
+        print(f"{name:<32} {f['output_tokens_per_s']:>9.1f} {f['output_tokens_per_s'] / first['output_tokens_per_s']:>6.2f} "
+              f"{f['mean_step_ms']:>8.2f} {f['mean_decode_step_ms']:>9.2f} {f['mean_prefill_step_ms']:>10.2f} "
+              f"{f['mean_imbalance']:>9.3f}")
+        out.append({"configuration": name, **f})
+        if result.tokens != rows[0][1].tokens:
+            print(f"error: {name} generated different tokens than no EPLB", file=sys.stderr)
+            sys.exit(1)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Online balancing: TensorRT-LLM's schedule, decayed device statistics, slot rewrites that keep
+greedy tokens identical, never recompile, and a state that survives a restart."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from jax_eplb.model import init_weights
+from jax_eplb.online import OnlineBalancer, OnlineSchedule, update_groups
+
+from test_model import PROMPTS, build, small_config
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def test_schedule_hand_worked_cases():
+    groups = update_groups(58, 2)  # ceil(58/2) = 29 groups of 2, first == last size -> one empty step
+    assert len(groups) == 30 and groups[-1] == () and groups[0] == (0, 29) and groups[28] == (28, 57)
+    groups = update_groups(59, 1)  # 59 groups of 1 -> + empty step
+    assert len(groups) == 60 and groups[:3] == [(0,), (1,), (2,)] and groups[-1] == ()
+    groups = update_groups(59, 2)  # 30 groups: first (0, 30), last (29,): sizes differ, no empty step
+    assert len(groups) == 30 and groups[0] == (0, 30) and groups[-1] == (29,)
+    assert update_groups(5, 2) == [(0, 3), (1, 4), (2,)]
+    schedule = OnlineSchedule(5, 2, warmup_iters=4)
+    assert [schedule.due(i) for i in range(9)] == [(), (), (), (), (0, 3), (1, 4), (2,), (0, 3), (1, 4)]
+    with pytest.raises(ValueError):
+        update_groups(4, 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 10))
+def test_schedule_updates_every_layer_once_per_period(layers, k):
+    groups = update_groups(layers, k)
+    flat = [l for g in groups for l in g]
+    assert sorted(flat) == list(range(layers))
+    assert max(len(g) for g in groups) <= k
+
+
+# ----------------------------------------------------------------------------- balancer
+
+def identity_plus(config, extra):
+    base = np.arange(config.num_experts)
+    return np.tile(np.concatenate([base, base[:extra]]), (config.num_moe_layers, 1))
+
+
+def generate(model, balancer, steps):
+    """Greedy decode of PROMPTS with the balancer's hooks around every step."""
+    b = len(PROMPTS)
+    tokens = np.zeros((b, max(map(len, PROMPTS))), np.int32)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, :len(p)] = p
+    lengths = np.array([len(p) for p in PROMPTS])
+    result = [[] for _ in range(b)]
+    positions, out = lengths.copy(), None
+    for it in range(steps):
+        if balancer is not None:
+            balancer.before_step(it)
+        if out is None:
+            out = model.prefill(tokens, lengths, model.new_cache(b))
+        else:
+            out = model.decode(np.asarray(out.next_token), positions, np.ones(b, bool), out.cache)
+            positions += 1
+        if balancer is not None:
+            balancer.observe(out.expert_counts)
+        for i, t in enumerate(np.asarray(out.next_token)):
+            result[i].append(int(t))
+    return result
+
+
+def master_of(config):
+    return jax.tree.map(np.asarray, init_weights(config, 0, mesh=None).moe.experts)
+
+
+@pytest.mark.parametrize("ranks,k,overlap", [(2, 1, False), (4, 2, True), (8, 1, False)])
+def test_tokens_identical_before_during_after_updates(ranks, k, overlap):
+    config = small_config()
+    plain = generate(build(config, ranks, identity_plus(config, 0)), None, 10)
+    model = build(config, ranks, identity_plus(config, 8), record=("expert",))
+    master = master_of(config)
+    balancer = OnlineBalancer(model, master, k, overlap=overlap, migration_tolerance=0.0)
+    assert generate(model, balancer, 10) == plain
+    balancer.finish()
+    applied = [r for r in balancer.reports if r.layers_applied]
+    assert applied and sum(r.slots_moved for r in applied) > 0  # the placement really changed
+    # Every slot holds exactly its expert's logical weights after all the partial rewrites.
+    experts = model.weights.get_value().moe.experts
+    for layer in range(config.num_moe_layers):
+        for leaf, host in zip(experts, master):
+            np.testing.assert_array_equal(np.asarray(leaf[layer]), host[layer][balancer.slot_to_expert[layer]])
+    np.testing.assert_array_equal(np.asarray(model.slot_to_expert.get_value()), balancer.slot_to_expert)
+    # One compiled rebalance step; the serving step compiled only for its two shapes.
+    assert balancer.writer.compilations() == 1
+    assert model._step._cache_size() == 2
+
+
+def test_decayed_statistics_and_reset():
+    config = small_config()
+    model = build(config, 2, identity_plus(config, 0), record=("expert",))
+    balancer = OnlineBalancer(model, master_of(config), 1, overlap=False)
+    rng = np.random.default_rng(0)
+    counts = [rng.integers(0, 5, (2, 2, 16)) for _ in range(3)]  # [Lm, R, E]
+    want = np.zeros((2, 16))
+    for c in counts:
+        balancer.observe(jnp.asarray(c, jnp.int32))
+        want = 0.95 * want + c.sum(axis=1)
+    np.testing.assert_allclose(np.asarray(balancer.statistics), want, rtol=1e-6)
+    report = balancer.before_step(0)  # layer 0 due: planned, applied, its statistics reset
+    assert report.layers_applied == (0,)
+    np.testing.assert_array_equal(np.asarray(balancer.statistics)[0], 0)
+    np.testing.assert_allclose(np.asarray(balancer.statistics)[1], want[1], rtol=1e-6)
+
+
+def test_balanced_layer_is_not_touched():
+    """Migration-aware: when the current placement is as good as a new plan, nothing moves."""
+    config = small_config()
+    model = build(config, 2, identity_plus(config, 0), record=("expert",))
+    balancer = OnlineBalancer(model, master_of(config), 2, overlap=False)
+    balancer.observe(jnp.ones((2, 2, 16), jnp.int32))  # uniform load: identity is already optimal
+    report = balancer.before_step(0)
+    assert report.layers_applied == (0, 1) and report.slots_moved == 0
+    trtllm = OnlineBalancer(model, master_of(config), 2, overlap=False, algorithm="trtllm", migration_aware=False)
+    trtllm.observe(jnp.ones((2, 2, 16), jnp.int32))
+    assert trtllm.before_step(0).slots_moved > 0  # from scratch, the same loads reshuffle slots
+
+
+def test_state_survives_a_restart(tmp_path):
+    config = small_config()
+    model = build(config, 4, identity_plus(config, 8), record=("expert",))
+    master = master_of(config)
+    balancer = OnlineBalancer(model, master, 2, overlap=False, migration_tolerance=0.0)
+    before = generate(model, balancer, 4)
+    balancer.save_state(tmp_path / "state")
+    restarted = build(config, 4, identity_plus(config, 8), record=("expert",))
+    fresh = OnlineBalancer(restarted, master, 2, overlap=False)
+    fresh.restore_state(tmp_path / "state")
+    np.testing.assert_array_equal(fresh.slot_to_expert, balancer.slot_to_expert)
+    np.testing.assert_array_equal(np.asarray(restarted.expert_slots.get_value()),
+                                  np.asarray(model.expert_slots.get_value()))
+    np.testing.assert_allclose(np.asarray(fresh.statistics), np.asarray(balancer.statistics))
+    assert generate(restarted, None, 4) == before
