@@ -191,3 +191,19 @@ def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path):
     report = load_report(load_trtllm_dump(tmp_path / "expert_statistic_eplb"), ep_size=8)
     assert report.columns["imbalance-ratio"][-1] == pytest.approx(summary["imbalance_after"])
     assert (tmp_path / "load_heatmap.png").stat().st_size > 1000
+
+
+def test_checkpoint_flow_through_the_cli(tmp_path, small_yaml, capsys):
+    """create-checkpoint, then bench --model_path: same tokens as the same seed's random weights."""
+    assert main(["create-checkpoint", "--model", str(small_yaml), "--output", str(tmp_path / "ckpt"),
+                 "--seed", "3"]) == 0
+    dataset = write_lines(tmp_path / "d.jsonl", [
+        {"task_id": i, "input_ids": [(5 * i + j) % 64 for j in range(2 + i)], "output_tokens": 3} for i in range(4)])
+    outputs = []
+    for extra in (["--model_path", str(tmp_path / "ckpt")], ["--seed", "3"]):
+        out = tmp_path / f"tokens{len(outputs)}.jsonl"
+        assert main(["bench", "--model", str(small_yaml), *extra, "throughput", "--ep", "2", "--dataset",
+                     str(dataset), "--emulate_devices", "8", "--no_progress", "--output_tokens", str(out)]) == 0
+        outputs.append(out.read_text())
+    assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 4
+    assert "throughput (output tok/s)" in capsys.readouterr().out

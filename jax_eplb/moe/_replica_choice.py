@@ -33,8 +33,9 @@ def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, n
 
     Args:
       expert_counts: ``[E]`` global entries per expert this batch.
-    Experts with one replica are fixed load; each replicated expert, in turn, pours its
-    entries into its replicas' ranks lowest-first (water-filling), ``sweeps`` times over.
+    Experts with one replica are fixed load; each replicated expert (at most S - E of them), in
+    turn, pours its entries into its replicas' ranks lowest-first (water-filling), ``sweeps``
+    times over.
     """
     num_experts, max_replicas = expert_slots.shape
     counts = expert_counts.astype(jnp.float32)
@@ -60,10 +61,16 @@ def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, n
         rank_load = rank_load.at[replica_rank[e]].add(new)
         return quota.at[e].set(new), rank_load
 
-    def sweep(_, carry):
-        return jax.lax.fori_loop(0, num_experts, pour, carry)
+    # Only replicated experts have a choice (pouring a single-replica expert is a no-op), and
+    # at most S - E experts are replicated: loop over those instead of all E.
+    num_slots = slots_per_rank * num_ranks
+    candidates = min(num_experts, max(num_slots - num_experts, 0))
+    replicated = jnp.argsort(replica_count <= 1, stable=True)[:candidates]  # replicated experts first
 
-    quota, _ = jax.lax.fori_loop(0, sweeps, sweep, (even, rank_load))
+    def sweep(_, carry):
+        return jax.lax.fori_loop(0, candidates, lambda i, c: pour(replicated[i], c), carry)
+
+    quota = jax.lax.fori_loop(0, sweeps, sweep, (even, rank_load))[0] if candidates else even
     # Integer quotas summing exactly to each expert's count (largest remainders first).
     floor = jnp.floor(quota)
     remainder = jnp.where(valid, quota - floor, -1.0)
