@@ -166,6 +166,9 @@ def add_bench_parser(sub):
     thr.add_argument("--online_planner", choices=("migration_aware", "trtllm"), default="migration_aware",
                      help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, or "
                           "TensorRT-LLM's greedy re-planned from scratch")
+    thr.add_argument("--online_state", default=None,
+                     help="online mode: restore decayed statistics and placement from this directory if it "
+                          "exists, save them there at exit (a restarted server keeps its placement)")
     thr.add_argument("--output_tokens", default=None, help="write the generated ids per task (JSON lines)")
     thr.add_argument("--report_json", default=None, help="write all figures as JSON")
     thr.add_argument("--no_progress", action="store_true")
@@ -181,7 +184,7 @@ def run_bench(args) -> int:
         extra_llm_api_options=args.extra_llm_api_options, warmup=args.warmup, eos_id=args.eos_id,
         max_batch_size=args.max_batch_size, emulate_devices=args.emulate_devices,
         replica_policy=args.replica_policy, transport=args.transport, seed=args.seed,
-        online_planner=args.online_planner,
+        online_planner=args.online_planner, online_state=args.online_state,
         output_tokens=args.output_tokens, report_json=args.report_json, progress=not args.no_progress))
     print(format_figures(result.figures))
     return 0

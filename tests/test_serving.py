@@ -176,6 +176,20 @@ def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small_yaml):
     stats = load_trtllm_dump(tmp_path / "stats")  # slot ids with a balancer, as TensorRT-LLM
     assert stats.num_experts == 24 and stats.num_iters == 6
     assert stats.counts[1].sum(axis=-1).tolist() == [32, 32]  # 8 rows x top-4 per layer
+    # A restarted server keeps its placement: state saved at exit, restored at start.
+    state = tmp_path / "state"
+    first = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state)),
+                           {}, log=lambda _: None)
+    logs = []
+    second = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state),
+                                               warmup=7), {}, log=logs.append)
+    assert any("restored" in line for line in logs)
+    assert second.tokens == {k: v for k, v in plain.tokens.items() if k == 7}
+    import orbax.checkpoint as ocp
+
+    saved = ocp.StandardCheckpointer().restore(state.absolute())  # the second run's final state
+    np.testing.assert_array_equal(np.asarray(saved["slot_to_expert"]), second.slot_to_expert)
+    assert np.asarray(saved["statistics"]).shape == (2, 16)
 
 
 def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path):

@@ -48,6 +48,7 @@ class ThroughputSettings:
     transport: str = "all_to_all"
     seed: int = 0
     online_planner: str = "migration_aware"  # or "trtllm": TensorRT-LLM's greedy, re-planned from scratch
+    online_state: str | None = None  # online: restore statistics + plan from here if present; save at exit
     output_tokens: str | None = None
     report_json: str | None = None
     progress: bool = True
@@ -91,6 +92,8 @@ def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecor
         raise EplbInputError(f"--model_path {s.model_path} does not exist")
     balancer = options.load_balancer
     balanced = balancer is not None
+    if s.online_state and not (balanced and balancer.layer_updates_per_iter > 0):
+        raise EplbInputError("--online_state needs an online moe_load_balancer (layer_updates_per_iter > 0)")
     if balanced:
         slot_to_expert = balancer.slot_to_expert(config.moe_layer_ids, config.num_experts, s.ep)
     else:
@@ -161,6 +164,9 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         trtllm = s.online_planner == "trtllm"
         balancer = OnlineBalancer(model, master, prep.layer_updates_per_iter,
                                   algorithm="trtllm" if trtllm else "balanced", migration_aware=not trtllm)
+        if s.online_state and Path(s.online_state).exists():
+            balancer.restore_state(s.online_state)
+            log(f"online balancer state (statistics + placement) restored from {s.online_state}")
     prefill_len = max(len(r.input_ids) for r in requests)
     model.compile(prep.batch, prefill_len)
     log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
@@ -248,6 +254,12 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         progress.close()
         if balancer is not None:
             balancer.finish()
+            if s.online_state:
+                import shutil
+
+                shutil.rmtree(s.online_state, ignore_errors=True)  # replaced by the newer state
+                balancer.save_state(s.online_state)
+                log(f"online balancer state saved to {s.online_state}")
     finally:
         statistics_path = recorder.flush() if recorder is not None else None
         if recorder is not None and recorder.written:
