@@ -42,8 +42,14 @@ def main():
     np_dtype = np.dtype(dtype)
     num_slots, h, f = args.slots_per_rank * args.ep, args.hidden, args.ffn
     rng = np.random.default_rng(0)
-    master = ExpertWeights(*(rng.standard_normal((1, args.experts) + shape, np.float32).astype(np_dtype)
-                             for shape in ((h, f), (h, f), (f, h))))
+
+    def filled(shape):  # expert e holds the value e / E (cheap to make; values do not matter for timing)
+        out = np.empty((1, args.experts) + shape, np_dtype)
+        for e in range(args.experts):
+            out[0, e] = e / args.experts
+        return out
+
+    master = ExpertWeights(*(filled(shape) for shape in ((h, f), (h, f), (f, h))))
     sharding = NamedSharding(mesh, P(None, "ep"))
     experts = ExpertWeights(*(jax.device_put(jnp.zeros((1, num_slots) + leaf.shape[2:], dtype), sharding)
                               for leaf in master))

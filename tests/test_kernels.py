@@ -109,3 +109,14 @@ def test_compiled_pallas_on_gpu(num_ids, num_bins):
     want = route_to_slots(*args, rank_offset=3, with_histogram=True, implementation="xla")
     np.testing.assert_array_equal(np.asarray(got.slot_ids), np.asarray(want.slot_ids))
     np.testing.assert_array_equal(np.asarray(got.slot_counts), np.asarray(want.slot_counts))
+
+
+def test_auto_implementation_override(monkeypatch):
+    from jax_eplb_kernels import resolve_implementation
+
+    monkeypatch.setenv("JAX_EPLB_KERNELS", "pallas_interpret")
+    assert resolve_implementation("auto") == "pallas_interpret"
+    assert resolve_implementation("xla") == "xla"  # explicit requests win
+    monkeypatch.setenv("JAX_EPLB_KERNELS", "triton")
+    with pytest.raises(ValueError, match="JAX_EPLB_KERNELS"):
+        resolve_implementation("auto")

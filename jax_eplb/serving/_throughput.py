@@ -137,6 +137,8 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
     prep, recorder = _prepare(s, os.environ if environ is None else environ)
     config, requests = prep.config, prep.requests
     mesh = ep_mesh(s.ep, s.emulate_devices)
+    if s.transport == "ragged" and mesh.devices.flat[0].platform == "cpu":
+        raise EplbInputError("--transport ragged needs GPUs (XLA:CPU has no ragged_all_to_all); use all_to_all")
     online = prep.layer_updates_per_iter > 0
     record = () if recorder is None else (("slot",) if prep.balanced else ("expert",))
     if online:
