@@ -105,7 +105,7 @@ def test_token_mask_and_record_modes():
     args = (router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
     ref = dense_moe_reference(config, router, logical, x) * mask[:, None]
     forward = jax.jit(ep_moe_forward, static_argnums=(0, 1), static_argnames=("record",))
-    by_expert = forward(config, mesh, *args, token_mask=mask, record=("expert", "slot"))
+    by_expert = forward(config, mesh, *args, token_mask=mask, record=("expert", "slot", "expert_total"))
     assert_close(by_expert.out, ref)
     ids = np.asarray(jax.jit(lambda x: __import__("jax_eplb").moe.route(config, router, x).expert_ids)(x))
     want = np.zeros((4, E), np.int64)
@@ -113,11 +113,12 @@ def test_token_mask_and_record_modes():
         if mask[t]:
             np.add.at(want[t // 4], ids[t], 1)  # rank t // 4 holds token t
     np.testing.assert_array_equal(np.asarray(by_expert.expert_counts), want)
+    np.testing.assert_array_equal(np.asarray(by_expert.expert_totals), want.sum(0))  # psum-ed in the step
     slots = np.asarray(by_expert.slot_counts)  # [R, S]: each slot's entries are its expert's
     np.testing.assert_array_equal(np.bincount(np.asarray(slot_to_expert), weights=slots.sum(0), minlength=E),
                                   want.sum(0))
     plain = forward(config, mesh, *args, token_mask=mask)
-    assert plain.expert_counts is None and plain.slot_counts is None
+    assert plain.expert_counts is None and plain.slot_counts is None and plain.expert_totals is None
     np.testing.assert_array_equal(np.asarray(plain.rank_load), np.asarray(by_expert.rank_load))
     assert int(plain.rank_load.sum()) == int(mask.sum()) * 2
 

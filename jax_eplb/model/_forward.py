@@ -31,14 +31,16 @@ class KVCache(NamedTuple):
 
 class StepOutput(NamedTuple):
     """next_token ``[B]`` (greedy, at each row's last valid position); cache; rank_load
-    ``[Lm, R]`` entries computed per rank per MoE layer; expert_counts ``[Lm, R, E]`` and
-    slot_counts ``[Lm, R, S]`` when recorded, else None."""
+    ``[Lm, R]`` entries computed per rank per MoE layer; expert_counts ``[Lm, R, E]``,
+    slot_counts ``[Lm, R, S]`` and expert_totals ``[Lm, E]`` (summed over ranks) when recorded,
+    else None."""
 
     next_token: jax.Array
     cache: KVCache
     rank_load: jax.Array
     expert_counts: jax.Array | None
     slot_counts: jax.Array | None
+    expert_totals: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,7 @@ class MoEOptions:
 
     replica_policy: str = "round_robin"
     moe_max_num_tokens: int | None = None
-    record: tuple[str, ...] = ()  # histograms to compute: "expert" and/or "slot"
+    record: tuple[str, ...] = ()  # histograms to compute: "expert", "slot", "expert_total"
     transport: str = "all_to_all"
     grouped_matmul: str = "auto"
 
@@ -149,16 +151,17 @@ def decoder_step(config: ModelConfig, mesh, options: MoEOptions, weights: ModelW
         if w.shared is not None:
             out = out + swiglu(h, *w.shared)
         x = x + out.astype(x.dtype).reshape(b, t, c.hidden_size)
-        return x, (k_cache, v_cache, result.rank_load, result.expert_counts, result.slot_counts)
+        return x, (k_cache, v_cache, result.rank_load, result.expert_counts, result.slot_counts,
+                   result.expert_totals)
 
     moe = weights.moe
-    x, (moe_k, moe_v, rank_load, expert_counts, slot_counts) = jax.lax.scan(
+    x, (moe_k, moe_v, rank_load, expert_counts, slot_counts, expert_totals) = jax.lax.scan(
         moe_layer, x, (moe, replica_count, expert_slots, cache.moe_k, cache.moe_v))
     last = jnp.maximum(token_mask.sum(axis=1) - 1, 0)  # [B]
     final = rms_norm(x[jnp.arange(b), last], weights.final_norm, c.rms_norm_eps)
     logits = jnp.dot(final, weights.lm_head, preferred_element_type=jnp.float32)  # [B, V]
     return StepOutput(jnp.argmax(logits, axis=-1).astype(jnp.int32), KVCache(dense_k, dense_v, moe_k, moe_v),
-                      rank_load, expert_counts, slot_counts)
+                      rank_load, expert_counts, slot_counts, expert_totals)
 
 
 def jit_step(config: ModelConfig, mesh, options: MoEOptions):

@@ -95,15 +95,18 @@ class MoEOutput(NamedTuple):
     expert_counts: ``[R, E]`` int32 per-rank histogram of routed logical expert ids, or None
                when not recorded (then it is not computed at all).
     slot_counts: ``[R, S]`` int32 per-rank histogram of the chosen slots, or None.
+    expert_totals: ``[E]`` int32 expert histogram summed over ranks in-graph (online balancing),
+               or None.
     """
 
     out: jax.Array
     rank_load: jax.Array
     expert_counts: jax.Array | None
     slot_counts: jax.Array | None
+    expert_totals: jax.Array | None = None
 
 
-RECORD_MODES = ("expert", "slot")
+RECORD_MODES = ("expert", "slot", "expert_total")
 
 
 def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts: ExpertWeights, x: jax.Array,
@@ -117,7 +120,8 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
       replica_count: ``[E]``; expert_slots: ``[E, M]`` (the layer's assignment table).
       token_mask: optional ``[T]`` bool; False tokens (padding, finished requests) route nowhere,
         output zeros and are not counted.
-      record: which histograms to compute: ``"expert"`` (logical expert ids) and/or ``"slot"``.
+      record: which histograms to compute: ``"expert"`` (per-rank logical expert ids),
+        ``"slot"`` (per-rank slot ids), ``"expert_total"`` (expert ids summed over ranks).
       transport: ``all_to_all`` (fixed capacity, any backend) or ``ragged`` (GPU).
       grouped_matmul: ``ragged_dot``, ``padded`` or ``auto`` (padded on CPU, ragged_dot elsewhere).
       kernel_implementation: routing kernels' choice; ``auto`` picks by the mesh's platform.
@@ -145,7 +149,8 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
         rank = jax.lax.axis_index(EP_AXIS)
         outs = []
         rank_load = jnp.zeros((num_ranks,), jnp.int32)
-        expert_counts = jnp.zeros((config.num_experts if "expert" in record else 0,), jnp.int32)
+        want_experts = "expert" in record or "expert_total" in record
+        expert_counts = jnp.zeros((config.num_experts if want_experts else 0,), jnp.int32)
         slot_counts = jnp.zeros((num_slots if "slot" in record else 0,), jnp.int32)
         start = 0
         for size in sizes:  # static chunking
@@ -159,7 +164,7 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
             else:
                 slots = load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS,
                                          kernel_implementation)
-            if "expert" in record:
+            if want_experts:
                 expert_counts += routing_histogram(expert_ids, config.num_experts, implementation=kernel_implementation)
             if "slot" in record:
                 slot_counts += routing_histogram(slots, num_slots, implementation=kernel_implementation)
@@ -167,19 +172,20 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
                                        grouped_matmul=grouped_matmul, ragged_all_to_all=ragged_all_to_all)
             outs.append(out)
             rank_load = rank_load + sent
+        totals = jax.lax.psum(expert_counts, EP_AXIS) if "expert_total" in record else expert_counts[:0]
         return (jnp.concatenate(outs, axis=0), jax.lax.psum(rank_load, EP_AXIS), expert_counts[None],
-                slot_counts[None])
+                slot_counts[None], totals)
 
     fn = jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),
-        out_specs=(P(EP_AXIS), P(), P(EP_AXIS), P(EP_AXIS)),
+        out_specs=(P(EP_AXIS), P(), P(EP_AXIS), P(EP_AXIS), P()),
         check_vma=False)
-    out, rank_load, expert_counts, slot_counts = fn(x, token_mask, router.kernel, router.correction_bias,
-                                                    slot_experts.gate, slot_experts.up, slot_experts.down,
-                                                    replica_count, expert_slots)
+    out, rank_load, expert_counts, slot_counts, totals = fn(
+        x, token_mask, router.kernel, router.correction_bias, slot_experts.gate, slot_experts.up, slot_experts.down,
+        replica_count, expert_slots)
     return MoEOutput(out, rank_load, expert_counts if "expert" in record else None,
-                     slot_counts if "slot" in record else None)
+                     slot_counts if "slot" in record else None, totals if "expert_total" in record else None)
 
 
 def slot_weights_from_logical(logical: ExpertWeights, slot_to_expert, mesh) -> ExpertWeights:

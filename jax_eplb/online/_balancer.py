@@ -1,9 +1,9 @@
 """Online EP load balancing while serving (TensorRT-LLM's ``layer_updates_per_iter`` mode, improved).
 
 Per iteration:
-* ``observe``: the step's per-rank logical-expert counts ``[Lm, R, E]`` are summed over ranks
-  and folded into device-resident decayed statistics ``L <- decay * L + c`` (one tiny jitted
-  update; nothing goes to the host).
+* ``observe``: the step's logical-expert counts of all ranks ``[Lm, E]`` (``psum``-ed over
+  ``ep`` inside the step) are folded into device-resident decayed statistics
+  ``L <- decay * L + c`` (one tiny jitted update; nothing goes to the host).
 * ``before_step``: plans that finished are applied (only changed slots are rewritten, from the
   host master copy, then that layer's statistics are reset); the layers due by the schedule
   have their statistics (``[k, E]``, one small transfer) planned on a host thread, overlapping
@@ -32,9 +32,9 @@ DECAY = 0.95
 
 
 @jax.jit
-def _decay_update(statistics, expert_counts, decay):
-    """statistics ``[Lm, E]`` f32, expert_counts ``[Lm, R, E]`` -> decayed sum (device)."""
-    return decay * statistics + expert_counts.sum(axis=1).astype(jnp.float32)
+def _decay_update(statistics, expert_totals, decay):
+    """statistics ``[Lm, E]`` f32, expert_totals ``[Lm, E]`` (summed over ranks in the step) -> decayed."""
+    return decay * statistics + expert_totals.astype(jnp.float32)
 
 
 @jax.jit
@@ -64,7 +64,7 @@ class OnlineBalancer:
     """Keeps a :class:`~jax_eplb.model.MoETransformer`'s placement balanced while it serves.
 
     Args:
-      model: its step must record ``"expert"`` counts (``MoEOptions(record=("expert", ...))``).
+      model: its step must record ``"expert_total"`` (``MoEOptions(record=("expert_total", ...))``).
       master_experts: host pytree of all logical experts ``[Lm, E, ...]`` (NumPy).
       layer_updates_per_iter: k > 0 layers re-placed per iteration.
       migration_aware: False re-plans every due layer from scratch (TensorRT-LLM's behaviour;
@@ -79,8 +79,8 @@ class OnlineBalancer:
     def __init__(self, model, master_experts, layer_updates_per_iter: int, *, decay: float = DECAY,
                  warmup_iters: int = 0, algorithm: str = "balanced", migration_tolerance: float = 0.05,
                  migration_aware: bool = True, overlap: bool = True):
-        if "expert" not in model.options.record:
-            raise ValueError("the model's step must record expert counts: MoEOptions(record=('expert', ...))")
+        if "expert_total" not in model.options.record:
+            raise ValueError("the model's step must record expert totals: MoEOptions(record=('expert_total', ...))")
         config = model.config
         self.model, self.master = model, master_experts
         self.schedule = OnlineSchedule(config.num_moe_layers, layer_updates_per_iter, warmup_iters)
@@ -97,9 +97,9 @@ class OnlineBalancer:
 
     # ------------------------------------------------------------------ per iteration
 
-    def observe(self, expert_counts) -> None:
-        """Folds one step's ``[Lm, R, E]`` counts into the decayed statistics (device only)."""
-        self.statistics = _decay_update(self.statistics, expert_counts, jnp.float32(self.decay))
+    def observe(self, expert_totals) -> None:
+        """Folds one step's ``[Lm, E]`` expert totals into the decayed statistics (device only)."""
+        self.statistics = _decay_update(self.statistics, expert_totals, jnp.float32(self.decay))
 
     def before_step(self, iteration: int) -> UpdateReport:
         applied, moved, moved_bytes, plan_s, apply_s = [], 0, 0, 0.0, 0.0

@@ -142,7 +142,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
     online = prep.layer_updates_per_iter > 0
     record = () if recorder is None else (("slot",) if prep.balanced else ("expert",))
     if online:
-        record = tuple(sorted(set(record) | {"expert"}))
+        record = tuple(sorted(set(record) | {"expert_total"}))
     moe_options = MoEOptions(replica_policy=s.replica_policy, moe_max_num_tokens=prep.options.moe_max_num_tokens,
                              record=record, transport=s.transport)
     for key in prep.options.ignored_keys:
@@ -215,7 +215,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             if recorder is not None and recorder.wants(iteration):
                 recorder.add(iteration, to_host(out.slot_counts if prep.balanced else out.expert_counts))
             if balancer is not None and collect:
-                balancer.observe(out.expert_counts)
+                balancer.observe(out.expert_totals)
             if collect:
                 stats["prefill_s" if first else "decode_s"].append(elapsed)
                 layer_imbalance = _imbalance(rank_load)
