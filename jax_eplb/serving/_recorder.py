@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
+import jax
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
@@ -74,6 +75,9 @@ class StatisticsRecorder:
             return None
         iterations = self.iterations
         stacked = np.stack([self._counts[i] for i in iterations])  # [I, Lm, R, X]
+        if jax.process_index() != 0:  # multi-host: counts are all-gathered; process 0 writes every rank file
+            self.written = True
+            return self.path
         save_trtllm_dump(self.path, stacked.transpose(2, 0, 1, 3), self.layer_ids, iterations[0], self.top_k)
         self.written = True
         return self.path

@@ -292,10 +292,11 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             slots_moved=sum(r.slots_moved for r in updates), bytes_moved=sum(r.bytes_moved for r in updates),
             mean_plan_ms_per_update=1e3 * float(np.mean([r.plan_seconds for r in updates])) if updates else 0.0,
             mean_apply_ms_per_iteration=1e3 * float(np.mean([r.apply_seconds for r in balancer.reports])))
-    if s.output_tokens:
+    writes = jax.process_index() == 0  # multi-host: every process holds all results; one writes them
+    if s.output_tokens and writes:
         atomic_write_text(Path(s.output_tokens), "".join(
             json.dumps({"task_id": k, "output_ids": v}) + "\n" for k, v in tokens.items()))
-    if s.report_json:
+    if s.report_json and writes:
         atomic_write_text(Path(s.report_json), json.dumps({**figures, "per_iteration": per_iteration}, indent=2) + "\n")
     final_placement = balancer.slot_to_expert if balancer is not None else prep.slot_to_expert
     return ThroughputResult(figures, tokens, str(statistics_path) if statistics_path else None, final_placement,
