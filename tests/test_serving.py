@@ -222,3 +222,20 @@ def test_checkpoint_flow_through_the_cli(tmp_path, small_yaml, capsys):
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 4
     assert "throughput (output tok/s)" in capsys.readouterr().out
+
+
+def test_inflight_batching_does_not_change_tokens(tmp_path, small_yaml):
+    """Requests of different lengths refill freed rows; a row's cache is untouched while other
+    rows prefill, so every request generates the same tokens at any batch size."""
+    dataset = write_lines(tmp_path / "d.jsonl", [
+        {"task_id": i, "input_ids": [(3 * i + j) % 64 for j in range(1 + i % 6)], "output_tokens": 1 + (5 * i) % 7}
+        for i in range(10)])
+    runs = {}
+    for batch in (2, 4, 10):
+        runs[batch] = run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=2,
+                                                        max_batch_size=batch, emulate_devices=8, progress=False),
+                                     {}, log=lambda _: None)
+    assert runs[2].tokens == runs[4].tokens == runs[10].tokens
+    phases = [r["phase"] for r in runs[2].per_iteration]
+    assert phases.count("prefill") > 1  # rows were refilled mid-run
+    assert runs[2].figures["iterations"] < sum(1 + (5 * i) % 7 for i in range(10))  # rows overlap

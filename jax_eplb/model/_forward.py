@@ -88,11 +88,13 @@ def apply_rope(x, positions, theta):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention(config: ModelConfig, w: AttentionWeights, x, positions, k_cache, v_cache):
+def attention(config: ModelConfig, w: AttentionWeights, x, positions, k_cache, v_cache, token_mask=None):
     """GQA with RoPE over the cache. x ``[B, T, H]``; caches ``[B, C, Q, Dh]`` (updated, returned).
 
-    New keys are written at their positions before attending; a query at position p sees keys
-    at positions <= p, so stale cache rows past a sequence's length are never read.
+    New keys of real tokens (``token_mask`` ``[B, T]``; None = all) are written at their
+    positions before attending; masked tokens write nothing, so a row that is not part of this
+    step keeps its cache. A query at position p sees keys at positions <= p, so stale cache rows
+    past a sequence's length are never read.
     """
     c = config
     b, t, _ = x.shape
@@ -101,8 +103,9 @@ def attention(config: ModelConfig, w: AttentionWeights, x, positions, k_cache, v
     k = apply_rope(jnp.dot(h, w.wk).reshape(b, t, c.num_kv_heads, c.head_dim), positions, c.rope_theta)
     v = jnp.dot(h, w.wv).reshape(b, t, c.num_kv_heads, c.head_dim)
     rows = jnp.arange(b)[:, None]
-    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    write_at = positions if token_mask is None else jnp.where(token_mask, positions, c.max_seq_len)  # C: dropped
+    k_cache = k_cache.at[rows, write_at].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, write_at].set(v.astype(v_cache.dtype), mode="drop")
     group = c.num_heads // c.num_kv_heads
     q = q.reshape(b, t, c.num_kv_heads, group, c.head_dim)
     scores = jnp.einsum("btqgd,bcqd->bqgtc", q, k_cache, preferred_element_type=jnp.float32) / jnp.sqrt(
@@ -129,7 +132,7 @@ def decoder_step(config: ModelConfig, mesh, options: MoEOptions, weights: ModelW
 
     def dense_layer(x, layer):
         w, k_cache, v_cache = layer
-        x, k_cache, v_cache = attention(c, w.attention, x, positions, k_cache, v_cache)
+        x, k_cache, v_cache = attention(c, w.attention, x, positions, k_cache, v_cache, token_mask)
         x = x + swiglu(rms_norm(x, w.mlp_norm, c.rms_norm_eps), *w.mlp).astype(x.dtype)
         return x, (k_cache, v_cache)
 
@@ -141,7 +144,7 @@ def decoder_step(config: ModelConfig, mesh, options: MoEOptions, weights: ModelW
 
     def moe_layer(x, layer):
         w, counts_table, slots_table, k_cache, v_cache = layer
-        x, k_cache, v_cache = attention(c, w.attention, x, positions, k_cache, v_cache)
+        x, k_cache, v_cache = attention(c, w.attention, x, positions, k_cache, v_cache, token_mask)
         h = rms_norm(x, w.mlp_norm, c.rms_norm_eps).reshape(b * t, c.hidden_size)
         result = ep_moe_forward(c.moe, mesh, w.router, w.experts, h, counts_table, slots_table, token_mask=flat_mask,
                                 replica_policy=options.replica_policy, moe_max_num_tokens=options.moe_max_num_tokens,

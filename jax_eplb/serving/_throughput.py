@@ -1,10 +1,11 @@
 """``jax-eplb bench ... throughput``: greedy generation over a dataset on an ``ep`` mesh.
 
-Static batching: requests are taken in dataset order, ``max_batch_size`` at a time (padded to a
-multiple of ``ep``; attention is data-parallel, so each rank's rows are its local tokens). A
-batch runs one prefill iteration (prompts right-padded to the dataset's longest) and then one
-decode iteration per new token until every row has its ``output_tokens`` (or hit ``eos_id``).
-Every prefill/decode call is one *iteration* (the statistics' iteration index).
+In-flight batching over ``max_batch_size`` rows (rounded up to a multiple of ``ep``; attention
+is data-parallel, so each rank's rows are its local tokens): whenever rows are free and requests
+wait, one prefill iteration admits requests in dataset order (prompts right-padded to the
+dataset's longest; the other rows keep their caches and wait); otherwise one decode iteration
+advances every active row. A request leaves after its ``output_tokens`` (or ``eos_id``). Every
+prefill/decode call is one *iteration* (the statistics' iteration index).
 
 Per-rank load is measured in-graph every iteration (entries each rank's experts computed, per
 MoE layer); its imbalance (max/mean - 1), averaged over iterations and layers, is reported.
@@ -182,22 +183,20 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
     per_iteration = []
     timed_start = None  # first timed iteration (the online schedule starts there: warm-up excluded)
 
-    def run_batch(batch_requests: list[Request], collect: bool, progress: _Progress):
+    def serve(queue: list[Request], collect: bool, progress: _Progress) -> dict:
+        """In-flight batching over ``prep.batch`` rows; returns {task_id: generated ids}."""
         nonlocal iteration
         b = prep.batch
-        rows = len(batch_requests)
-        prompt = np.zeros((b, prefill_len), np.int32)
-        lengths = np.zeros(b, np.int32)
-        budget = np.zeros(b, np.int32)
-        for i, r in enumerate(batch_requests):
-            prompt[i, :len(r.input_ids)] = r.input_ids
-            lengths[i], budget[i] = len(r.input_ids), r.output_tokens
-        generated = [[] for _ in range(rows)]
-        active = np.arange(b) < rows
-        positions = lengths.copy()
+        queue = list(queue)
+        owner: list[Request | None] = [None] * b  # the request each row serves
+        generated: list[list[int]] = [[] for _ in range(b)]
+        positions = np.zeros(b, np.int32)
+        next_token = np.zeros(b, np.int32)
+        done: dict = {}
         cache = model.new_cache(b)
-        first = True
-        while active.any():
+        while queue or any(o is not None for o in owner):
+            free = [i for i in range(b) if owner[i] is None]
+            admit = free[:len(queue)]
             if recorder is not None:
                 recorder.begin_iteration(iteration)
             if before_iteration is not None:
@@ -206,9 +205,20 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             update = None
             if balancer is not None and collect:
                 update = balancer.before_step(iteration - timed_start)
-            out = model.prefill(prompt, lengths, cache) if first else model.decode(next_token, positions, active,
-                                                                                    cache)
-            next_token = to_host(out.next_token)
+            if admit:  # a prefill iteration for the newly admitted requests (other rows wait)
+                prompt = np.zeros((b, prefill_len), np.int32)
+                lengths = np.zeros(b, np.int32)
+                for i in admit:
+                    owner[i], generated[i] = queue.pop(0), []
+                    prompt[i, :len(owner[i].input_ids)] = owner[i].input_ids
+                    lengths[i] = positions[i] = len(owner[i].input_ids)
+                stepping = np.zeros(b, bool)
+                stepping[admit] = True
+                out = model.prefill(prompt, lengths, cache)
+            else:  # a decode iteration for every active row
+                stepping = np.array([o is not None for o in owner])
+                out = model.decode(next_token, positions, stepping, cache)
+            fresh = to_host(out.next_token)
             rank_load = to_host(out.rank_load)
             elapsed = time.perf_counter() - t0
             cache = out.cache
@@ -217,41 +227,38 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             if balancer is not None and collect:
                 balancer.observe(out.expert_totals)
             if collect:
-                stats["prefill_s" if first else "decode_s"].append(elapsed)
+                stats["prefill_s" if admit else "decode_s"].append(elapsed)
                 layer_imbalance = _imbalance(rank_load)
                 stats["imbalance"].append(layer_imbalance)
                 stats["rank_load"].append(rank_load)
-                row = {"iteration": iteration, "phase": "prefill" if first else "decode",
-                       "imbalance": float(np.nanmean(layer_imbalance)), "step_ms": 1e3 * elapsed}
+                row = {"iteration": iteration, "phase": "prefill" if admit else "decode",
+                       "rows": int(stepping.sum()), "imbalance": float(np.nanmean(layer_imbalance)),
+                       "step_ms": 1e3 * elapsed}
                 if update is not None:
                     row.update(slots_moved=update.slots_moved, bytes_moved=update.bytes_moved,
                                plan_ms=1e3 * update.plan_seconds, apply_ms=1e3 * update.apply_seconds,
                                layers_applied=list(update.layers_applied))
                 per_iteration.append(row)
-            if not first:
-                positions = positions + active
-            new = 0
-            for i in np.flatnonzero(active[:rows]):
-                generated[i].append(int(next_token[i]))
-                new += 1
-                if len(generated[i]) >= budget[i] or (s.eos_id >= 0 and next_token[i] == s.eos_id):
-                    active[i] = False
-            active[rows:] = False
-            progress.update(new)
-            first = False
+            if not admit:
+                positions = positions + stepping
+            for i in np.flatnonzero(stepping):
+                next_token[i] = fresh[i]
+                generated[i].append(int(fresh[i]))
+                if len(generated[i]) >= owner[i].output_tokens or (s.eos_id >= 0 and fresh[i] == s.eos_id):
+                    done[owner[i].task_id] = generated[i]
+                    owner[i] = None
+            progress.update(int(stepping.sum()))
             iteration += 1
-        return generated
+        return done
 
     try:
-        for chunk in range(0, len(warm), prep.batch):
-            run_batch(warm[chunk:chunk + prep.batch], False, _Progress(0, False, ""))
+        if warm:
+            serve(warm, False, _Progress(0, False, ""))
         progress = _Progress(sum(r.output_tokens for r in timed), s.progress, "generating")
         timed_start = iteration
         t_start = time.perf_counter()
-        for chunk in range(0, len(timed), prep.batch):
-            batch_requests = timed[chunk:chunk + prep.batch]
-            for r, ids in zip(batch_requests, run_batch(batch_requests, True, progress)):
-                tokens[r.task_id] = ids
+        finished = serve(timed, True, progress)
+        tokens = {r.task_id: finished[r.task_id] for r in timed}  # dataset order
         wall = time.perf_counter() - t_start
         progress.close()
         if balancer is not None:
