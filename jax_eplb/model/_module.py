@@ -95,6 +95,19 @@ class MoETransformer(nnx.Module):
         mask = positions < np.asarray(lengths)[:, None]
         return self._run(tokens, positions, mask, cache)
 
+    def mixed(self, prompts, lengths, decode_tokens, decode_positions, decoding, cache: KVCache) -> StepOutput:
+        """One iteration with both phases (in-flight batching): rows with ``lengths > 0`` prefill
+        ``prompts`` ``[B, P]``; rows with ``decoding`` ``[B]`` decode one token
+        (``decode_tokens``/``decode_positions`` ``[B]``) in column 0; other rows are idle."""
+        tokens = np.array(prompts, np.int32)
+        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape).copy()
+        mask = positions < np.asarray(lengths)[:, None]
+        rows = np.flatnonzero(np.asarray(decoding))
+        tokens[rows, 0] = np.asarray(decode_tokens)[rows]
+        positions[rows, 0] = np.asarray(decode_positions)[rows]
+        mask[rows, 0] = True
+        return self._run(tokens, positions, mask, cache)
+
     def decode(self, tokens, positions, active, cache: KVCache) -> StepOutput:
         """tokens, positions, active: ``[B]``; one new token per active row."""
         col = lambda a, dtype: np.asarray(a, dtype)[:, None]  # noqa: E731

@@ -2,10 +2,11 @@
 
 In-flight batching over ``max_batch_size`` rows (rounded up to a multiple of ``ep``; attention
 is data-parallel, so each rank's rows are its local tokens): whenever rows are free and requests
-wait, one prefill iteration admits requests in dataset order (prompts right-padded to the
-dataset's longest; the other rows keep their caches and wait); otherwise one decode iteration
-advances every active row. A request leaves after its ``output_tokens`` (or ``eos_id``). Every
-prefill/decode call is one *iteration* (the statistics' iteration index).
+wait, a mixed iteration admits requests in dataset order (their prompts, right-padded to the
+dataset's longest, prefill in the same step in which the active rows decode one token, as
+TensorRT-LLM's scheduler does); otherwise a decode iteration advances every active row. A
+request leaves after its ``output_tokens`` (or ``eos_id``). Every step is one *iteration* (the
+statistics' iteration index); "prefill" step times are those of the mixed iterations.
 
 Per-rank load is measured in-graph every iteration (entries each rank's experts computed, per
 MoE layer); its imbalance (max/mean - 1), averaged over iterations and layers, is reported.
@@ -205,19 +206,19 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             update = None
             if balancer is not None and collect:
                 update = balancer.before_step(iteration - timed_start)
-            if admit:  # a prefill iteration for the newly admitted requests (other rows wait)
+            decoding = np.array([o is not None for o in owner])
+            if admit:  # a mixed iteration: new requests prefill while the active rows decode
                 prompt = np.zeros((b, prefill_len), np.int32)
                 lengths = np.zeros(b, np.int32)
                 for i in admit:
                     owner[i], generated[i] = queue.pop(0), []
                     prompt[i, :len(owner[i].input_ids)] = owner[i].input_ids
-                    lengths[i] = positions[i] = len(owner[i].input_ids)
-                stepping = np.zeros(b, bool)
-                stepping[admit] = True
-                out = model.prefill(prompt, lengths, cache)
-            else:  # a decode iteration for every active row
-                stepping = np.array([o is not None for o in owner])
-                out = model.decode(next_token, positions, stepping, cache)
+                    lengths[i] = len(owner[i].input_ids)
+                out = model.mixed(prompt, lengths, next_token, positions, decoding, cache)
+            else:  # a decode-only iteration
+                out = model.decode(next_token, positions, decoding, cache)
+            stepping = decoding.copy()
+            stepping[admit] = True
             fresh = to_host(out.next_token)
             rank_load = to_host(out.rank_load)
             elapsed = time.perf_counter() - t0
@@ -231,7 +232,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
                 layer_imbalance = _imbalance(rank_load)
                 stats["imbalance"].append(layer_imbalance)
                 stats["rank_load"].append(rank_load)
-                row = {"iteration": iteration, "phase": "prefill" if admit else "decode",
+                row = {"iteration": iteration, "phase": "mixed" if admit else "decode",
                        "rows": int(stepping.sum()), "imbalance": float(np.nanmean(layer_imbalance)),
                        "step_ms": 1e3 * elapsed}
                 if update is not None:
@@ -239,8 +240,9 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
                                plan_ms=1e3 * update.plan_seconds, apply_ms=1e3 * update.apply_seconds,
                                layers_applied=list(update.layers_applied))
                 per_iteration.append(row)
-            if not admit:
-                positions = positions + stepping
+            positions = positions + decoding  # decoded rows wrote one more position
+            for i in admit:
+                positions[i] = len(owner[i].input_ids)  # prefilled rows: the next token goes here
             for i in np.flatnonzero(stepping):
                 next_token[i] = fresh[i]
                 generated[i].append(int(fresh[i]))
@@ -316,7 +318,7 @@ def format_figures(figures: dict) -> str:
             ("throughput (output tok/s)", f"{figures['output_tokens_per_s']:.1f}"),
             ("throughput (requests/s)", f"{figures['requests_per_s']:.2f}"),
             ("mean step (ms)", f"{figures['mean_step_ms']:.2f}"),
-            ("mean prefill step (ms)", f"{figures['mean_prefill_step_ms'] or float('nan'):.2f}"),
+            ("mean prefill (mixed) step (ms)", f"{figures['mean_prefill_step_ms'] or float('nan'):.2f}"),
             ("mean decode step (ms)", f"{figures['mean_decode_step_ms'] or float('nan'):.2f}"),
             ("avg per-rank imbalance (in-graph)", f"{figures['mean_imbalance']:.4f}")]
     if "slots_moved" in figures:
