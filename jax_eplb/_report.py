@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from jax_eplb._heatmap import save_heatmap
 from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
 from jax_eplb._plan_config import MoeLoadBalancerConfig, plan_config_from_slots

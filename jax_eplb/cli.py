@@ -11,8 +11,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-
 from jax_eplb._errors import EplbInputError
 
 

@@ -120,7 +120,6 @@ def main():
         window = args.window
         below = next((i for i in range(shift_at, iters - window + 1)
                       if series[n][i:i + window].mean() < static[i:i + window].mean()), None)
-        period = config.num_moe_layers  # upper bound of the schedule's period for k=1 (+1 empty step)
         print(f"{n}: {f['layer_updates']} layer updates, {f['slots_moved']} slots "
               f"({f['slots_moved'] / max(f['layer_updates'], 1):.1f} of {args.num_slots} per update), "
               f"{f['bytes_moved'] / 2**20:.1f} MiB moved; planner {f['mean_plan_ms_per_update']:.2f} ms per layer "

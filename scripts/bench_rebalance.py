@@ -32,7 +32,7 @@ def main():
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from jax_eplb.model import place_experts
+    from jax_eplb.moe import slot_weights_from_logical
     from jax_eplb.moe import ExpertWeights
     from jax_eplb.online import SlotWriter
 
@@ -81,14 +81,14 @@ def main():
         full = []
         for _ in range(args.repeats):
             start = time.perf_counter()
-            jax.block_until_ready(place_experts(master, current[None], mesh))
+            jax.block_until_ready(slot_weights_from_logical(master, current[None], mesh))
             full.append(time.perf_counter() - start)
         mib = move.bytes_moved / 2**20
         print(f"{move.slots_moved:>6} {mib:>8.1f} {1e3 * rewrite:>11.2f} {move.bytes_moved / rewrite / 1e9:>7.2f} "
               f"{1e3 * put:>14.2f} {move.bytes_moved / put / 1e9:>7.2f} {rewrite / put:>6.2f} "
               f"{1e3 * statistics.median(full):>17.2f}", flush=True)
     print("rewrite = SlotWriter.move_layer (rows sent straight from the host master, one jitted in-place write per round); device_put = the same "
-          "bytes host-to-device in one call (bandwidth floor); full relayout = place_experts of the whole layer")
+          "bytes host-to-device in one call (bandwidth floor); full relayout = slot_weights_from_logical of the whole layer")
 
 
 if __name__ == "__main__":

@@ -184,7 +184,7 @@ def test_invalid_expert_ids_contribute_nothing():
     @jax.jit
     def run(x, ids):
         def body(x, ids, g, u, d, rc, es):
-            s = round_robin_slots(ids, rc, es, 16, jax.lax.axis_index("ep"))
+            s = round_robin_slots(ids, rc, es, 16, jax.lax.axis_index("ep")).slot_ids
             return all_to_all_moe(x, weights[: x.shape[0]], s, g, u, d, "ep")[0]
         return jax.shard_map(body, mesh=mesh, in_specs=(jax.P("ep"), jax.P("ep")) + (jax.P("ep"),) * 3 + (jax.P(),) * 2,
                              out_specs=jax.P("ep"), check_vma=False)(
@@ -235,8 +235,8 @@ def test_load_aware_is_at_least_as_even_as_round_robin():
         def body(ids, rc, es, policy):
             rank = jax.lax.axis_index("ep")
             if policy == "rr":
-                return round_robin_slots(ids, rc, es, 16, rank)
-            return load_aware_slots(ids, rc, es, 16, rank, "ep")
+                return round_robin_slots(ids, rc, es, 16, rank).slot_ids
+            return load_aware_slots(ids, rc, es, 16, rank, "ep").slot_ids
 
         loads = {}
         for policy in ("rr", "la"):

@@ -179,8 +179,8 @@ def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small_yaml):
     assert stats.counts[1].sum(axis=-1).tolist() == [32, 32]  # 8 rows x top-4 per layer
     # A restarted server keeps its placement: state saved at exit, restored at start.
     state = tmp_path / "state"
-    first = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state)),
-                           {}, log=lambda _: None)
+    run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state)),
+                   {}, log=lambda _: None)
     logs = []
     second = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state),
                                                warmup=7), {}, log=logs.append)

@@ -5,6 +5,6 @@ from jax_eplb.model._forward import (KVCache, MoEOptions, StepOutput, apply_rope
                                      init_cache, rms_norm)
 from jax_eplb.model._module import MoETransformer, PlacementTable
 from jax_eplb.model._weights import (AttentionWeights, DenseLayers, MoELayers, ModelWeights, expert_weights,
-                                     init_weights, place_experts, placed_weights, router_bias)
+                                     init_weights, placed_weights, router_bias)
 from jax_eplb.model._checkpoint import (create_random_checkpoint, restore_checkpoint, restore_logical_experts,
                                         save_checkpoint)

@@ -7,7 +7,7 @@ Layout of a checkpoint directory::
 
 On restore, everything but the experts is replicated on the mesh; the experts are restored
 to host memory and each device's shard is laid from the host copy by the plan
-(``place_experts``), so no accelerator ever holds all experts.
+(``moe.slot_weights_from_logical``), so no accelerator ever holds all experts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jax_eplb._errors import EplbInputError
 from jax_eplb.model._config import ModelConfig
-from jax_eplb.model._weights import ModelWeights, init_weights, place_experts
+from jax_eplb.model._weights import ModelWeights, init_weights
+from jax_eplb.moe import slot_weights_from_logical
 
 CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
@@ -70,7 +71,7 @@ def restore_checkpoint(path, config: ModelConfig, mesh, slot_to_expert) -> Model
         experts=jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=host), target.moe.experts)))
     restored = ocp.StandardCheckpointer().restore(path / WEIGHTS_DIR, target)
     logical = jax.tree.map(np.asarray, restored.moe.experts)
-    experts = place_experts(logical, slot_to_expert, mesh)
+    experts = slot_weights_from_logical(logical, slot_to_expert, mesh)
     return restored._replace(moe=restored.moe._replace(experts=experts))
 
 

@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._weights import AttentionWeights, ModelWeights
-from jax_eplb.moe import EP_AXIS, ExpertWeights, RouterWeights, ep_moe_forward, swiglu
+from jax_eplb.moe import EP_AXIS, ep_moe_forward, swiglu
 
 
 class KVCache(NamedTuple):

@@ -16,7 +16,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jax_eplb._assignment import AssignmentTables, build_assignment_tables
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._forward import KVCache, MoEOptions, StepOutput, batch_sharding, init_cache, jit_step
-from jax_eplb.model._weights import ModelWeights, place_experts
+from jax_eplb.model._weights import ModelWeights
+from jax_eplb.moe import slot_weights_from_logical
 
 
 class PlacementTable(nnx.Variable):
@@ -64,7 +65,7 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"new plan has shape {tables.slot_to_expert.shape}, model has "
                              f"{tuple(self.slot_to_expert.get_value().shape)}")
         weights = self.weights.get_value()
-        experts = place_experts(logical_experts, tables.slot_to_expert, self.mesh)
+        experts = slot_weights_from_logical(logical_experts, tables.slot_to_expert, self.mesh)
         self.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
         self.set_tables(tables)
 
@@ -88,13 +89,6 @@ class MoETransformer(nnx.Module):
         return step(self.weights.get_value(), self.replica_count.get_value(), self.expert_slots.get_value(),
                     tokens, positions, mask, cache)
 
-    def prefill(self, tokens, lengths, cache: KVCache) -> StepOutput:
-        """tokens ``[B, P]`` right-padded, lengths ``[B]`` (0 = empty row)."""
-        tokens = np.asarray(tokens, np.int32)
-        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-        mask = positions < np.asarray(lengths)[:, None]
-        return self._run(tokens, positions, mask, cache)
-
     def mixed(self, prompts, lengths, decode_tokens, decode_positions, decoding, cache: KVCache) -> StepOutput:
         """One iteration with both phases (in-flight batching): rows with ``lengths > 0`` prefill
         ``prompts`` ``[B, P]``; rows with ``decoding`` ``[B]`` decode one token
@@ -107,6 +101,11 @@ class MoETransformer(nnx.Module):
         positions[rows, 0] = np.asarray(decode_positions)[rows]
         mask[rows, 0] = True
         return self._run(tokens, positions, mask, cache)
+
+    def prefill(self, tokens, lengths, cache: KVCache) -> StepOutput:
+        """tokens ``[B, P]`` right-padded, lengths ``[B]`` (0 = empty row)."""
+        idle = np.zeros(len(lengths), np.int32)
+        return self.mixed(tokens, lengths, idle, idle, idle.astype(bool), cache)
 
     def decode(self, tokens, positions, active, cache: KVCache) -> StepOutput:
         """tokens, positions, active: ``[B]``; one new token per active row."""

@@ -5,7 +5,7 @@ Ld dense layers, Lm MoE layers, E experts, S slots, F expert FFN, Fs shared FFN.
 
 Expert weights are a pure function of (seed, MoE layer, expert id), so slot weights can be
 generated per shard directly under any placement (no device or host ever holds all experts),
-and equal the logical weights laid out by the plan.
+and equal the logical weights laid out by the plan (``moe.slot_weights_from_logical``).
 """
 
 from __future__ import annotations
@@ -124,26 +124,6 @@ def init_weights(config: ModelConfig, seed: int, mesh, slot_to_expert=None) -> M
     return ModelWeights(_normal(k[5], (c.vocab_size, c.hidden_size), 1.0, dt), dense, moe,
                         jnp.ones((c.hidden_size,), dt),
                         _normal(jax.random.fold_in(k[5], 1), (c.hidden_size, c.vocab_size), c.init_std, dt))
-
-
-def place_experts(logical: ExpertWeights, slot_to_expert, mesh) -> ExpertWeights:
-    """Lays host/logical experts ``[Lm, E, ...]`` into slots ``[Lm, S, ...]`` sharded over ``ep``.
-
-    Each device's shard is gathered from the host copy for its own slots only.
-    """
-    index = np.asarray(slot_to_expert)
-    sharding = expert_sharding(mesh)
-
-    def lay(w):
-        host = np.asarray(w)
-        layer = np.arange(index.shape[0])[:, None]
-
-        def shard(idx):
-            return host[layer, index[:, idx[1]]][idx[0]]
-
-        return jax.make_array_from_callback(index.shape + host.shape[2:], sharding, shard)
-
-    return ExpertWeights(*(lay(w) for w in logical))
 
 
 def replicate(tree, mesh):

@@ -11,7 +11,6 @@ new placement never recompiles.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -159,15 +158,16 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
             routing = route(config, RouterWeights(kernel, bias), xc)
             expert_ids = jnp.where(mc[:, None], routing.expert_ids, -1)
             if replica_policy == "round_robin":
-                slots = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank,
-                                          kernel_implementation)
+                chosen = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank,
+                                           kernel_implementation, with_histogram="slot" in record)
             else:
-                slots = load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS,
-                                         kernel_implementation)
+                chosen = load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, EP_AXIS,
+                                          kernel_implementation)
+            slots = chosen.slot_ids
             if want_experts:
                 expert_counts += routing_histogram(expert_ids, config.num_experts, implementation=kernel_implementation)
             if "slot" in record:
-                slot_counts += routing_histogram(slots, num_slots, implementation=kernel_implementation)
+                slot_counts += chosen.slot_counts  # fused with the replica choice
             out, sent = all_to_all_moe(xc, routing.weights, slots, w_gate, w_up, w_down, EP_AXIS, transport=transport,
                                        grouped_matmul=grouped_matmul, ragged_all_to_all=ragged_all_to_all)
             outs.append(out)
@@ -189,15 +189,24 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
 
 
 def slot_weights_from_logical(logical: ExpertWeights, slot_to_expert, mesh) -> ExpertWeights:
-    """Lays logical experts ``[E, ...]`` into slots ``[S, ...]`` by ``slot_to_expert`` ``[S]``,
-    sharded over ``ep``. The gather runs per shard on the host copy: no device holds all experts."""
-    sharding = NamedSharding(mesh, P(EP_AXIS))
+    """Lays host/logical experts into slots, sharded over ``ep`` on the slot axis.
+
+    ``slot_to_expert`` ``[S]`` takes experts ``[E, ...]`` -> ``[S, ...]``; ``[L, S]`` takes
+    stacked layers ``[L, E, ...]`` -> ``[L, S, ...]``. Each device's shard is gathered from the
+    host copy for its own slots only: no device ever holds all experts.
+    """
     index = np.asarray(slot_to_expert)
+    layered = index.ndim == 2
+    sharding = NamedSharding(mesh, P(None, EP_AXIS) if layered else P(EP_AXIS))
+    layer = np.arange(index.shape[0])[:, None]
 
     def lay(w):
         host = np.asarray(w)
-        return jax.make_array_from_callback((index.size,) + host.shape[1:], sharding,
-                                            lambda idx: host[index[idx[0]]])
+
+        def shard(idx):
+            return host[layer[idx[0]], index[idx[0], idx[1]]] if layered else host[index[idx[0]]]
+
+        return jax.make_array_from_callback(index.shape + host.shape[index.ndim:], sharding, shard)
 
     return ExpertWeights(*(lay(w) for w in logical))
 

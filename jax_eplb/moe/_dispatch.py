@@ -72,7 +72,7 @@ class RaggedOffsets(NamedTuple):
     return_offsets: jax.Array  # [R] where my results for source s land in s's sorted entries
 
 
-def ragged_offsets(all_send_counts: jax.Array, rank, capacity: int) -> RaggedOffsets:
+def ragged_offsets(all_send_counts: jax.Array, rank) -> RaggedOffsets:
     """``all_send_counts`` ``[R_src, R_dst]`` -> this rank's offsets (pure)."""
     exclusive = jnp.cumsum(all_send_counts, axis=1) - all_send_counts  # [src, dst] start in src's order
     return RaggedOffsets(exclusive[rank], all_send_counts[:, rank], exclusive[:, rank])
@@ -178,7 +178,7 @@ def all_to_all_moe(x: jax.Array, weights: jax.Array, slot_ids: jax.Array, w_gate
         exchange = ragged_all_to_all or jax.lax.ragged_all_to_all
         rank = jax.lax.axis_index(axis_name)
         with jax.named_scope("moe/dispatch"):
-            offsets = ragged_offsets(jax.lax.all_gather(plan.send_counts, axis_name), rank, capacity)
+            offsets = ragged_offsets(jax.lax.all_gather(plan.send_counts, axis_name), rank)
             valid = plan.destination < num_ranks
             sorted_index = jnp.where(valid, offsets.send_offsets[jnp.minimum(plan.destination, num_ranks - 1)]
                                      + plan.position, capacity)

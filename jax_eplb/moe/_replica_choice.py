@@ -16,16 +16,18 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_eplb_kernels import route_to_slots
+from jax_eplb_kernels import SlotRouting, routing_histogram, route_to_slots
 from jax_eplb_kernels.slot_routing.reference import replica_occurrence
 
 POLICIES = ("round_robin", "load_aware")
 
 
-def round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation="auto"):
-    """``[T, K]`` slots by TensorRT-LLM's rule with the EP rank as block offset."""
+def round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation="auto",
+                      with_histogram: bool = False) -> SlotRouting:
+    """``[T, K]`` slots by TensorRT-LLM's rule with the EP rank as block offset (and, fused, this
+    rank's ``[S]`` slot histogram when asked)."""
     return route_to_slots(expert_ids, replica_count, expert_slots, num_slots, rank_offset=rank,
-                          implementation=implementation).slot_ids
+                          with_histogram=with_histogram, implementation=implementation)
 
 
 def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks, sweeps: int = 2):
@@ -80,14 +82,15 @@ def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, n
 
 
 def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, axis_name: str,
-                     implementation: str = "auto"):
-    """``[T, K]`` slots so that, over all ranks, the batch's per-rank loads are as even as possible."""
+                     implementation: str = "auto") -> SlotRouting:
+    """``[T, K]`` slots so that, over all ranks, the batch's per-rank loads are as even as possible,
+    with this rank's ``[S]`` histogram of the chosen slots (it is computed anyway)."""
     num_experts, max_replicas = expert_slots.shape
     num_ranks = jax.lax.axis_size(axis_name)
     flat = expert_ids.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
     safe = jnp.where(valid, flat, 0)
-    local_counts = jnp.zeros((num_experts,), jnp.int32).at[jnp.where(valid, flat, num_experts)].add(1, mode="drop")
+    local_counts = routing_histogram(flat, num_experts, implementation=implementation)
     all_counts = jax.lax.all_gather(local_counts, axis_name)  # [R, E]
     lower_ranks = jnp.sum(jnp.where(jnp.arange(num_ranks)[:, None] < rank, all_counts, 0), axis=0)  # [E]
     quotas = replica_quotas(all_counts.sum(axis=0), replica_count, expert_slots, num_slots // num_ranks, num_ranks)
@@ -100,8 +103,11 @@ def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, a
     # Integer rounding and the sweep order can leave water-filling a hair behind the fixed rule on
     # small batches: keep whichever of the two gives the lower max rank load (same choice on
     # every rank, decided from psum-ed slot counts).
-    robin = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation)
-    per_slot = jax.lax.psum(jnp.stack([
-        jnp.zeros((num_slots,), jnp.int32).at[c.reshape(-1)].add(1, mode="drop") for c in (water, robin)]), axis_name)
-    peak = per_slot.reshape(2, num_ranks, -1).sum(axis=2).max(axis=1)  # [2]
-    return jnp.where(peak[0] <= peak[1], water, robin)
+    robin = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation,
+                              with_histogram=True)
+    local_slots = jnp.stack([routing_histogram(water, num_slots, implementation=implementation),
+                             robin.slot_counts])  # [2, S]
+    peak = jax.lax.psum(local_slots, axis_name).reshape(2, num_ranks, -1).sum(axis=2).max(axis=1)  # [2]
+    keep_water = peak[0] <= peak[1]
+    return SlotRouting(jnp.where(keep_water, water, robin.slot_ids),
+                       jnp.where(keep_water, local_slots[0], local_slots[1]))

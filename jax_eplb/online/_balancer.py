@@ -167,9 +167,6 @@ class OnlineBalancer:
 
     # ------------------------------------------------------------------ state
 
-    def state(self) -> dict:
-        return {"statistics": self.statistics, "slot_to_expert": jnp.asarray(self.slot_to_expert)}
-
     def save_state(self, path) -> None:
         """Decayed statistics and the current plan, with orbax (a restarted server keeps its placement)."""
         import orbax.checkpoint as ocp

@@ -27,6 +27,7 @@ import numpy as np
 from jax_eplb._assignment import build_assignment_tables, check_slot_geometry
 from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
+from jax_eplb._metrics import load_metrics
 from jax_eplb.model import (MoEOptions, MoETransformer, ModelConfig, init_weights, placed_weights, resolve_model_config,
                             restore_checkpoint)
 from jax_eplb.serving._dataset import Request, load_dataset
@@ -106,13 +107,6 @@ def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecor
     return _Prepared(config, requests, options, slot_to_expert, balanced, batch), recorder
 
 
-def _imbalance(rank_load: np.ndarray) -> np.ndarray:
-    """``[Lm, R]`` -> ``[Lm]`` max/mean - 1 (NaN where a layer saw no entries)."""
-    mean = rank_load.mean(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mean > 0, rank_load.max(axis=1) / mean - 1.0, np.nan)
-
-
 class _Progress:
     def __init__(self, total: int, enabled: bool, desc: str):
         self.bar = None
@@ -180,7 +174,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
     iteration = 0
     warm, timed = requests[:s.warmup], requests[s.warmup:]
     tokens: dict = {}
-    stats = {"prefill_s": [], "decode_s": [], "imbalance": [], "rank_load": []}
+    stats = {"prefill_s": [], "decode_s": [], "rank_load": []}  # rank_load: [Lm, R] per iteration
     per_iteration = []
     timed_start = None  # first timed iteration (the online schedule starts there: warm-up excluded)
 
@@ -229,11 +223,10 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
                 balancer.observe(out.expert_totals)
             if collect:
                 stats["prefill_s" if admit else "decode_s"].append(elapsed)
-                layer_imbalance = _imbalance(rank_load)
-                stats["imbalance"].append(layer_imbalance)
                 stats["rank_load"].append(rank_load)
                 row = {"iteration": iteration, "phase": "mixed" if admit else "decode",
-                       "rows": int(stepping.sum()), "imbalance": float(np.nanmean(layer_imbalance)),
+                       "rows": int(stepping.sum()),
+                       "imbalance": float(load_metrics(rank_load[None]).imbalance.mean()),
                        "step_ms": 1e3 * elapsed}
                 if update is not None:
                     row.update(slots_moved=update.slots_moved, bytes_moved=update.bytes_moved,
@@ -280,18 +273,18 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             log(f"warning: no iteration fell in [{recorder.start}, {recorder.stop}); no statistics written")
 
     output_tokens = sum(len(v) for v in tokens.values())
-    imbalance = np.array(stats["imbalance"]) if stats["imbalance"] else np.full((1, 1), np.nan)
+    per_layer = load_metrics(np.stack(stats["rank_load"])).imbalance  # [Lm], averaged over iterations
     figures = {
         "model": config.name, "ep": s.ep, "num_slots": model.num_slots, "platform": mesh.devices.flat[0].platform,
         "load_balancer": "static plan" if prep.balanced else "none", "replica_policy": s.replica_policy,
-        "requests": len(timed), "output_tokens": output_tokens, "iterations": len(stats["imbalance"]),
+        "requests": len(timed), "output_tokens": output_tokens, "iterations": len(stats["rank_load"]),
         "wall_s": wall, "output_tokens_per_s": output_tokens / wall if wall else float("nan"),
         "requests_per_s": len(timed) / wall if wall else float("nan"),
         "mean_prefill_step_ms": 1e3 * float(np.mean(stats["prefill_s"])) if stats["prefill_s"] else None,
         "mean_decode_step_ms": 1e3 * float(np.mean(stats["decode_s"])) if stats["decode_s"] else None,
         "mean_step_ms": 1e3 * float(np.mean(stats["prefill_s"] + stats["decode_s"])),
-        "mean_imbalance": float(np.nanmean(imbalance)),
-        "mean_imbalance_per_layer": {int(l): float(v) for l, v in zip(config.moe_layer_ids, np.nanmean(imbalance, 0))},
+        "mean_imbalance": float(per_layer.mean()),
+        "mean_imbalance_per_layer": {int(l): float(v) for l, v in zip(config.moe_layer_ids, per_layer)},
     }
     if balancer is not None:
         updates = [r for r in balancer.reports if r.layers_applied]

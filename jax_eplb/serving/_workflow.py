@@ -106,7 +106,7 @@ def run_model_workflow(output_dir, settings: WorkflowSettings = WorkflowSettings
             "in_graph_before": plain.figures["mean_imbalance"], "in_graph_after": balanced.figures["mean_imbalance"],
                "plan_path": str(plan_path), "heatmap": str(heatmap)}
     if s.compare_load_aware and s.replica_policy != "load_aware":
-        log(f"[extra] the same plan with load_aware replica choice (ours; TensorRT-LLM uses round_robin)")
+        log("[extra] the same plan with load_aware replica choice (ours; TensorRT-LLM uses round_robin)")
         aware, stats_aware = bench("eplb_load_aware", str(extra_path), "load_aware")
         aware_after = load_report(stats_aware, ep_size=s.ep).columns["imbalance-ratio"][-1]
         summary.update(imbalance_after_load_aware=float(aware_after),
