@@ -6,6 +6,7 @@ and one public function with ``implementation=``.
 """
 
 from jax_eplb_kernels._dispatch import IMPLEMENTATIONS, resolve_implementation
+from jax_eplb_kernels.grouped_matmul import MatmulBlockSizes, tile_grouped_matmul, tile_grouped_matmul_reference
 from jax_eplb_kernels.histogram import HistogramBlockSizes, histogram_reference, routing_histogram
 from jax_eplb_kernels.slot_routing import (ROUND_ROBIN_BLOCK, RoutingBlockSizes, SlotRouting, route_reference,
                                            route_to_slots)

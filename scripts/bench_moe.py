@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """EP MoE layer step: no EPLB vs a balanced plan, round_robin vs load_aware replica choice,
-all_to_all vs ragged transport (GPU only), ragged_dot vs padded grouped matmul.
+all_to_all vs ragged transport (GPU only), ragged_dot vs tile-grouped matmul (padded on CPU,
+the Pallas kernel on GPU).
 
 Routing skew comes from real DeepSeek-V3 per-expert loads (../shared/data, one MoE layer;
 synthetic log-normal popularity if absent): the router's bias makes tokens pick experts with
 those frequencies. Prints per-rank received entries, realized imbalance (max/mean - 1) and
 step time (median of repeats, host clock) per configuration. On CPU the layer is scaled down
 and the devices are emulated (``--emulate_devices``), so times compare configurations only.
-A second table times one rank's grouped SwiGLU (ragged_dot, padded) against a dense matmul of
-the same useful FLOPs, in TFLOP/s.
+A second table times one rank's grouped SwiGLU (the same methods) against a dense matmul of
+the same useful FLOPs, in TFLOP/s. A configuration that fails is reported and skipped.
 
   python scripts/bench_moe.py [--ep 8] [--tokens 2048] [--hidden 256] [--ffn 128]
 """
@@ -37,6 +38,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul_rows", type=int, nargs="*", default=[512, 2048],
                         help="rows for the grouped-vs-dense matmul table")
+    parser.add_argument("--transports", nargs="+", default=None,
+                        help="default: all_to_all and ragged on GPU, all_to_all on CPU")
+    parser.add_argument("--matmuls", nargs="+", default=None,
+                        help="grouped matmuls; default: ragged_dot and pallas on GPU, ragged_dot and padded on CPU")
     parser.add_argument("--data", type=Path,
                         default=Path(__file__).resolve().parents[1].parent / "shared/data/deepseek-v3-sglang/prefill_in1024.json")
     args = parser.parse_args()
@@ -76,8 +81,9 @@ def main():
     print(f"device: {jax.devices()[0].device_kind} x{R}, jax {jax.__version__}; skew from {source}; "
           f"T={args.tokens} H={H} F={F} E={E} k={k}")
     on_gpu = jax.devices()[0].platform == "gpu"
-    transports = ["all_to_all", "ragged"] if on_gpu else ["all_to_all"]
-    matmuls = ["ragged_dot"] if on_gpu else ["ragged_dot", "padded"]  # padded gathers per-tile weights: CPU only
+    transports = args.transports or (["all_to_all", "ragged"] if on_gpu else ["all_to_all"])
+    # padded gathers a weight copy per tile (CPU only); pallas reads them in place (compiled: GPU only)
+    matmuls = args.matmuls or (["ragged_dot", "pallas"] if on_gpu else ["ragged_dot", "padded"])
     print(f"{'placement':>10} {'policy':>12} {'transport':>10} {'matmul':>10} {'slots':>6} {'imbalance':>9} "
           f"{'max/rank':>9} {'ms/step':>8} {'vs no-EPLB':>10}")
     baseline = {}
@@ -91,31 +97,30 @@ def main():
                 for matmul in matmuls:
                     fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, replica_policy=policy,
                                                    transport=transport, grouped_matmul=matmul))
-                    result = fn(router, slots, xs, rc, es)
-                    result.out.block_until_ready()
-                    times = []
-                    for _ in range(args.repeats):
-                        start = time.perf_counter()
-                        fn(router, slots, xs, rc, es).out.block_until_ready()
-                        times.append(time.perf_counter() - start)
-                    ms = 1e3 * statistics.median(times)
+                    try:
+                        result = fn(router, slots, xs, rc, es)
+                        ms = 1e3 * _time(lambda: fn(router, slots, xs, rc, es).out, args.repeats)
+                    except Exception as error:  # noqa: BLE001 - reported, the other configurations still run
+                        print(f"{name:>10} {policy:>12} {transport:>10} {matmul:>10} FAILED: "
+                              f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                        continue
                     key = (policy, transport, matmul)
                     baseline.setdefault(key, ms)  # the first placement is "no EPLB"
                     per_rank = np.asarray(result.rank_load)
                     print(f"{name:>10} {policy:>12} {transport:>10} {matmul:>10} {len(slot_to_expert):>6} "
                           f"{per_rank.max() / per_rank.mean() - 1:>9.3f} {per_rank.max():>9} {ms:>8.1f} "
                           f"{baseline[key] / ms:>9.2f}x", flush=True)
-    grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, with_padded=not on_gpu)
+    grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=matmuls)
 
 
-def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, with_padded=True):
+def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods):
     """One rank's grouped expert matmul (m = slots_per_rank groups) vs a dense matmul of the same
     useful FLOPs ([rows, H] x [H, F], three of them as SwiGLU), TFLOP/s (rows * 6 * H * F / t)."""
     from jax_eplb.moe import expert_compute
 
     m = args.slots_per_rank
     print(f"\ngrouped SwiGLU over {m} local slots vs dense matmul (H={H} F={F}, {dtype.__name__ if hasattr(dtype, '__name__') else dtype})")
-    print(f"{'rows':>7} {'ragged_dot':>11} {'padded':>9} {'dense':>9}  (TFLOP/s)")
+    print(f"{'rows':>7} " + " ".join(f"{name:>11}" for name in methods) + f" {'dense':>9}  (TFLOP/s)")
     keys = jax.random.split(jax.random.key(1), 4)
     w = [jax.random.normal(keys[0], (m, H, F), dtype), jax.random.normal(keys[1], (m, H, F), dtype),
          jax.random.normal(keys[2], (m, F, H), dtype)]
@@ -124,15 +129,16 @@ def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, with_padded=True
         row_slot = jnp.sort(jax.random.randint(keys[3], (rows,), 0, m))
         flops = rows * 6 * H * F
         cells = []
-        for method in ("ragged_dot", "padded"):
-            if method == "padded" and not with_padded:
-                cells.append(float("nan"))
-                continue
+        for method in methods:
             fn = jax.jit(lambda x, s, a, b, c: expert_compute(x, s, a, b, c, grouped_matmul=method))
-            cells.append(flops / _time(lambda: fn(x, row_slot, *w), args.repeats) / 1e12)
+            try:
+                cells.append(flops / _time(lambda: fn(x, row_slot, *w), args.repeats) / 1e12)
+            except Exception as error:  # noqa: BLE001
+                print(f"{method} at {rows} rows FAILED: {type(error).__name__}: {str(error)[:200]}")
+                cells.append(float("nan"))
         dense = jax.jit(lambda x, a, b, c: jnp.dot(jax.nn.silu(jnp.dot(x, a)) * jnp.dot(x, b), c))
         cells.append(flops / _time(lambda: dense(x, w[0][0], w[1][0], w[2][0]), args.repeats) / 1e12)
-        print(f"{rows:>7} {cells[0]:>11.3f} {cells[1]:>9.3f} {cells[2]:>9.3f}", flush=True)
+        print(f"{rows:>7} " + " ".join(f"{c:>11.3f}" for c in cells[:-1]) + f" {cells[-1]:>9.3f}", flush=True)
 
 
 def _time(call, repeats):

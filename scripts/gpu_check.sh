@@ -1,36 +1,68 @@
 #!/usr/bin/env bash
-# One device call: GPU tests and benchmarks, sized for a few minutes on one H100/H200.
-# Writes logs and JSON under $OUT (default ./gpu_out) and prints a short table last.
+# One device call: GPU tests and benchmarks on one H100/H200, within a total deadline.
+#
+#   OUT=dir BUDGET_S=480 EPLB_DATA=path/prefill_in1024.json bash scripts/gpu_check.sh
+#
+# Needs no network: the package is put on the path by links (no pip), the GPU image's jax,
+# flax, orbax, hypothesis, ... are used. Steps run in priority order; each gets at most its own
+# limit and what is left of BUDGET_S, and is skipped when under 20 s are left. Logs and JSON go
+# to $OUT; a short summary is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
+BUDGET_S=${BUDGET_S:-480}
+DATA=${EPLB_DATA:-../shared/data/deepseek-v3-sglang/prefill_in1024.json}
+START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q -e ".[test]" 2>&1 | tail -1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
-# 1. GPU-only tests: compiled Pallas kernels vs XLA; the ragged_all_to_all transport vs the dense MoE.
-timeout 240 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py -q -k "gpu" 2>&1 \
-    | tee "$OUT/tests.log" | tail -3
-if grep -qE "failed|error" "$OUT/tests.log"; then
+
+# The three import names of the project, linked from a scratch folder (no build, no network).
+SITE=$(mktemp -d)
+ln -s "$PWD/jax_eplb" "$SITE/jax_eplb"
+ln -s "$PWD/kernels" "$SITE/jax_eplb_kernels"
+ln -s "$PWD/configs" "$SITE/jax_eplb_configs"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+
+step() {  # step NAME LIMIT_S CMD...: run with the smaller of LIMIT_S and the time left; log to $OUT/NAME.txt
+    local name=$1 limit=$2; shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    if ((left < 20)); then echo "[$name] skipped: ${left}s left" | tee "$OUT/$name.txt"; return; fi
+    ((limit > left)) && limit=$left
+    echo "== [$name] (limit ${limit}s) $*"
+    local t0=$(date +%s)
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
+    echo "[$name] exit ${PIPESTATUS[0]} in $(($(date +%s) - t0))s" | tee -a "$OUT/$name.txt"
+}
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+  date -u +%Y-%m-%dT%H:%MZ; } 2>&1 | tee "$OUT/gpu.txt"
+
+# 1. GPU-only tests: compiled Pallas kernels == XLA; ragged_all_to_all transport == dense MoE.
+step tests 150 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py -q -k gpu -p no:cacheprovider
+if ! grep -qE "[0-9]+ passed" "$OUT/tests.txt" || grep -qE "[0-9]+ (failed|error)" "$OUT/tests.txt"; then
     export JAX_EPLB_KERNELS=xla  # keep the model benchmarks running on the XLA routing kernels
-    echo "GPU tests failed: the benchmarks below use JAX_EPLB_KERNELS=xla" | tee -a "$OUT/gpu.txt"
+    echo "GPU tests did not all pass: the benchmarks below use JAX_EPLB_KERNELS=xla" | tee -a "$OUT/gpu.txt"
 fi
-# 2. Kernels vs XLA.
-timeout 180 python3 scripts/bench_kernels.py --json "$OUT/bench_kernels.json" 2>&1 | tee "$OUT/bench_kernels.txt"
-# 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots): transports, grouped matmul TFLOP/s vs dense.
-timeout 240 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
-    --experts 256 --top_k 8 --slots_per_rank 288 --repeats 3 --matmul_rows 2048 8192 16384 2>&1 \
-    | tee "$OUT/bench_moe.txt"
+# 2. Histogram kernels vs XLA, in-device (issue: >= 50% copy bandwidth at 8.4M ids).
+step kernels 100 python3 scripts/bench_kernels.py --reps 100 --json "$OUT/bench_kernels.json"
+# 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots; at ep=1 both transports are local, so the
+#    ragged one only): ragged_dot vs the Pallas tile-grouped matmul, TFLOP/s vs dense, step times.
+DATA_ARG=(); [[ -f "$DATA" ]] && DATA_ARG=(--data "$DATA")
+step moe 150 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
+    --experts 256 --top_k 8 --slots_per_rank 288 --repeats 3 --matmul_rows 2048 8192 16384 \
+    --transports ragged --matmuls ragged_dot pallas "${DATA_ARG[@]}"
 # 4. Online rebalance: rewriting changed slots (88 MB each) vs host-to-device bandwidth.
-timeout 180 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 8 16 2>&1 \
-    | tee "$OUT/bench_rebalance.txt"
-# 5. DeepSeek-V3-shaped model slice on one GPU (ep=1: measures step cost of the slot machinery, not balance).
-timeout 300 python3 scripts/bench_inference.py --model deepseek_v3_slice --ep 1 --emulate_devices 0 \
+step rebalance 60 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 8 16
+# 5. DeepSeek-V3-shaped model slice on one GPU (ep=1: the step cost of the slot machinery, not balance).
+step inference 120 python3 scripts/bench_inference.py --model deepseek_v3_slice --ep 1 --emulate_devices 0 \
     --num_slots 288 --requests 64 --input_len 128 --output_len 16 --max_batch_size 64 \
-    --json "$OUT/bench_inference.json" 2>&1 | tee "$OUT/bench_inference.txt"
-echo "== summary =="
-tail -n 3 "$OUT/tests.log"
-grep -E "pallas|bincount|floor|bandwidth" "$OUT/bench_kernels.txt"
-grep -E "^ *(no EPLB|balanced)|^ *[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$" "$OUT/bench_moe.txt"
-grep -E "^ *[0-9]+ +[0-9.]+ +[0-9.]+" "$OUT/bench_rebalance.txt"
-grep -E "^(no EPLB|EPLB)" "$OUT/bench_inference.txt"
+    --json "$OUT/bench_inference.json"
+
+echo "== summary ($(($(date +%s) - START))s) =="
+cat "$OUT/gpu.txt"
+grep -E "passed|failed|error" "$OUT/tests.txt" | tail -2
+grep -E "pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
+grep -E "^ *(no EPLB|balanced)|^ *[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$|TFLOP" "$OUT/moe.txt"
+grep -E "^ *[0-9]+ +[0-9.]+ +[0-9.]+" "$OUT/rebalance.txt"
+grep -E "^(no EPLB|EPLB)" "$OUT/inference.txt"
+grep -hE "^\[[a-z]+\] (exit|skipped)" "$OUT"/*.txt

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jax_eplb import build_assignment_tables
-from jax_eplb_kernels import HistogramBlockSizes, RoutingBlockSizes, route_to_slots, routing_histogram
+from jax_eplb_kernels import (HistogramBlockSizes, MatmulBlockSizes, RoutingBlockSizes, route_to_slots,
+                              routing_histogram, tile_grouped_matmul)
 
-SMALL_HIST = HistogramBlockSizes(block=32, inner_steps=2)
+SMALL_HIST = {m: HistogramBlockSizes(block=32, inner_steps=2, min_programs=2, method=m) for m in ("outer", "compare")}
 
 
 def python_round_robin(ids, slot_to_expert, num_experts, rank_offset, block):
@@ -35,22 +36,44 @@ def python_round_robin(ids, slot_to_expert, num_experts, rank_offset, block):
 def test_histogram_pallas_equals_reference(tokens, k, num_bins, seed):
     ids = np.random.default_rng(seed).integers(-2, num_bins + 3, size=(tokens, k))
     expected = np.bincount(ids[(ids >= 0) & (ids < num_bins)], minlength=num_bins)
-    for impl in ("xla", "pallas_interpret"):
-        got = routing_histogram(jnp.asarray(ids, jnp.int32), num_bins, implementation=impl, block_sizes=SMALL_HIST)
-        np.testing.assert_array_equal(np.asarray(got), expected)
+    np.testing.assert_array_equal(np.asarray(routing_histogram(jnp.asarray(ids, jnp.int32), num_bins,
+                                                               implementation="xla")), expected)
+    for method, sizes in SMALL_HIST.items():
+        got = routing_histogram(jnp.asarray(ids, jnp.int32), num_bins, implementation="pallas_interpret",
+                                block_sizes=sizes)
+        np.testing.assert_array_equal(np.asarray(got), expected, err_msg=method)
 
 
+@pytest.mark.parametrize("method", ["outer", "compare"])
 @pytest.mark.parametrize("case", ["all_equal", "all_invalid", "one_hot_expert"])
 @pytest.mark.parametrize("num_bins", [256, 288, 384])
-def test_histogram_adversarial(case, num_bins):
+def test_histogram_adversarial(case, num_bins, method):
     rng = np.random.default_rng(0)
     ids = {"all_equal": np.full((130, 8), 7),
            "all_invalid": rng.choice([-1, num_bins, num_bins + 100], size=(130, 8)),
            "one_hot_expert": np.where(rng.random((130, 8)) < 0.9, num_bins - 1, rng.integers(0, num_bins, (130, 8)))}[case]
     expected = np.bincount(ids[(ids >= 0) & (ids < num_bins)], minlength=num_bins)
     got = routing_histogram(jnp.asarray(ids, jnp.int32), num_bins, implementation="pallas_interpret",
-                            block_sizes=SMALL_HIST)
+                            block_sizes=SMALL_HIST[method])
     np.testing.assert_array_equal(np.asarray(got), expected)
+
+
+def test_outer_layout_covers_bins_with_dot_sized_factors():
+    from jax_eplb_kernels._outer_count import outer_layout
+
+    for num_bins in range(1, 1100):
+        layout = outer_layout(num_bins)
+        assert layout.num_bins >= num_bins and layout.lo_bins == 1 << layout.lo_bits
+        assert 16 <= layout.lo_bins <= layout.hi_bins and layout.num_bins < max(2 * num_bins, 512)
+
+
+def test_histogram_programs_fill_the_gpu_on_small_inputs():
+    sizes = HistogramBlockSizes()  # block 256, up to 16 blocks a program, at least 264 programs
+    assert sizes.steps_for(65_536) == 1  # 256 programs of one block
+    assert sizes.steps_for(8_388_608) == 16  # 2048 programs of 16 blocks
+    assert sizes.steps_for(1_000_000) == 15
+    with pytest.raises(ValueError, match="method"):
+        HistogramBlockSizes(method="atomic")
 
 
 @settings(max_examples=20, deadline=None)
@@ -88,6 +111,9 @@ def test_bad_input_and_explicit_implementation():
         routing_histogram(jnp.zeros((4, 2), jnp.int32), 8, implementation="cuda")
     with pytest.raises(ValueError, match="integers"):
         routing_histogram(jnp.zeros((4, 2)), 8)
+    with pytest.raises(ValueError, match="chunk >= 16"):
+        route_to_slots(jnp.zeros((4, 2), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros((2, 1), jnp.int32), 2,
+                       implementation="pallas", block_sizes=RoutingBlockSizes(chunk=8))
     with pytest.raises(ValueError, match=r"\[T, K\]"):
         route_to_slots(jnp.zeros((4,), jnp.int32), jnp.ones(2, jnp.int32), jnp.zeros((2, 1), jnp.int32), 2)
     if jax.default_backend() == "cpu":  # compiled Pallas (Triton) needs a GPU: fails fast, no silent fallback
@@ -100,8 +126,10 @@ def test_bad_input_and_explicit_implementation():
 def test_compiled_pallas_on_gpu(num_ids, num_bins):
     rng = np.random.default_rng(num_ids)
     ids = jnp.asarray(rng.integers(-1, num_bins + 2, size=(num_ids // 8, 8)), jnp.int32)
-    np.testing.assert_array_equal(np.asarray(routing_histogram(ids, num_bins, implementation="pallas")),
-                                  np.asarray(routing_histogram(ids, num_bins, implementation="xla")))
+    want = np.asarray(routing_histogram(ids, num_bins, implementation="xla"))
+    for method in ("outer", "compare"):
+        got = routing_histogram(ids, num_bins, implementation="pallas", block_sizes=HistogramBlockSizes(method=method))
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
     slot_to_expert = rng.permutation(np.concatenate([np.arange(num_bins), rng.integers(0, num_bins, 32)]))
     tables = build_assignment_tables(slot_to_expert, num_bins)
     args = (ids, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]), num_bins + 32)
@@ -120,3 +148,61 @@ def test_auto_implementation_override(monkeypatch):
     monkeypatch.setenv("JAX_EPLB_KERNELS", "triton")
     with pytest.raises(ValueError, match="JAX_EPLB_KERNELS"):
         resolve_implementation("auto")
+
+
+def numpy_tile_grouped_matmul(x, w, tile_group, used_tiles):
+    tile = x.shape[0] // len(tile_group)
+    out = np.zeros((x.shape[0], w.shape[2]))
+    for t, g in enumerate(tile_group[:used_tiles]):
+        out[t * tile:(t + 1) * tile] = x[t * tile:(t + 1) * tile].astype(np.float64) @ w[g]
+    return out
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 6), st.sampled_from([8, 16]), st.integers(1, 4), st.sampled_from([16, 32]),
+       st.sampled_from([16, 48]), st.data())
+def test_tile_grouped_matmul_pallas_equals_numpy(num_tiles, tile, groups, k, n, data):
+    rng = np.random.default_rng(num_tiles * 100 + tile + groups)
+    x = rng.normal(size=(num_tiles * tile, k)).astype(np.float32)
+    w = rng.normal(size=(groups, k, n)).astype(np.float32)
+    tile_group = np.sort(rng.integers(0, groups, num_tiles))
+    used = data.draw(st.integers(0, num_tiles))
+    expected = numpy_tile_grouped_matmul(x, w, tile_group, used)
+    for impl in ("xla", "pallas_interpret"):
+        got = tile_grouped_matmul(jnp.asarray(x), jnp.asarray(w), jnp.asarray(tile_group), used, implementation=impl,
+                                  block_sizes=MatmulBlockSizes(bn=16, bk=16))
+        np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=1e-4, err_msg=impl)
+
+
+def test_tile_grouped_matmul_bad_input():
+    x, w, groups = jnp.zeros((12, 16)), jnp.zeros((2, 16, 16)), jnp.zeros((3,), jnp.int32)
+    with pytest.raises(ValueError, match="tiles"):
+        tile_grouped_matmul(x, w, jnp.zeros((5,), jnp.int32), 1, implementation="xla")
+    with pytest.raises(ValueError, match=r"w \[m, K, N\]"):
+        tile_grouped_matmul(x, jnp.zeros((2, 8, 16)), groups, 1, implementation="xla")
+    with pytest.raises(ValueError, match="multiples"):
+        tile_grouped_matmul(x, w, groups, 1, implementation="pallas_interpret", block_sizes=MatmulBlockSizes(bk=12))
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas GPU kernels need a GPU (scripts/gpu_check.sh)")
+def test_compiled_tile_grouped_matmul_on_gpu():
+    rng = np.random.default_rng(0)
+    num_tiles, tile, groups, k, n = 40, 64, 9, 512, 384
+    x = jnp.asarray(rng.normal(size=(num_tiles * tile, k)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(groups, k, n)) / np.sqrt(k), jnp.bfloat16)
+    tile_group = jnp.asarray(np.sort(rng.integers(0, groups, num_tiles)), jnp.int32)
+    want = tile_grouped_matmul(x, w, tile_group, 33, implementation="xla")
+    got = tile_grouped_matmul(x, w, tile_group, 33, implementation="pallas")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-2, atol=2e-2)
+    assert not np.any(np.asarray(got)[33 * tile:])
+
+
+def test_empty_input_gives_zero_counts():
+    tables = build_assignment_tables(np.array([0, 1, 0]), 2)
+    for impl in ("xla", "pallas_interpret"):
+        counts = routing_histogram(jnp.zeros((0, 8), jnp.int32), 16, implementation=impl)
+        np.testing.assert_array_equal(np.asarray(counts), np.zeros(16))
+        got = route_to_slots(jnp.zeros((0, 8), jnp.int32), jnp.asarray(tables.replica_count[0]),
+                             jnp.asarray(tables.expert_slots[0]), 3, with_histogram=True, implementation=impl)
+        assert got.slot_ids.shape == (0, 8)
+        np.testing.assert_array_equal(np.asarray(got.slot_counts), np.zeros(3))

@@ -126,6 +126,7 @@ PROMPTS = [[1, 5, 9, 2, 7], [3, 3, 8], [60, 2, 11, 40, 33, 17, 5, 9], [12, 0, 4,
 @pytest.mark.parametrize("ranks,placement,options", [
     (1, "identity", {}),
     (4, "random", {"moe_max_num_tokens": 8}),
+    (2, "random", {"grouped_matmul": "pallas_interpret"}),
     (2, "planned", {"replica_policy": "load_aware", "grouped_matmul": "ragged_dot"}),
 ])
 def test_generation_matches_dense_reference(ranks, placement, options):

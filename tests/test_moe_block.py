@@ -69,7 +69,7 @@ def test_matches_dense_reference(ranks, kind, policy):
     x = jax.random.normal(jax.random.key(7), (32, H))
     slot_to_expert = placement(kind, ranks, seed=ranks)
     max_tokens = 8 if kind == "random" else None  # chunked and unchunked
-    matmul = "ragged_dot" if kind == "planned" else "padded"
+    matmul = {"planned": "ragged_dot", "random": "padded", "identity": "pallas_interpret"}[kind]
     out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens,
                             grouped_matmul=matmul)
     assert_close(out, dense_moe_reference(config, router, logical, x))
@@ -123,8 +123,9 @@ def test_token_mask_and_record_modes():
     assert int(plain.rank_load.sum()) == int(mask.sum()) * 2
 
 
+@pytest.mark.parametrize("method", ["padded", "pallas_interpret"])
 @pytest.mark.parametrize("rows,tile", [(1, 4), (37, 8), (64, 64)])
-def test_padded_grouped_matmul_equals_ragged_dot(rows, tile):
+def test_tile_grouped_matmuls_equal_ragged_dot(rows, tile, method):
     from jax_eplb.moe import expert_compute
 
     rng = np.random.default_rng(rows)
@@ -133,7 +134,7 @@ def test_padded_grouped_matmul_equals_ragged_dot(rows, tile):
     row_slot = jnp.asarray(rng.integers(0, m + 1, size=rows), jnp.int32)  # m = empty row
     w = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in ((m, H, F), (m, H, F), (m, F, H))]
     a = expert_compute(x, row_slot, *w, grouped_matmul="ragged_dot")
-    b = expert_compute(x, row_slot, *w, grouped_matmul="padded", tile=tile)
+    b = expert_compute(x, row_slot, *w, grouped_matmul=method, tile=tile)
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
     assert not np.any(np.asarray(b)[np.asarray(row_slot) == m])
 

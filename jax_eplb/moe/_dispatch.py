@@ -11,22 +11,27 @@ Two transports share the routing metadata (:func:`dispatch_plan`):
 * ``ragged``: ``jax.lax.ragged_all_to_all`` ships only the real rows (GPU; XLA:CPU lacks it).
   Receive layout is the same ``[R, N, H]`` blocks, so expert compute and combine are shared.
 
-Two grouped matmuls: ``ragged_dot`` (XLA's grouped GEMM; on CPU it is a dense masked loop over
-all m groups) and ``padded`` (rows sorted by slot, every group padded to a tile, one batched
-matmul per tile with that tile's slot weights: about ``N*R + m*tile`` rows of work instead of
-``m * N*R``; faster on CPU, 8x on the bench_moe layer; it gathers one weight copy per tile, so
-it is meant for CPU-sized experts, not for DeepSeek-sized ones on GPU).
+Grouped matmuls (``grouped_matmul=``): ``ragged_dot`` (XLA's grouped GEMM; on CPU a dense
+masked loop over all m groups) and two over one tile-padded layout (rows sorted by slot, every
+group padded to whole tiles, so about ``N*R + m*tile`` rows of work instead of ``m * N*R``):
+``padded`` (XLA batched matmul with one weight copy gathered per tile: 8x faster than ragged_dot
+on the CPU bench_moe layer, but meant for CPU-sized experts, not DeepSeek-sized ones on a GPU)
+and ``pallas`` (the ``tile_grouped_matmul`` kernel reads each tile's slot weights in place and
+skips unused tiles; ``pallas_interpret`` runs it on CPU for tests).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from jax_eplb_kernels import tile_grouped_matmul
+
 TRANSPORTS = ("all_to_all", "ragged")
-GROUPED_MATMULS = ("ragged_dot", "padded")
+GROUPED_MATMULS = ("ragged_dot", "padded", "pallas", "pallas_interpret")
 PADDED_TILE = 64
 
 
@@ -86,8 +91,9 @@ def _swiglu_ragged_dot(x, w_gate, w_up, w_down, group_sizes):
     return jax.lax.ragged_dot(hidden, w_down, group_sizes, preferred_element_type=jnp.float32)
 
 
-def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int):
-    """Same contract as :func:`_swiglu_ragged_dot`, as tile-padded batched matmuls.
+def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int, implementation: str):
+    """Same contract as :func:`_swiglu_ragged_dot`, as tile-grouped matmuls (``implementation``:
+    ``xla`` for ``padded``, else the Pallas kernel).
 
     Group g's rows go to tiles of ``tile`` rows, each tile holding one group only, so the
     number of tiles is at most ``ceil(rows / tile) + m`` (static) whatever the sizes.
@@ -107,12 +113,11 @@ def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int):
     buffer = jnp.zeros((num_tiles * tile, hidden), x.dtype).at[padded_row].set(x, mode="drop")
     tile_group = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_per_group), jnp.arange(num_tiles), side="right"),
                           0, num_local - 1)
-    xt = buffer.reshape(num_tiles, tile, hidden)
-    gate = jnp.einsum("nth,nhf->ntf", xt, w_gate[tile_group], preferred_element_type=jnp.float32)
-    up = jnp.einsum("nth,nhf->ntf", xt, w_up[tile_group], preferred_element_type=jnp.float32)
-    act = (jax.nn.silu(gate) * up).astype(x.dtype)
-    out = jnp.einsum("ntf,nfh->nth", act, w_down[tile_group], preferred_element_type=jnp.float32)
-    out = out.reshape(num_tiles * tile, hidden)
+    used_tiles = tiles_per_group.sum()
+    matmul = functools.partial(tile_grouped_matmul, tile_group=tile_group, used_tiles=used_tiles,
+                               implementation=implementation)
+    act = (jax.nn.silu(matmul(buffer, w_gate)) * matmul(buffer, w_up)).astype(x.dtype)
+    out = matmul(act, w_down)  # [num_tiles * tile, H]
     return jnp.where(in_group[:, None], out[jnp.minimum(padded_row, num_tiles * tile - 1)], 0.0)
 
 
@@ -123,7 +128,7 @@ def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *
     Args:
       rows: ``[P, H]``; row_slot: ``[P]`` local slot, m for empty rows (-> zeros).
       w_gate, w_up: ``[m, H, F]``; w_down: ``[m, F, H]``.
-      grouped_matmul: ``ragged_dot`` or ``padded`` (see module docstring).
+      grouped_matmul: ``ragged_dot``, ``padded``, ``pallas`` or ``pallas_interpret`` (module docstring).
     Returns ``[P, H]`` float32.
     """
     if grouped_matmul not in GROUPED_MATMULS:
@@ -134,7 +139,10 @@ def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *
     if grouped_matmul == "ragged_dot":
         out_sorted = _swiglu_ragged_dot(rows[order], w_gate, w_up, w_down, group_sizes)
     else:
-        out_sorted = _swiglu_padded(rows[order], w_gate, w_up, w_down, group_sizes, min(tile, rows.shape[0]))
+        implementation = "xla" if grouped_matmul == "padded" else grouped_matmul
+        # XLA: no tile larger than the rows; Pallas keeps whole tiles (power-of-two blocks for Triton).
+        tile_rows = min(tile, rows.shape[0]) if implementation == "xla" else tile
+        out_sorted = _swiglu_padded(rows[order], w_gate, w_up, w_down, group_sizes, tile_rows, implementation)
     out = jnp.zeros(out_sorted.shape, jnp.float32).at[order].set(out_sorted)
     return jnp.where((row_slot < num_local)[:, None], out, 0.0)
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_eplb_kernels._dispatch import resolve_implementation
+from jax_eplb_kernels._outer_count import MIN_DOT_DIM
 from jax_eplb_kernels.histogram.reference import histogram_reference
 from jax_eplb_kernels.slot_routing.pallas_gpu import RoutingBlockSizes, route_pallas
 from jax_eplb_kernels.slot_routing.reference import ROUND_ROBIN_BLOCK, route_reference
@@ -48,6 +49,8 @@ def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots
     chunk = min(block_sizes.chunk, block)
     if block % chunk:
         raise ValueError(f"block ({block}) must be a multiple of the chunk ({chunk})")
+    if impl == "pallas" and chunk < MIN_DOT_DIM:
+        raise ValueError(f"compiled Pallas needs chunk >= {MIN_DOT_DIM} (the slot histogram is a dot), got {chunk}")
     slots, counts = route_pallas(expert_ids, jnp.asarray(replica_count), jnp.asarray(expert_slots), rank_offset,
                                  num_slots, block, block_sizes, interpret=impl == "pallas_interpret")
     return SlotRouting(slots, counts if with_histogram else None)

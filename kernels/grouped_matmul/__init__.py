@@ -1,0 +1,3 @@
+from jax_eplb_kernels.grouped_matmul.api import tile_grouped_matmul
+from jax_eplb_kernels.grouped_matmul.pallas_gpu import MatmulBlockSizes, tile_grouped_matmul_pallas
+from jax_eplb_kernels.grouped_matmul.reference import tile_grouped_matmul_reference

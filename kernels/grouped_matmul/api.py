@@ -1,0 +1,36 @@
+"""Public tile-grouped matmul with an ``implementation=`` override."""
+
+from __future__ import annotations
+
+import jax
+
+from jax_eplb_kernels._dispatch import resolve_implementation
+from jax_eplb_kernels.grouped_matmul.pallas_gpu import MatmulBlockSizes, tile_grouped_matmul_pallas
+from jax_eplb_kernels.grouped_matmul.reference import tile_grouped_matmul_reference
+
+
+def tile_grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, used_tiles: jax.Array | int, *,
+                        implementation: str = "auto",
+                        block_sizes: MatmulBlockSizes = MatmulBlockSizes()) -> jax.Array:
+    """Grouped matmul over row tiles: tile t of ``x`` times ``w[tile_group[t]]``.
+
+    Args:
+      x: ``[NT * tile, K]`` rows sorted by group, each ``tile``-row tile holding one group only.
+      w: ``[m, K, N]`` group weights; tile_group: ``[NT]`` int.
+      used_tiles: tiles from here on hold no rows (their output is zeros; Pallas skips them).
+      implementation: ``auto`` (Pallas on GPU, XLA elsewhere), ``xla``, ``pallas``, ``pallas_interpret``.
+    Returns ``[NT * tile, N]`` float32.
+    """
+    if x.ndim != 2 or w.ndim != 3 or tile_group.ndim != 1 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"expected x [NT*tile, K], w [m, K, N], tile_group [NT]; got {x.shape}, {w.shape}, "
+                         f"{tile_group.shape}")
+    if x.shape[0] % tile_group.shape[0]:
+        raise ValueError(f"{x.shape[0]} rows do not split into {tile_group.shape[0]} tiles")
+    tile = x.shape[0] // tile_group.shape[0]
+    impl = resolve_implementation(implementation)
+    if impl == "xla":
+        out = tile_grouped_matmul_reference(x, w, tile_group)
+        row_tile = jax.numpy.arange(x.shape[0]) // tile
+        return jax.numpy.where((row_tile < used_tiles)[:, None], out, 0.0)
+    return tile_grouped_matmul_pallas(x, w, tile_group, used_tiles, tile=tile, block_sizes=block_sizes,
+                                      interpret=impl == "pallas_interpret")

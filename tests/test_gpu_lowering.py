@@ -1,0 +1,113 @@
+"""The GPU code paths lower for CUDA here, on a CPU machine (cross-platform lowering).
+
+Compiled Pallas and ``ragged_all_to_all`` cannot run on XLA:CPU, but JAX can lower a function
+for another platform without one: these tests build the Triton IR of every Pallas kernel and the
+StableHLO of the EP block's GPU configuration (ragged transport, ragged_dot, Pallas routing) for
+CUDA, so a change that breaks the GPU lowering fails in CI, not first on a GPU. What is left for
+a GPU (``scripts/gpu_check.sh``): Triton's compile to PTX, the results, the speed.
+"""
+
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_eplb import build_assignment_tables
+from jax_eplb.moe import MoEConfig, ep_moe_forward, slot_weights_from_logical
+from jax_eplb_kernels.grouped_matmul import tile_grouped_matmul_pallas
+from jax_eplb_kernels.histogram import HistogramBlockSizes, histogram_pallas
+from jax_eplb_kernels.slot_routing import RoutingBlockSizes, route_pallas
+
+TRITON_CALL = "xla.gpu.triton"
+
+
+def lower_for_cuda(fn, *args) -> str:
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_kernels(text: str) -> list[str]:
+    """Names of the Triton kernels in lowered text, one per kernel definition."""
+    return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in text.splitlines() if TRITON_CALL in line)
+
+
+@pytest.mark.parametrize("method", ["outer", "compare"])
+@pytest.mark.parametrize("num_ids,num_bins", [(65_536, 256), (8_388_608, 288), (1000, 384), (77, 5)])
+def test_histogram_kernel_lowers_for_cuda(method, num_ids, num_bins):
+    ids = jax.ShapeDtypeStruct((num_ids,), jnp.int32)
+    text = lower_for_cuda(lambda x: histogram_pallas(x, num_bins, HistogramBlockSizes(method=method)), ids)
+    assert triton_kernels(text) == [f"routing_histogram_{method}"]
+
+
+@pytest.mark.parametrize("num_experts,num_slots", [(256, 288), (8, 8), (384, 512)])
+def test_slot_routing_kernel_lowers_for_cuda(num_experts, num_slots):
+    args = (jax.ShapeDtypeStruct((4096, 8), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+            jax.ShapeDtypeStruct((num_experts, num_slots - num_experts + 1), jnp.int32))
+    text = lower_for_cuda(lambda ids, count, slots: route_pallas(ids, count, slots, 3, num_slots,
+                                                                 block_sizes=RoutingBlockSizes()), *args)
+    assert triton_kernels(text) == ["expert_to_slot_routing"]
+
+
+@pytest.mark.parametrize("k,n,groups", [(7168, 2048, 288), (2048, 7168, 36), (16, 16, 3)])
+def test_tile_grouped_matmul_lowers_for_cuda(k, n, groups):
+    """DeepSeek-V3 gate/up and down shapes (bf16), and the smallest Triton dot."""
+    args = (jax.ShapeDtypeStruct((37 * 64, k), jnp.bfloat16), jax.ShapeDtypeStruct((groups, k, n), jnp.bfloat16),
+            jax.ShapeDtypeStruct((37,), jnp.int32), jax.ShapeDtypeStruct((), jnp.int32))
+    text = lower_for_cuda(lambda x, w, g, u: tile_grouped_matmul_pallas(x, w, g, u, tile=64), *args)
+    assert triton_kernels(text) == ["tile_grouped_matmul"]
+
+
+@pytest.mark.parametrize("policy,matmul", [("round_robin", "ragged_dot"), ("load_aware", "pallas")])
+def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul):
+    """ep=8 (emulated devices), ragged_all_to_all, Pallas routing and histograms, either grouped matmul."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("ep",))
+    config = MoEConfig(hidden_size=16, expert_ffn_size=8, num_experts=8, top_k=2)
+    rng = np.random.default_rng(0)
+    slot_to_expert = rng.permutation(np.concatenate([np.arange(8), rng.integers(0, 8, 8)]))
+    tables = build_assignment_tables(slot_to_expert, 8)
+    k = jax.random.split(jax.random.key(0), 4)
+    from jax_eplb.moe import ExpertWeights, RouterWeights
+
+    logical = ExpertWeights(*(jax.random.normal(k[i], s) for i, s in enumerate([(8, 16, 8), (8, 16, 8), (8, 8, 16)])))
+    router = RouterWeights(jax.random.normal(k[3], (16, 8)), jnp.zeros((8,)))
+    slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
+    forward = functools.partial(ep_moe_forward, config, mesh, replica_policy=policy, moe_max_num_tokens=16,
+                                record=("slot", "expert_total"), transport="ragged", grouped_matmul=matmul,
+                                kernel_implementation="pallas")
+    text = lower_for_cuda(forward, router, slots, jnp.zeros((64, 16)), jnp.asarray(tables.replica_count[0]),
+                          jnp.asarray(tables.expert_slots[0]))
+    chunks = 2  # 8 tokens per rank, moe_max_num_tokens 16 over 8 ranks -> 2 chunks
+    assert text.count("ragged_all_to_all") >= 2 * chunks  # dispatch and combine per chunk
+    kernels = set(triton_kernels(text))
+    assert {"expert_to_slot_routing", "routing_histogram_outer"} <= kernels  # routing runs as Pallas, not XLA
+    assert ("tile_grouped_matmul" in kernels) == (matmul == "pallas")
+    assert ("ragged_dot" in text) == (matmul == "ragged_dot")
+
+
+def test_model_step_lowers_for_cuda_with_gpu_options():
+    """The tiny model's jitted step (scanned layers, KV cache, 8 ranks) with the ragged transport and
+    the Pallas grouped matmul, lowered for CUDA."""
+    from jax.sharding import Mesh
+
+    from jax_eplb import default_slot_to_expert
+    from jax_eplb.model import (ModelConfig, MoEOptions, MoETransformer, init_weights, placed_weights,
+                                resolve_model_config)
+
+    config = ModelConfig.from_yaml(resolve_model_config("tiny"))
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("ep",))
+    slot_to_expert = np.tile(default_slot_to_expert(config.num_experts, 80, 8), (config.num_moe_layers, 1))
+    weights = init_weights(config, 0, mesh, slot_to_expert)
+    model = MoETransformer(config, mesh, placed_weights(weights, mesh, weights.moe.experts),
+                           build_assignment_tables(slot_to_expert, config.num_experts),
+                           MoEOptions(transport="ragged", grouped_matmul="pallas", record=("slot",)))
+    cache = model.new_cache(16)
+    tokens = jnp.zeros((16, 1), jnp.int32)
+    text = model._step.trace(model.weights.get_value(), model.replica_count.get_value(),
+                             model.expert_slots.get_value(), tokens, tokens, tokens == 0,
+                             cache).lower(lowering_platforms=("cuda",)).as_text()
+    assert "ragged_all_to_all" in text
+    assert "tile_grouped_matmul" in triton_kernels(text)
