@@ -95,6 +95,26 @@ def test_tokens_identical_before_during_after_updates(ranks, k, overlap):
     assert model._step._cache_size() == 2
 
 
+def test_lockstep_applies_each_plan_one_iteration_later_even_when_planning_is_slow():
+    """What multi-host needs: every process applies the same plans at the same iteration."""
+    import time
+
+    config = small_config()
+    model = build(config, 2, identity_plus(config, 4), record=("expert_total",))
+    balancer = OnlineBalancer(model, master_of(config), 1, overlap=True, lockstep=True, migration_tolerance=0.0)
+    plan = balancer._plan
+    balancer._plan = lambda *a: (time.sleep(0.2), plan(*a))[1]  # slower than an iteration here
+    rng = np.random.default_rng(1)
+    for iteration in range(5):
+        balancer.observe(jnp.asarray(rng.integers(0, 9, (config.num_moe_layers, config.num_experts)), jnp.int32))
+        balancer.before_step(iteration)
+    reports = balancer.reports
+    assert sum(bool(r.layers_planned) for r in reports) >= 3
+    for before, now in zip(reports, reports[1:]):
+        assert now.layers_applied == before.layers_planned
+    assert reports[0].layers_applied == ()
+
+
 def test_decayed_statistics_and_reset():
     config = small_config()
     model = build(config, 2, identity_plus(config, 0), record=("expert_total",))

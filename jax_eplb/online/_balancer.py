@@ -7,7 +7,10 @@ Per iteration:
 * ``before_step``: plans that finished are applied (only changed slots are rewritten, from the
   host master copy, then that layer's statistics are reset); the layers due by the schedule
   have their statistics (``[k, E]``, one small transfer) planned on a host thread, overlapping
-  the next steps. Plans are migration-aware: experts stay in their slots where that costs no
+  the next step. With several processes (multi-host), every process plans the same layers from
+  the same statistics and must apply them at the same iteration (the slot rewrite is a
+  collective), so a plan is applied exactly one iteration after it was started, waiting for it
+  if need be; in one process a plan is applied as soon as it is done. Plans are migration-aware: experts stay in their slots where that costs no
   balance, so an update moves few slots (TensorRT-LLM and DeepSeek re-plan from scratch).
 """
 
@@ -71,6 +74,9 @@ class OnlineBalancer:
         for comparison).
       overlap: plan on a host thread (applied at the next iteration after it finishes); False
         plans and applies within ``before_step`` (deterministic; for tests).
+      lockstep: with ``overlap``, apply each plan exactly one iteration after it started (waiting
+        for the thread if it is slower than a step), so every process applies the same plans at the
+        same iteration. Default: on when JAX runs several processes (required there).
       migration_tolerance: accepted relative rise of the max rank load (under the layer's current
         statistics) to keep slots in place: a layer whose current placement is within it of the
         new plan is not touched, and new plans keep experts in place within it.
@@ -78,7 +84,7 @@ class OnlineBalancer:
 
     def __init__(self, model, master_experts, layer_updates_per_iter: int, *, decay: float = DECAY,
                  warmup_iters: int = 0, algorithm: str = "balanced", migration_tolerance: float = 0.05,
-                 migration_aware: bool = True, overlap: bool = True):
+                 migration_aware: bool = True, overlap: bool = True, lockstep: bool | None = None):
         if "expert_total" not in model.options.record:
             raise ValueError("the model's step must record expert totals: MoEOptions(record=('expert_total', ...))")
         config = model.config
@@ -92,6 +98,7 @@ class OnlineBalancer:
                                          self._replicated)
         self.writer = SlotWriter(model.mesh)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if overlap else None
+        self.lockstep = jax.process_count() > 1 if lockstep is None else lockstep
         self._pending: list[concurrent.futures.Future] = []
         self.reports: list[UpdateReport] = []
 
@@ -103,7 +110,9 @@ class OnlineBalancer:
 
     def before_step(self, iteration: int) -> UpdateReport:
         applied, moved, moved_bytes, plan_s, apply_s = [], 0, 0, 0.0, 0.0
-        done = [f.done() for f in self._pending]  # one look per future: a plan finishing now waits a step
+        # One look per future (a plan finishing now waits a step); in lockstep every plan of an
+        # earlier iteration counts as done and is waited for.
+        done = [self.lockstep or f.done() for f in self._pending]
         ready = [f for f, d in zip(self._pending, done) if d]
         self._pending = [f for f, d in zip(self._pending, done) if not d]
         for future in ready:
