@@ -2,7 +2,9 @@
 
 Each kernel: a plain-XLA reference (oracle and CPU fallback), a Pallas GPU implementation
 (Triton lowering with explicit compiler params; ``interpret=True`` runs it on any backend),
-and one public function with ``implementation=``.
+and one public function with ``implementation=``: ``auto`` picks Pallas on a GPU once a
+one-time probe of that kernel configuration has compiled and matched the reference there (else
+XLA, with a warning); explicit choices are taken as they are.
 """
 
 from jax_eplb_kernels._dispatch import IMPLEMENTATIONS, resolve_implementation

@@ -1,9 +1,16 @@
-"""Choosing an implementation: explicit requests fail fast, automatic choice falls back with a log."""
+"""Choosing an implementation: explicit requests fail fast; ``auto`` checks the Pallas kernel once.
+
+On a GPU, ``auto`` means Pallas, but only after a one-time probe of that kernel configuration
+(compile it, run it on a small input, compare with the XLA reference) has passed: a kernel that
+does not compile or gives wrong results on this GPU/JAX falls back to XLA with a warning instead
+of breaking the model. Explicit ``implementation="pallas"`` is never probed and fails loudly.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from typing import Callable, Hashable
 
 import jax
 
@@ -12,9 +19,18 @@ logger = logging.getLogger("jax_eplb_kernels")
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 AUTO_OVERRIDE = "JAX_EPLB_KERNELS"  # e.g. JAX_EPLB_KERNELS=xla: what 'auto' resolves to, everywhere
 
+_probe_results: dict[Hashable, bool] = {}
 
-def resolve_implementation(implementation: str) -> str:
-    """'auto' -> 'pallas' on GPU, else 'xla' (or ``$JAX_EPLB_KERNELS``). Unknown names raise ValueError."""
+
+def resolve_implementation(implementation: str, probe: Callable[[], bool] | None = None,
+                           probe_key: Hashable = None) -> str:
+    """'auto' -> 'pallas' on GPU (if ``probe`` passes), else 'xla' (or ``$JAX_EPLB_KERNELS``).
+
+    Args:
+      probe: returns whether the Pallas kernel equals the reference on a small input; run once
+        per ``probe_key`` (the kernel and its static configuration), eagerly, even under a trace.
+    Unknown names raise ValueError.
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation != "auto":
@@ -24,11 +40,29 @@ def resolve_implementation(implementation: str) -> str:
         if override not in IMPLEMENTATIONS[1:]:
             raise ValueError(f"${AUTO_OVERRIDE} must be one of {IMPLEMENTATIONS[1:]}, got {override!r}")
         return override
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() != "gpu":
+        logger.debug("routing kernels: backend %s has no Pallas GPU path; using the XLA reference",
+                     jax.default_backend())
+        return "xla"
+    if probe is None or _probe_passes(probe, probe_key):
         return "pallas"
-    logger.debug("routing kernels: backend %s has no Pallas GPU path; using the XLA reference",
-                 jax.default_backend())
     return "xla"
+
+
+def _probe_passes(probe: Callable[[], bool], key: Hashable) -> bool:
+    if key not in _probe_results:
+        try:
+            with jax.ensure_compile_time_eval():  # run now, not staged into the caller's trace
+                ok = bool(probe())
+            if not ok:
+                logger.warning("Pallas kernel %s gave results different from the XLA reference on this "
+                               "device; 'auto' uses XLA for it", key)
+        except Exception as error:  # noqa: BLE001 - any compile/run failure means: use the reference
+            ok = False
+            logger.warning("Pallas kernel %s failed on this device (%s: %s); 'auto' uses XLA for it", key,
+                           type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
+        _probe_results[key] = ok
+    return _probe_results[key]
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):

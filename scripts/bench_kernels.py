@@ -30,10 +30,14 @@ def candidates(num_bins, on_gpu):
     }
     c["onehot_sum"] = lambda ids: (ids.reshape(-1, 1) == jnp.arange(num_bins)).sum(0, dtype=jnp.int32)
     impl = "pallas" if on_gpu else "pallas_interpret"
-    for method in ("outer", "compare"):  # Pallas: one-hot outer product on the matrix units / compare all bins
-        sizes = HistogramBlockSizes(method=method)
-        c[f"pallas_{method}"] = functools.partial(routing_histogram, num_bins=num_bins, implementation=impl,
-                                                  block_sizes=sizes)
+    variants = {  # Pallas: one-hot outer product on the matrix units / compare with all bins
+        "pallas_outer": HistogramBlockSizes(method="outer"),
+        "pallas_compare": HistogramBlockSizes(method="compare"),
+        # few long programs (one at 65,536 ids): no partial-sum pass, less parallelism
+        "pallas_outer_few": HistogramBlockSizes(method="outer", inner_steps=1024, min_programs=1),
+    }
+    for name, sizes in variants.items():
+        c[name] = functools.partial(routing_histogram, num_bins=num_bins, implementation=impl, block_sizes=sizes)
     return c
 
 

@@ -38,11 +38,9 @@ step() {  # step NAME LIMIT_S CMD...: run with the smaller of LIMIT_S and the ti
   date -u +%Y-%m-%dT%H:%MZ; } 2>&1 | tee "$OUT/gpu.txt"
 
 # 1. GPU-only tests: compiled Pallas kernels == XLA; ragged_all_to_all transport == dense MoE.
+#    (If a kernel fails here, the benchmarks still run: 'auto' probes each Pallas kernel once and
+#    falls back to XLA with a warning in the log; explicit 'pallas' rows report FAILED.)
 step tests 150 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py -q -k gpu -p no:cacheprovider
-if ! grep -qE "[0-9]+ passed" "$OUT/tests.txt" || grep -qE "[0-9]+ (failed|error)" "$OUT/tests.txt"; then
-    export JAX_EPLB_KERNELS=xla  # keep the model benchmarks running on the XLA routing kernels
-    echo "GPU tests did not all pass: the benchmarks below use JAX_EPLB_KERNELS=xla" | tee -a "$OUT/gpu.txt"
-fi
 # 2. Histogram kernels vs XLA, in-device (issue: >= 50% copy bandwidth at 8.4M ids).
 step kernels 100 python3 scripts/bench_kernels.py --reps 100 --json "$OUT/bench_kernels.json"
 # 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots; at ep=1 both transports are local, so the
@@ -65,4 +63,5 @@ grep -E "pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
 grep -E "^ *(no EPLB|balanced)|^ *[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$|TFLOP" "$OUT/moe.txt"
 grep -E "^ *[0-9]+ +[0-9.]+ +[0-9.]+" "$OUT/rebalance.txt"
 grep -E "^(no EPLB|EPLB)" "$OUT/inference.txt"
+grep -hE "uses XLA for it|FAILED" "$OUT"/*.txt | sort -u | cut -c1-200
 grep -hE "^\[[a-z]+\] (exit|skipped)" "$OUT"/*.txt

@@ -139,6 +139,71 @@ def test_compiled_pallas_on_gpu(num_ids, num_bins):
     np.testing.assert_array_equal(np.asarray(got.slot_counts), np.asarray(want.slot_counts))
 
 
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    """'auto' as on a GPU (its probes then compile Pallas for real, which fails on CPU)."""
+    from jax_eplb_kernels import _dispatch
+
+    monkeypatch.setattr(_dispatch.jax, "default_backend", lambda: "gpu")
+    monkeypatch.delenv("JAX_EPLB_KERNELS", raising=False)
+    monkeypatch.setattr(_dispatch, "_probe_results", {})
+    return _dispatch
+
+
+def test_auto_on_gpu_uses_pallas_only_after_its_probe_passes(pretend_gpu):
+    calls = []
+
+    def probe(result):
+        def run():
+            calls.append(result)
+            if result == "raise":
+                raise RuntimeError("triton compile error")
+            return bool(jnp.sum(jnp.arange(4)) == 6) and result  # concrete even under a trace
+        return run
+
+    resolve = pretend_gpu.resolve_implementation
+    assert jax.jit(lambda x: x + (resolve("auto", probe(True), "ok") == "pallas"))(0) == 1  # probed under jit
+    assert resolve("auto", probe(False), "wrong") == "xla"
+    assert resolve("auto", probe("raise"), "broken") == "xla"
+    assert resolve("auto", probe(True), "ok") == "pallas" and calls == [True, False, "raise"]  # once per key
+    assert resolve("pallas", probe(False), "wrong") == "pallas"  # explicit requests are not probed
+
+
+def test_auto_falls_back_to_xla_when_the_kernel_fails_on_the_device(pretend_gpu, caplog):
+    ids = jnp.asarray(np.random.default_rng(0).integers(-1, 300, (40, 8)), jnp.int32)
+    with caplog.at_level("WARNING", logger="jax_eplb_kernels"):
+        got = routing_histogram(ids, 288)  # compiled Pallas cannot run on CPU: probe fails -> XLA
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(routing_histogram(ids, 288, implementation="xla")))
+    assert "routing_histogram" in caplog.text and "uses XLA" in caplog.text
+    tables = build_assignment_tables(np.array([0, 1, 2, 0]), 3)
+    args = (jnp.asarray(ids % 3), jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]), 4)
+    np.testing.assert_array_equal(np.asarray(route_to_slots(*args).slot_ids),
+                                  np.asarray(route_to_slots(*args, implementation="xla").slot_ids))
+    x, w = jnp.ones((32, 16)), jnp.ones((2, 16, 16))
+    np.testing.assert_array_equal(np.asarray(tile_grouped_matmul(x, w, jnp.array([0, 1]), 2)),
+                                  np.full((32, 16), 16.0))
+    assert set(pretend_gpu._probe_results.values()) == {False} and len(pretend_gpu._probe_results) == 3
+
+
+def test_probes_pass_a_correct_kernel(monkeypatch):
+    """The probes' own logic: a correct kernel (interpreted here) passes, so a GPU keeps Pallas."""
+    import functools
+
+    from jax_eplb_kernels.grouped_matmul import api as matmul_api
+    from jax_eplb_kernels.histogram import api as histogram_api
+    from jax_eplb_kernels.slot_routing import api as routing_api
+
+    for module, name in ((histogram_api, "histogram_pallas"), (routing_api, "route_pallas"),
+                         (matmul_api, "tile_grouped_matmul_pallas")):
+        monkeypatch.setattr(module, name, functools.partial(getattr(module, name), interpret=True))
+    assert histogram_api._probe(288, HistogramBlockSizes(block=64))
+    assert routing_api._probe(16, 3, 24, 64, RoutingBlockSizes())
+    assert matmul_api._probe(32, 48, 16, jnp.float32, jnp.float32, MatmulBlockSizes(bn=16, bk=16))
+    # ... and a wrong one fails.
+    monkeypatch.setattr(histogram_api, "histogram_pallas", lambda ids, n, sizes: jnp.zeros((n,), jnp.int32))
+    assert not histogram_api._probe(288, HistogramBlockSizes(block=64))
+
+
 def test_auto_implementation_override(monkeypatch):
     from jax_eplb_kernels import resolve_implementation
 

@@ -10,8 +10,9 @@ Per iteration:
   the next step. With several processes (multi-host), every process plans the same layers from
   the same statistics and must apply them at the same iteration (the slot rewrite is a
   collective), so a plan is applied exactly one iteration after it was started, waiting for it
-  if need be; in one process a plan is applied as soon as it is done. Plans are migration-aware: experts stay in their slots where that costs no
-  balance, so an update moves few slots (TensorRT-LLM and DeepSeek re-plan from scratch).
+  if need be; in one process a plan is applied as soon as it is done.
+* Plans are migration-aware: experts stay in their slots where that costs no balance, so an
+  update moves few slots (TensorRT-LLM and DeepSeek re-plan from scratch).
 """
 
 from __future__ import annotations

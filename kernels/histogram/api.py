@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from jax_eplb_kernels._dispatch import resolve_implementation
 from jax_eplb_kernels.histogram.pallas_gpu import HistogramBlockSizes, histogram_pallas
@@ -23,7 +24,17 @@ def routing_histogram(ids: jax.Array, num_bins: int, *, implementation: str = "a
         raise ValueError(f"num_bins must be >= 1, got {num_bins}")
     if not jax.numpy.issubdtype(ids.dtype, jax.numpy.integer):
         raise ValueError(f"ids must be integers, got {ids.dtype}")
-    impl = resolve_implementation(implementation)
+    impl = resolve_implementation(implementation, probe=lambda: _probe(num_bins, block_sizes),
+                                  probe_key=("routing_histogram", num_bins, block_sizes))
     if impl == "xla":
         return histogram_reference(ids, num_bins)
     return histogram_pallas(ids, num_bins, block_sizes, interpret=impl == "pallas_interpret")
+
+
+def _probe(num_bins: int, block_sizes: HistogramBlockSizes) -> bool:
+    """Compiled Pallas == reference on ids with a hot bin, invalid ids and a partial last block."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-2, num_bins + 2, size=3 * block_sizes.block + 5).astype(np.int32)
+    ids[: block_sizes.block] = num_bins - 1
+    want = histogram_reference(jax.numpy.asarray(ids), num_bins)
+    return bool(jax.numpy.array_equal(histogram_pallas(jax.numpy.asarray(ids), num_bins, block_sizes), want))

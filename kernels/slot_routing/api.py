@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_eplb_kernels._dispatch import resolve_implementation
 from jax_eplb_kernels._outer_count import MIN_DOT_DIM
@@ -41,7 +42,10 @@ def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots
                          f"and {expert_slots.shape}")
     if num_slots < replica_count.shape[0]:
         raise ValueError(f"num_slots ({num_slots}) < experts ({replica_count.shape[0]})")
-    impl = resolve_implementation(implementation)
+    num_experts, max_replicas = expert_slots.shape
+    impl = resolve_implementation(
+        implementation, probe=lambda: _probe(num_experts, max_replicas, num_slots, block, block_sizes),
+        probe_key=("expert_to_slot_routing", num_experts, max_replicas, num_slots, block, block_sizes))
     if impl == "xla":
         slots = route_reference(expert_ids, replica_count, expert_slots, num_slots, rank_offset, block)
         counts = histogram_reference(slots, num_slots) if with_histogram else None
@@ -54,3 +58,22 @@ def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots
     slots, counts = route_pallas(expert_ids, jnp.asarray(replica_count), jnp.asarray(expert_slots), rank_offset,
                                  num_slots, block, block_sizes, interpret=impl == "pallas_interpret")
     return SlotRouting(slots, counts if with_histogram else None)
+
+
+def _probe(num_experts: int, max_replicas: int, num_slots: int, block: int, block_sizes: RoutingBlockSizes) -> bool:
+    """Compiled Pallas == reference (slot ids and histogram) on a table of this shape, with a hot
+    expert, invalid ids and a partial last block."""
+    slot_expert = np.concatenate([np.arange(num_experts), np.arange(num_slots - num_experts) % num_experts])
+    replica_count = np.bincount(slot_expert, minlength=num_experts).astype(np.int32)
+    expert_slots = np.full((num_experts, max_replicas), -1, np.int32)
+    for e in range(num_experts):
+        slots = np.flatnonzero(slot_expert == e)[:max_replicas]
+        expert_slots[e, : slots.size] = slots
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-1, num_experts + 1, size=(2 * block + 7, 1)).astype(np.int32)
+    ids[:block // 2] = 0  # expert 0 has the most replicas
+    args = (jnp.asarray(ids), jnp.asarray(replica_count), jnp.asarray(expert_slots))
+    got = route_pallas(*args, 1, num_slots, block, block_sizes)
+    want_slots = route_reference(*args, num_slots, 1, block)
+    want_counts = histogram_reference(want_slots, num_slots)
+    return bool(jnp.array_equal(got[0], want_slots) and jnp.array_equal(got[1], want_counts))
