@@ -161,6 +161,9 @@ def add_bench_parser(sub):
     thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
     thr.add_argument("--transport", choices=("all_to_all", "ragged"), default="all_to_all",
                      help="MoE dispatch: fixed-capacity all_to_all (any backend) or ragged_all_to_all (GPU)")
+    thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas"), default="auto",
+                     help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, or the Pallas tile-grouped "
+                          "kernel (GPU); auto: padded on CPU, ragged_dot on GPU")
     thr.add_argument("--online_planner", choices=("migration_aware", "trtllm"), default="migration_aware",
                      help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, or "
                           "TensorRT-LLM's greedy re-planned from scratch")
@@ -181,7 +184,8 @@ def run_bench(args) -> int:
         model=args.model, dataset=args.dataset, ep=args.ep, model_path=args.model_path,
         extra_llm_api_options=args.extra_llm_api_options, warmup=args.warmup, eos_id=args.eos_id,
         max_batch_size=args.max_batch_size, emulate_devices=args.emulate_devices,
-        replica_policy=args.replica_policy, transport=args.transport, seed=args.seed,
+        replica_policy=args.replica_policy, transport=args.transport, grouped_matmul=args.grouped_matmul,
+        seed=args.seed,
         online_planner=args.online_planner, online_state=args.online_state,
         output_tokens=args.output_tokens, report_json=args.report_json, progress=not args.no_progress))
     print(format_figures(result.figures))

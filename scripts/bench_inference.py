@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -30,6 +32,8 @@ def main():
     parser.add_argument("--input_len", type=int, default=32)
     parser.add_argument("--output_len", type=int, default=32)
     parser.add_argument("--max_batch_size", type=int, default=128)
+    parser.add_argument("--grouped_matmul", nargs="+", default=["auto"],
+                        help="one row set per grouped matmul (e.g. ragged_dot pallas on a GPU)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
 
@@ -46,35 +50,43 @@ def main():
     quiet = lambda _: None  # noqa: E731
 
     env = {"EXPERT_STATISTIC_ITER_RANGE": "0-100000", "EXPERT_STATISTIC_PATH": str(work / "stats")}
-    rows = [("no EPLB", run_throughput(ThroughputSettings(**base), env, quiet))]
+    baseline = run_throughput(ThroughputSettings(**base, grouped_matmul=args.grouped_matmul[0]), env, quiet)
+    first = baseline.figures
+    print(f"model {config.name}, ep={args.ep} ({first['platform']}), {args.requests} requests, input "
+          f"{args.input_len}, output {args.output_len}, batch {args.max_batch_size}")
+    print(f"{'configuration':<44} {'tok/s':>9} {'x':>6} {'step ms':>8} {'decode ms':>9} {'prefill ms':>10} "
+          f"{'imbalance':>9}", flush=True)
+    out = []
+
+    def report(name, result, matmul):
+        f = result.figures
+        print(f"{name:<44} {f['output_tokens_per_s']:>9.1f} {f['output_tokens_per_s'] / first['output_tokens_per_s']:>6.2f} "
+              f"{f['mean_step_ms']:>8.2f} {f['mean_decode_step_ms']:>9.2f} {f['mean_prefill_step_ms']:>10.2f} "
+              f"{f['mean_imbalance']:>9.3f}", flush=True)
+        out.append({"configuration": name, "grouped_matmul": matmul, **f})
+        if result.tokens == baseline.tokens:
+            return
+        if matmul == args.grouped_matmul[0]:  # same arithmetic: a placement must not change a single token
+            print(f"error: {name} generated different tokens than no EPLB", file=sys.stderr)
+            sys.exit(1)
+        same = np.mean([a == b for x, y in zip(result.tokens, baseline.tokens) for a, b in zip(x, y)])
+        print(f"  ({matmul} rounds differently from {args.grouped_matmul[0]}: {100 * same:.1f}% of tokens equal)")
+
+    report("no EPLB", baseline, args.grouped_matmul[0])
     stats = load_trtllm_dump(work / "stats")
     plan = plan_placement(stats.total(), args.num_slots, args.ep)
     plan_path = work / "plan.yaml"
     plan_config_from_slots(plan.slot_to_expert, stats.layer_ids).to_yaml(plan_path)
     extra = work / "extra.yaml"
     extra.write_text(f"moe_load_balancer: {plan_path}\n")
-    for policy in ("round_robin", "load_aware"):
-        rows.append((f"EPLB {args.num_slots} slots, {policy}", run_throughput(
-            ThroughputSettings(**base, extra_llm_api_options=str(extra), replica_policy=policy), None, quiet)))
-
-    first = rows[0][1].figures
-    platform = first["platform"]
-    print(f"model {config.name}, ep={args.ep} ({platform}), {args.requests} requests, input {args.input_len}, "
-          f"output {args.output_len}, batch {args.max_batch_size}")
-    head = f"{'configuration':<32} {'tok/s':>9} {'x':>6} {'step ms':>8} {'decode ms':>9} {'prefill ms':>10} {'imbalance':>9}"
-    print(head)
-    out = []
-    for name, result in rows:
-        f = result.figures
-        print(f"{name:<32} {f['output_tokens_per_s']:>9.1f} {f['output_tokens_per_s'] / first['output_tokens_per_s']:>6.2f} "
-              f"{f['mean_step_ms']:>8.2f} {f['mean_decode_step_ms']:>9.2f} {f['mean_prefill_step_ms']:>10.2f} "
-              f"{f['mean_imbalance']:>9.3f}")
-        out.append({"configuration": name, **f})
-        if result.tokens != rows[0][1].tokens:
-            print(f"error: {name} generated different tokens than no EPLB", file=sys.stderr)
-            sys.exit(1)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
+    for matmul in args.grouped_matmul:
+        suffix = "" if len(args.grouped_matmul) == 1 else f", {matmul}"
+        for policy in ("round_robin", "load_aware"):
+            result = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), replica_policy=policy,
+                                                       grouped_matmul=matmul), None, quiet)
+            report(f"EPLB {args.num_slots} slots, {policy}{suffix}", result, matmul)
+            if args.json:  # after every row: a run cut short keeps what it measured
+                args.json.write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ class ThroughputSettings:
     emulate_devices: int | None = None
     replica_policy: str = "round_robin"
     transport: str = "all_to_all"
+    grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | auto (padded on CPU, ragged_dot on GPU)
     seed: int = 0
     online_planner: str = "migration_aware"  # or "trtllm": TensorRT-LLM's greedy, re-planned from scratch
     online_state: str | None = None  # online: restore statistics + plan from here if present; save at exit
@@ -135,12 +136,14 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
     mesh = ep_mesh(s.ep, s.emulate_devices)
     if s.transport == "ragged" and mesh.devices.flat[0].platform == "cpu":
         raise EplbInputError("--transport ragged needs GPUs (XLA:CPU has no ragged_all_to_all); use all_to_all")
+    if s.grouped_matmul == "pallas" and mesh.devices.flat[0].platform != "gpu":
+        raise EplbInputError("--grouped_matmul pallas needs GPUs (compiled Pallas); use padded or ragged_dot")
     online = prep.layer_updates_per_iter > 0
     record = () if recorder is None else (("slot",) if prep.balanced else ("expert",))
     if online:
         record = tuple(sorted(set(record) | {"expert_total"}))
     moe_options = MoEOptions(replica_policy=s.replica_policy, moe_max_num_tokens=prep.options.moe_max_num_tokens,
-                             record=record, transport=s.transport)
+                             record=record, transport=s.transport, grouped_matmul=s.grouped_matmul)
     for key in prep.options.ignored_keys:
         log(f"note: extra option {key!r} has no effect here (ignored)")
 
