@@ -144,6 +144,7 @@ def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
         (["--ep", "3"], "divisible by ep_size"),
         (["--ep", "16"], "needs 16 devices"),
         (["--ep", "2", "--transport", "ragged"], "needs GPUs"),
+        (["--ep", "2", "--grouped_matmul", "pallas"], "needs GPUs (compiled Pallas)"),
         (["--ep", "2", "--extra_llm_api_options", str(tmp_path / "nope.yaml")], "does not exist"),
     ]
     for extra, match in cases:
