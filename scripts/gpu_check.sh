@@ -51,8 +51,9 @@ DATA_ARG=(); [[ -f "$DATA" ]] && DATA_ARG=(--data "$DATA")
 step moe 150 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
     --experts 256 --top_k 8 --slots_per_rank 288 --repeats 3 --matmul_rows 2048 8192 16384 \
     --transports ragged --matmuls ragged_dot pallas "${DATA_ARG[@]}"
-# 4. Online rebalance: rewriting changed slots (88 MB each) vs host-to-device bandwidth.
-step rebalance 60 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 8 16
+# 4. Online rebalance: rewriting changed slots (88 MB each) from host memory vs from device copies
+#    (at ep=1 all local), vs one host-to-device transfer of the same bytes.
+step rebalance 75 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 8 16
 # 5. DeepSeek-V3-shaped model slice on one GPU (ep=1: the step cost of the slot machinery, not balance),
 #    with XLA's ragged_dot and with the Pallas tile-grouped matmul.
 step inference 120 python3 scripts/bench_inference.py --model deepseek_v3_slice --ep 1 --emulate_devices 0 \

@@ -79,7 +79,7 @@ def test_tokens_identical_before_during_after_updates(ranks, k, overlap):
     plain = generate(build(config, ranks, identity_plus(config, 0)), None, 10)
     model = build(config, ranks, identity_plus(config, 8), record=("expert_total",))
     master = master_of(config)
-    balancer = OnlineBalancer(model, master, k, overlap=overlap, migration_tolerance=0.0)
+    balancer = OnlineBalancer(model, master, k, overlap=overlap, migration_tolerance=0.0, device_copies=True)
     assert generate(model, balancer, 10) == plain
     balancer.finish()
     applied = [r for r in balancer.reports if r.layers_applied]
@@ -90,8 +90,10 @@ def test_tokens_identical_before_during_after_updates(ranks, k, overlap):
         for leaf, host in zip(experts, master):
             np.testing.assert_array_equal(np.asarray(leaf[layer]), host[layer][balancer.slot_to_expert[layer]])
     np.testing.assert_array_equal(np.asarray(model.slot_to_expert.get_value()), balancer.slot_to_expert)
-    # One compiled rebalance step; the serving step compiled only for its two shapes.
-    assert balancer.writer.compilations() == 1
+    # Rebalance programs: the host-row write and one per rank shift of device copies, never one per
+    # plan; the serving step compiled only for its two shapes.
+    assert balancer.writer.compilations() <= 1 + ranks
+    assert sum(r.slots_from_devices for r in applied) > 0  # resident experts were copied on device
     assert model._step._cache_size() == 2
 
 
@@ -113,6 +115,45 @@ def test_lockstep_applies_each_plan_one_iteration_later_even_when_planning_is_sl
     for before, now in zip(reports, reports[1:]):
         assert now.layers_applied == before.layers_planned
     assert reports[0].layers_applied == ()
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**31 - 1))
+def test_slot_writer_fills_slots_from_device_copies_or_the_host(ranks, seed):
+    """Every rewritten slot ends up holding its new expert's master weights, whether it was copied
+    from a stable slot on a device (local or by ppermute) or written from the host master."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from jax_eplb.moe import ExpertWeights
+    from jax_eplb.online import SlotWriter
+
+    rng = np.random.default_rng(seed)
+    mesh = Mesh(np.array(jax.devices("cpu")[:ranks]), ("ep",))
+    num_experts, num_slots, layers = 6, ranks * (8 // ranks + 1), 2
+    master = ExpertWeights(*(rng.normal(size=(layers, num_experts) + shape).astype(np.float32)
+                             for shape in ((3, 2), (3, 2), (2, 3))))
+    old = np.stack([rng.permutation(np.concatenate([np.arange(num_experts),
+                                                    rng.integers(0, num_experts, num_slots - num_experts)]))
+                    for _ in range(layers)])
+    new = old.copy()
+    changed = rng.choice(num_slots, size=rng.integers(1, num_slots), replace=False)
+    new[1, changed] = rng.integers(0, num_experts, changed.size)
+    sharding = NamedSharding(mesh, P(None, "ep"))
+    for from_devices in (True, False):
+        experts = jax.tree.map(lambda m: jax.device_put(np.take_along_axis(
+            m, old.reshape(old.shape + (1,) * (m.ndim - 2)), axis=1), sharding), master)
+        writer = SlotWriter(mesh, device_copies=from_devices)
+        experts = writer.warm_up(experts)  # no-ops that compile every rank shift
+        assert writer.compilations() == (ranks if from_devices else 0)
+        experts, move = writer.move_layer(experts, master, 1, old[1], new[1])
+        for leaf, host in zip(experts, master):
+            np.testing.assert_array_equal(np.asarray(leaf[1]), host[1][new[1]])
+            np.testing.assert_array_equal(np.asarray(leaf[0]), host[0][old[0]])  # other layers untouched
+        assert move.slots_moved == int((old[1] != new[1]).sum())
+        stable = old[1] == new[1]
+        resident = sum(int(np.any(stable & (old[1] == e))) for e in new[1][~stable])
+        assert move.slots_from_devices == (resident if from_devices else 0)
+        assert writer.compilations() <= (ranks if from_devices else 0) + 1  # + the host write, nothing new
 
 
 def test_decayed_statistics_and_reset():

@@ -56,6 +56,7 @@ class UpdateReport(NamedTuple):
     bytes_moved: int
     plan_seconds: float  # host-thread planner time of the plans applied now
     apply_seconds: float  # time the step loop spent rewriting slots (stalls the next step)
+    slots_from_devices: int = 0  # of slots_moved, copied from a device copy instead of host memory
 
 
 class _Planned(NamedTuple):
@@ -75,6 +76,8 @@ class OnlineBalancer:
         for comparison).
       overlap: plan on a host thread (applied at the next iteration after it finishes); False
         plans and applies within ``before_step`` (deterministic; for tests).
+      device_copies: fill changed slots from resident copies of their experts (on-device copy or
+        ppermute) rather than the host master; default: on GPU meshes (see ``SlotWriter``).
       lockstep: with ``overlap``, apply each plan exactly one iteration after it started (waiting
         for the thread if it is slower than a step), so every process applies the same plans at the
         same iteration. Default: on when JAX runs several processes (required there).
@@ -85,7 +88,8 @@ class OnlineBalancer:
 
     def __init__(self, model, master_experts, layer_updates_per_iter: int, *, decay: float = DECAY,
                  warmup_iters: int = 0, algorithm: str = "balanced", migration_tolerance: float = 0.05,
-                 migration_aware: bool = True, overlap: bool = True, lockstep: bool | None = None):
+                 migration_aware: bool = True, overlap: bool = True, lockstep: bool | None = None,
+                 device_copies: bool | None = None):
         if "expert_total" not in model.options.record:
             raise ValueError("the model's step must record expert totals: MoEOptions(record=('expert_total', ...))")
         config = model.config
@@ -97,7 +101,10 @@ class OnlineBalancer:
         self._replicated = NamedSharding(model.mesh, P())
         self.statistics = jax.device_put(jnp.zeros((config.num_moe_layers, config.num_experts), jnp.float32),
                                          self._replicated)
-        self.writer = SlotWriter(model.mesh)
+        self.writer = SlotWriter(model.mesh, device_copies)
+        weights = model.weights.get_value()
+        experts = self.writer.warm_up(weights.moe.experts)  # compile the rebalance programs now, not mid-serving
+        model.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if overlap else None
         self.lockstep = jax.process_count() > 1 if lockstep is None else lockstep
         self._pending: list[concurrent.futures.Future] = []
@@ -110,16 +117,13 @@ class OnlineBalancer:
         self.statistics = _decay_update(self.statistics, expert_totals, jnp.float32(self.decay))
 
     def before_step(self, iteration: int) -> UpdateReport:
-        applied, moved, moved_bytes, plan_s, apply_s = [], 0, 0, 0.0, 0.0
+        applied: list[UpdateReport] = []  # one per plan applied now (iteration -1, layers_planned ())
         # One look per future (a plan finishing now waits a step); in lockstep every plan of an
         # earlier iteration counts as done and is waited for.
         done = [self.lockstep or f.done() for f in self._pending]
         ready = [f for f, d in zip(self._pending, done) if d]
         self._pending = [f for f, d in zip(self._pending, done) if not d]
-        for future in ready:
-            a, m, b, p, t = self._apply(future.result())
-            applied += a
-            moved, moved_bytes, plan_s, apply_s = moved + m, moved_bytes + b, plan_s + p, apply_s + t
+        applied += [self._apply(future.result()) for future in ready]
         due = self.schedule.due(iteration)
         if due:
             loads = np.asarray(self.statistics[np.asarray(due)])  # [k, E]: one small transfer
@@ -127,10 +131,9 @@ class OnlineBalancer:
             if self._pool is not None:
                 self._pending.append(self._pool.submit(self._plan, due, loads, previous))
             else:
-                a, m, b, p, t = self._apply(self._plan(due, loads, previous))
-                applied += a
-                moved, moved_bytes, plan_s, apply_s = moved + m, moved_bytes + b, plan_s + p, apply_s + t
-        report = UpdateReport(iteration, tuple(due), tuple(applied), moved, moved_bytes, plan_s, apply_s)
+                applied.append(self._apply(self._plan(due, loads, previous)))
+        report = UpdateReport(iteration, tuple(due), tuple(l for a in applied for l in a.layers_applied),
+                              *(sum(getattr(a, field) for a in applied) for field in UpdateReport._fields[3:]))
         self.reports.append(report)
         return report
 
@@ -159,21 +162,23 @@ class OnlineBalancer:
         chosen = np.where(keep[:, None], previous, plan.slot_to_expert)
         return _Planned(tuple(layers), chosen, time.perf_counter() - start)
 
-    def _apply(self, planned: _Planned):
+    def _apply(self, planned: _Planned) -> UpdateReport:
         start = time.perf_counter()
         weights = self.model.weights.get_value()
         experts = weights.moe.experts
-        moved = moved_bytes = 0
+        moves = []
         for layer, new in zip(planned.layers, planned.slot_to_expert):
             experts, move = self.writer.move_layer(experts, self.master, layer, self.slot_to_expert[layer], new)
             self.slot_to_expert[layer] = new
-            moved, moved_bytes = moved + move.slots_moved, moved_bytes + move.bytes_moved
+            moves.append(move)
         self.model.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
         self.model.set_tables(build_assignment_tables(self.slot_to_expert, self.model.config.num_experts))
         mask = np.zeros(self.slot_to_expert.shape[0], bool)
         mask[list(planned.layers)] = True
         self.statistics = _reset_layers(self.statistics, jax.device_put(mask, self._replicated))
-        return list(planned.layers), moved, moved_bytes, planned.seconds, time.perf_counter() - start
+        return UpdateReport(-1, (), tuple(planned.layers), sum(m.slots_moved for m in moves),
+                            sum(m.bytes_moved for m in moves), planned.seconds, time.perf_counter() - start,
+                            sum(m.slots_from_devices for m in moves))
 
     # ------------------------------------------------------------------ state
 

@@ -232,7 +232,8 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
                        "imbalance": float(load_metrics(rank_load[None]).imbalance.mean()),
                        "step_ms": 1e3 * elapsed}
                 if update is not None:
-                    row.update(slots_moved=update.slots_moved, bytes_moved=update.bytes_moved,
+                    row.update(slots_moved=update.slots_moved, slots_from_devices=update.slots_from_devices,
+                               bytes_moved=update.bytes_moved,
                                plan_ms=1e3 * update.plan_seconds, apply_ms=1e3 * update.apply_seconds,
                                layers_applied=list(update.layers_applied))
                 per_iteration.append(row)
@@ -295,6 +296,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             load_balancer=f"online, k={prep.layer_updates_per_iter}, {s.online_planner}",
             layer_updates=sum(len(r.layers_applied) for r in updates),
             slots_moved=sum(r.slots_moved for r in updates), bytes_moved=sum(r.bytes_moved for r in updates),
+            slots_from_devices=sum(r.slots_from_devices for r in updates),
             mean_plan_ms_per_update=1e3 * float(np.mean([r.plan_seconds for r in updates])) if updates else 0.0,
             mean_apply_ms_per_iteration=1e3 * float(np.mean([r.apply_seconds for r in balancer.reports])))
     writes = jax.process_index() == 0  # multi-host: every process holds all results; one writes them
@@ -320,6 +322,7 @@ def format_figures(figures: dict) -> str:
     if "slots_moved" in figures:
         rows += [("layer updates", f"{figures['layer_updates']}"),
                  ("slots moved (total)", f"{figures['slots_moved']}"),
+                 ("  of which copied on device (not from host)", f"{figures['slots_from_devices']}"),
                  ("bytes moved (total)", f"{figures['bytes_moved'] / 2**20:.1f} MiB"),
                  ("planner ms per layer update (host thread)", f"{figures['mean_plan_ms_per_update']:.2f}"),
                  ("rebalance ms per iteration (in step loop)", f"{figures['mean_apply_ms_per_iteration']:.2f}")]
