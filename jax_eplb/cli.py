@@ -161,6 +161,13 @@ def add_bench_parser(sub):
     thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
     thr.add_argument("--transport", choices=("all_to_all", "ragged"), default="all_to_all",
                      help="MoE dispatch: fixed-capacity all_to_all (any backend) or ragged_all_to_all (GPU)")
+    thr.add_argument("--prefill_chunk", type=int, default=None,
+                     help="chunked prefill: prompt tokens a request prefills per iteration (default: whole prompts)")
+    thr.add_argument("--enable_chunked_prefill", action="store_true",
+                     help="TensorRT-LLM's flag: chunked prefill with --max_num_tokens per iteration, split evenly "
+                          "over the batch rows (steps here are [batch, chunk])")
+    thr.add_argument("--max_num_tokens", type=int, default=None,
+                     help="with --enable_chunked_prefill: token budget per iteration")
     thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas"), default="auto",
                      help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, or the Pallas tile-grouped "
                           "kernel (GPU); auto: padded on CPU, ragged_dot on GPU")
@@ -176,6 +183,20 @@ def add_bench_parser(sub):
     parser.set_defaults(handler=run_bench)
 
 
+def prefill_chunk(args) -> int | None:
+    """--prefill_chunk, or TensorRT-LLM's --enable_chunked_prefill --max_num_tokens (budget / batch rows)."""
+    if not args.enable_chunked_prefill:
+        if args.max_num_tokens is not None:
+            print("note: --max_num_tokens only sets the chunk size with --enable_chunked_prefill here (ignored)",
+                  file=sys.stderr)
+        return args.prefill_chunk
+    if args.max_num_tokens is None:
+        raise EplbInputError("--enable_chunked_prefill needs --max_num_tokens (the token budget per iteration)")
+    if args.prefill_chunk is not None:
+        raise EplbInputError("give either --prefill_chunk or --enable_chunked_prefill --max_num_tokens, not both")
+    return max(1, args.max_num_tokens // args.max_batch_size)
+
+
 def run_bench(args) -> int:
     from jax_eplb.serving import ThroughputSettings, format_figures, initialize_distributed, run_throughput
 
@@ -185,7 +206,7 @@ def run_bench(args) -> int:
         extra_llm_api_options=args.extra_llm_api_options, warmup=args.warmup, eos_id=args.eos_id,
         max_batch_size=args.max_batch_size, emulate_devices=args.emulate_devices,
         replica_policy=args.replica_policy, transport=args.transport, grouped_matmul=args.grouped_matmul,
-        seed=args.seed,
+        prefill_chunk=prefill_chunk(args), seed=args.seed,
         online_planner=args.online_planner, online_state=args.online_state,
         output_tokens=args.output_tokens, report_json=args.report_json, progress=not args.no_progress))
     print(format_figures(result.figures))

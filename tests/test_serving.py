@@ -145,6 +145,8 @@ def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
         (["--ep", "16"], "needs 16 devices"),
         (["--ep", "2", "--transport", "ragged"], "needs GPUs"),
         (["--ep", "2", "--grouped_matmul", "pallas"], "needs GPUs (compiled Pallas)"),
+        (["--ep", "2", "--prefill_chunk", "0"], "--prefill_chunk must be >= 1"),
+        (["--ep", "2", "--enable_chunked_prefill"], "needs --max_num_tokens"),
         (["--ep", "2", "--extra_llm_api_options", str(tmp_path / "nope.yaml")], "does not exist"),
     ]
     for extra, match in cases:
@@ -240,3 +242,33 @@ def test_inflight_batching_does_not_change_tokens(tmp_path, small_yaml):
     phases = [r["phase"] for r in runs[2].per_iteration]
     assert phases.count("mixed") > 1  # rows were refilled mid-run, while others decoded
     assert runs[2].figures["iterations"] < sum(1 + (5 * i) % 7 for i in range(10))  # rows overlap
+
+
+def test_chunked_prefill_does_not_change_tokens(tmp_path, small_yaml):
+    """Prompts prefilled a few tokens per iteration (while other rows decode) give the same tokens
+    as whole-prompt prefill; more mixed iterations, none longer than the chunk."""
+    dataset = write_lines(tmp_path / "d.jsonl", [
+        {"task_id": i, "input_ids": [(7 * i + j) % 64 for j in range(1 + (3 * i) % 8)], "output_tokens": 1 + i % 4}
+        for i in range(9)])
+    runs = {chunk: run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=2,
+                                                     max_batch_size=4, emulate_devices=8, progress=False,
+                                                     prefill_chunk=chunk), {}, log=lambda _: None)
+            for chunk in (None, 3, 1)}
+    assert runs[None].tokens == runs[3].tokens == runs[1].tokens
+    mixed = {chunk: [r["phase"] for r in run.per_iteration].count("mixed") for chunk, run in runs.items()}
+    assert mixed[None] < mixed[3] < mixed[1]
+    assert runs[1].figures["output_tokens"] == runs[None].figures["output_tokens"]
+
+
+def test_trtllm_chunked_prefill_flags_map_to_a_chunk(capsys):
+    from argparse import Namespace
+
+    from jax_eplb.cli import prefill_chunk
+
+    flags = dict(enable_chunked_prefill=True, max_num_tokens=1024, max_batch_size=64, prefill_chunk=None)
+    assert prefill_chunk(Namespace(**flags)) == 16  # the iteration's budget split over the batch rows
+    assert prefill_chunk(Namespace(**{**flags, "max_num_tokens": 10})) == 1
+    assert prefill_chunk(Namespace(**{**flags, "enable_chunked_prefill": False, "prefill_chunk": 7})) == 7
+    assert "ignored" in capsys.readouterr().err  # --max_num_tokens without chunking has no effect here
+    with pytest.raises(Exception, match="not both"):
+        prefill_chunk(Namespace(**{**flags, "prefill_chunk": 7}))

@@ -89,13 +89,17 @@ class MoETransformer(nnx.Module):
         return step(self.weights.get_value(), self.replica_count.get_value(), self.expert_slots.get_value(),
                     tokens, positions, mask, cache)
 
-    def mixed(self, prompts, lengths, decode_tokens, decode_positions, decoding, cache: KVCache) -> StepOutput:
+    def mixed(self, prompts, lengths, decode_tokens, decode_positions, decoding, cache: KVCache,
+              starts=None) -> StepOutput:
         """One iteration with both phases (in-flight batching): rows with ``lengths > 0`` prefill
-        ``prompts`` ``[B, P]``; rows with ``decoding`` ``[B]`` decode one token
-        (``decode_tokens``/``decode_positions`` ``[B]``) in column 0; other rows are idle."""
+        ``prompts`` ``[B, P]`` (a whole prompt, or with ``starts`` ``[B]`` a chunk of one that begins
+        at that position: chunked prefill; a row's next token is that of its chunk's last token);
+        rows with ``decoding`` ``[B]`` decode one token (``decode_tokens``/``decode_positions``
+        ``[B]``) in column 0; other rows are idle."""
         tokens = np.array(prompts, np.int32)
-        positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape).copy()
-        mask = positions < np.asarray(lengths)[:, None]
+        column = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
+        mask = column < np.asarray(lengths)[:, None]
+        positions = column + (0 if starts is None else np.asarray(starts, np.int32)[:, None])
         rows = np.flatnonzero(np.asarray(decoding))
         tokens[rows, 0] = np.asarray(decode_tokens)[rows]
         positions[rows, 0] = np.asarray(decode_positions)[rows]

@@ -4,7 +4,10 @@ In-flight batching over ``max_batch_size`` rows (rounded up to a multiple of ``e
 is data-parallel, so each rank's rows are its local tokens): whenever rows are free and requests
 wait, a mixed iteration admits requests in dataset order (their prompts, right-padded to the
 dataset's longest, prefill in the same step in which the active rows decode one token, as
-TensorRT-LLM's scheduler does); otherwise a decode iteration advances every active row. A
+TensorRT-LLM's scheduler does); otherwise a decode iteration advances every active row. With
+chunked prefill (``prefill_chunk``) a prompt prefills at most that many tokens per iteration,
+over as many mixed iterations as it needs (steps are ``[batch, chunk]``: one compile for any
+prompt length, and a bounded number of MoE tokens per step). A
 request leaves after its ``output_tokens`` (or ``eos_id``). Every step is one *iteration* (the
 statistics' iteration index); "prefill" step times are those of the mixed iterations.
 
@@ -50,6 +53,7 @@ class ThroughputSettings:
     replica_policy: str = "round_robin"
     transport: str = "all_to_all"
     grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | auto (padded on CPU, ragged_dot on GPU)
+    prefill_chunk: int | None = None  # chunked prefill: prompt tokens per row and iteration (None: whole prompts)
     seed: int = 0
     online_planner: str = "migration_aware"  # or "trtllm": TensorRT-LLM's greedy, re-planned from scratch
     online_state: str | None = None  # online: restore statistics + plan from here if present; save at exit
@@ -88,6 +92,8 @@ def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecor
     options = load_extra_options(s.extra_llm_api_options)
     if s.max_batch_size < 1:
         raise EplbInputError(f"--max_batch_size must be >= 1, got {s.max_batch_size}")
+    if s.prefill_chunk is not None and s.prefill_chunk < 1:
+        raise EplbInputError(f"--prefill_chunk must be >= 1, got {s.prefill_chunk}")
     if not 0 <= s.warmup < len(requests):
         raise EplbInputError(f"--warmup must be in [0, {len(requests)}) (requests in the dataset), got {s.warmup}")
     if s.online_planner not in ("migration_aware", "trtllm"):
@@ -169,6 +175,8 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             balancer.restore_state(s.online_state)
             log(f"online balancer state (statistics + placement) restored from {s.online_state}")
     prefill_len = max(len(r.input_ids) for r in requests)
+    if s.prefill_chunk:
+        prefill_len = min(prefill_len, s.prefill_chunk)
     model.compile(prep.batch, prefill_len)
     log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
         f"{model.num_slots} slots on ep={s.ep} ({mesh.devices.flat[0].platform}); batch {prep.batch}, "
@@ -187,14 +195,15 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         b = prep.batch
         queue = list(queue)
         owner: list[Request | None] = [None] * b  # the request each row serves
+        prefilled = np.zeros(b, np.int64)  # prompt tokens of the row's request already in its cache
         generated: list[list[int]] = [[] for _ in range(b)]
         positions = np.zeros(b, np.int32)
         next_token = np.zeros(b, np.int32)
         done: dict = {}
         cache = model.new_cache(b)
         while queue or any(o is not None for o in owner):
-            free = [i for i in range(b) if owner[i] is None]
-            admit = free[:len(queue)]
+            for i in [i for i in range(b) if owner[i] is None][:len(queue)]:  # admit into free rows
+                owner[i], generated[i], prefilled[i] = queue.pop(0), [], 0
             if recorder is not None:
                 recorder.begin_iteration(iteration)
             if before_iteration is not None:
@@ -203,19 +212,24 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             update = None
             if balancer is not None and collect:
                 update = balancer.before_step(iteration - timed_start)
-            decoding = np.array([o is not None for o in owner])
-            if admit:  # a mixed iteration: new requests prefill while the active rows decode
+            prompt_len = np.array([len(o.input_ids) if o is not None else 0 for o in owner])
+            decoding = np.array([o is not None for o in owner]) & (prefilled >= prompt_len)
+            admit = np.flatnonzero(prefilled < prompt_len)  # rows prefilling (a chunk of) their prompt
+            chunk = np.minimum(prompt_len - prefilled, prefill_len)  # [B] tokens each prefills now
+            if admit.size:  # a mixed iteration: prompts (chunks) prefill while the active rows decode
                 prompt = np.zeros((b, prefill_len), np.int32)
                 lengths = np.zeros(b, np.int32)
                 for i in admit:
-                    owner[i], generated[i] = queue.pop(0), []
-                    prompt[i, :len(owner[i].input_ids)] = owner[i].input_ids
-                    lengths[i] = len(owner[i].input_ids)
-                out = model.mixed(prompt, lengths, next_token, positions, decoding, cache)
+                    prompt[i, :chunk[i]] = owner[i].input_ids[prefilled[i]:prefilled[i] + chunk[i]]
+                    lengths[i] = chunk[i]
+                out = model.mixed(prompt, lengths, next_token, positions, decoding, cache,
+                                  starts=np.where(lengths > 0, prefilled, 0))
             else:  # a decode-only iteration
                 out = model.decode(next_token, positions, decoding, cache)
-            stepping = decoding.copy()
-            stepping[admit] = True
+            finishing = admit[prefilled[admit] + chunk[admit] >= prompt_len[admit]]  # prompts complete now
+            prefilled[admit] += chunk[admit]
+            stepping = decoding.copy()  # rows that produce a token in this iteration
+            stepping[finishing] = True
             fresh = to_host(out.next_token)
             rank_load = to_host(out.rank_load)
             elapsed = time.perf_counter() - t0
@@ -225,9 +239,9 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
             if balancer is not None and collect:
                 balancer.observe(out.expert_totals)
             if collect:
-                stats["prefill_s" if admit else "decode_s"].append(elapsed)
+                stats["prefill_s" if admit.size else "decode_s"].append(elapsed)
                 stats["rank_load"].append(rank_load)
-                row = {"iteration": iteration, "phase": "mixed" if admit else "decode",
+                row = {"iteration": iteration, "phase": "mixed" if admit.size else "decode",
                        "rows": int(stepping.sum()),
                        "imbalance": float(load_metrics(rank_load[None]).imbalance.mean()),
                        "step_ms": 1e3 * elapsed}
@@ -238,7 +252,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
                                layers_applied=list(update.layers_applied))
                 per_iteration.append(row)
             positions = positions + decoding  # decoded rows wrote one more position
-            for i in admit:
+            for i in finishing:
                 positions[i] = len(owner[i].input_ids)  # prefilled rows: the next token goes here
             for i in np.flatnonzero(stepping):
                 next_token[i] = fresh[i]
