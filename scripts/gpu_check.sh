@@ -64,8 +64,8 @@ echo "== summary ($(($(date +%s) - START))s) =="
 cat "$OUT/gpu.txt"
 grep -E "passed|failed|error" "$OUT/tests.txt" | tail -2
 grep -E "pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
-grep -E "^ *(no EPLB|balanced)|^ *[0-9]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$|TFLOP" "$OUT/moe.txt"
-grep -E "^ *[0-9]+ +[0-9.]+ +[0-9.]+" "$OUT/rebalance.txt"
+grep -E "^ *(no EPLB|balanced)|^ *[0-9]+( +([0-9.]+|nan))+$|TFLOP" "$OUT/moe.txt"
+grep -E "^ *[0-9]+ +(host|device) " "$OUT/rebalance.txt"
 grep -E "^(no EPLB|EPLB)" "$OUT/inference.txt"
 grep -hE "uses XLA for it|FAILED" "$OUT"/*.txt | sort -u | cut -c1-200
 grep -hE "^\[[a-z]+\] (exit|skipped)" "$OUT"/*.txt

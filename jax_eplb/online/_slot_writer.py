@@ -12,9 +12,9 @@ with itself), through a ``shard_map``-ed ``dynamic_update_slice`` on the donated
 Device-to-device links (NVLink: hundreds of GB/s) beat the host link (PCIe: tens), and with
 migration-aware plans most moves are new replicas of experts already resident; so device copies
 are the default on GPUs. On CPU, host and device memory are one memory and the copy rounds only
-add steps (2-3x slower there), so the default is the host path. Shapes never
-depend on the plan; no device holds more than its own slots plus one incoming row per tensor.
-Every expert-local tensor (all leaves of the expert pytree) moves together.
+add steps (2-3x slower there), so the default is the host path. Shapes never depend on the
+plan; no device holds more than its own slots plus one incoming row per tensor. Every
+expert-local tensor (all leaves of the expert pytree) moves together.
 """
 
 from __future__ import annotations
