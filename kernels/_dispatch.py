@@ -8,6 +8,7 @@ of breaking the model. Explicit ``implementation="pallas"`` is never probed and 
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 from typing import Callable, Hashable
@@ -28,7 +29,8 @@ def resolve_implementation(implementation: str, probe: Callable[[], bool] | None
 
     Args:
       probe: returns whether the Pallas kernel equals the reference on a small input; run once
-        per ``probe_key`` (the kernel and its static configuration), eagerly, even under a trace.
+        per ``probe_key`` (the kernel and its static configuration), on its own thread, so it runs
+        eagerly even when the caller is being traced (jit, shard_map).
     Unknown names raise ValueError.
     """
     if implementation not in IMPLEMENTATIONS:
@@ -52,8 +54,10 @@ def resolve_implementation(implementation: str, probe: Callable[[], bool] | None
 def _probe_passes(probe: Callable[[], bool], key: Hashable) -> bool:
     if key not in _probe_results:
         try:
-            with jax.ensure_compile_time_eval():  # run now, not staged into the caller's trace
-                ok = bool(probe())
+            # On a fresh thread: no trace of the caller's (jit, shard_map, scan) is active there, so
+            # the probe compiles and runs as plain top-level code.
+            with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+                ok = bool(pool.submit(probe).result())
             if not ok:
                 logger.warning("Pallas kernel %s gave results different from the XLA reference on this "
                                "device; 'auto' uses XLA for it", key)

@@ -169,6 +169,30 @@ def test_auto_on_gpu_uses_pallas_only_after_its_probe_passes(pretend_gpu):
     assert resolve("pallas", probe(False), "wrong") == "pallas"  # explicit requests are not probed
 
 
+def test_probe_runs_a_kernel_while_the_caller_is_traced_in_shard_map(pretend_gpu):
+    """The EP block calls the kernels inside jit + shard_map: the probe must still compile and run
+    its kernel (here interpreted) rather than be staged into, or evaluated inside, that trace."""
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from jax_eplb_kernels.histogram import histogram_pallas, histogram_reference
+
+    ids = np.arange(100, dtype=np.int32) % 7
+
+    def probe():
+        return bool(jnp.array_equal(histogram_pallas(jnp.asarray(ids), 7, SMALL_HIST["outer"], interpret=True),
+                                    histogram_reference(jnp.asarray(ids), 7)))
+
+    def body(x):
+        impl = pretend_gpu.resolve_implementation("auto", probe, "shard_map_probe")
+        return x + (impl == "pallas")
+
+    mesh = Mesh(np.array(jax.devices("cpu")[:4]), ("ep",))
+    for check_vma in (True, False):
+        f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=check_vma))
+        np.testing.assert_array_equal(np.asarray(f(jnp.zeros(8, jnp.int32))), np.ones(8))
+    assert pretend_gpu._probe_results == {"shard_map_probe": True}
+
+
 def test_auto_falls_back_to_xla_when_the_kernel_fails_on_the_device(pretend_gpu, caplog):
     ids = jnp.asarray(np.random.default_rng(0).integers(-1, 300, (40, 8)), jnp.int32)
     with caplog.at_level("WARNING", logger="jax_eplb_kernels"):
