@@ -230,10 +230,10 @@ def add_prepare_dataset_parser(sub):
 
 
 def run_prepare_dataset(args) -> int:
-    from jax_eplb.model import ModelConfig, resolve_model_config
+    from jax_eplb.model import load_model_config
     from jax_eplb.serving import prepare_dataset
 
-    vocab = args.vocab_size or ModelConfig.from_yaml(resolve_model_config(args.model)).vocab_size
+    vocab = args.vocab_size or load_model_config(args.model).vocab_size
     path = prepare_dataset(args.output, num_requests=args.num_requests, input_mean=args.input_mean,
                            output_mean=args.output_mean, input_stdev=args.input_stdev,
                            output_stdev=args.output_stdev, vocab_size=vocab, seed=args.seed)
@@ -250,9 +250,9 @@ def add_checkpoint_parser(sub):
 
 
 def run_create_checkpoint(args) -> int:
-    from jax_eplb.model import ModelConfig, create_random_checkpoint, resolve_model_config
+    from jax_eplb.model import create_random_checkpoint, load_model_config
 
-    config = ModelConfig.from_yaml(resolve_model_config(args.model))
+    config = load_model_config(args.model)
     path = create_random_checkpoint(args.output, config, args.seed)
     print(f"wrote {config.name} checkpoint (seed {args.seed}) -> {path}")
     return 0

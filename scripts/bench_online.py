@@ -44,10 +44,10 @@ def main():
     import numpy as np
 
     from jax_eplb import load_trtllm_dump, plan_config_from_slots, plan_placement
-    from jax_eplb.model import ModelConfig, resolve_model_config, router_bias
+    from jax_eplb.model import load_model_config, router_bias
     from jax_eplb.serving import ThroughputSettings, prepare_dataset, run_throughput
 
-    config = ModelConfig.from_yaml(resolve_model_config(args.model))
+    config = load_model_config(args.model)
     work = Path(tempfile.mkdtemp(prefix="bench_online_"))
     dataset = prepare_dataset(work / "dataset.jsonl", num_requests=args.requests, input_mean=args.input_len,
                               output_mean=args.output_len, vocab_size=config.vocab_size)

@@ -94,14 +94,12 @@ def test_model_step_lowers_for_cuda_with_gpu_options():
     from jax.sharding import Mesh
 
     from jax_eplb import default_slot_to_expert
-    from jax_eplb.model import (ModelConfig, MoEOptions, MoETransformer, init_weights, placed_weights,
-                                resolve_model_config)
+    from jax_eplb.model import MoEOptions, MoETransformer, init_weights, load_model_config
 
-    config = ModelConfig.from_yaml(resolve_model_config("tiny"))
+    config = load_model_config("tiny")
     mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("ep",))
     slot_to_expert = np.tile(default_slot_to_expert(config.num_experts, 80, 8), (config.num_moe_layers, 1))
-    weights = init_weights(config, 0, mesh, slot_to_expert)
-    model = MoETransformer(config, mesh, placed_weights(weights, mesh, weights.moe.experts),
+    model = MoETransformer(config, mesh, init_weights(config, 0, mesh, slot_to_expert),
                            build_assignment_tables(slot_to_expert, config.num_experts),
                            MoEOptions(transport="ragged", grouped_matmul="pallas", record=("slot",)))
     cache = model.new_cache(16)

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 from jax_eplb import EplbInputError, build_assignment_tables, plan_placement
 from jax_eplb.model import (ModelConfig, MoEOptions, MoETransformer, create_random_checkpoint, init_weights,
-                            placed_weights, restore_checkpoint, restore_logical_experts)
+                            restore_checkpoint, restore_logical_experts)
 from jax_eplb.moe import RouterWeights, route
 
 SMALL = {"model": dict(name="small", vocab_size=64, hidden_size=32, num_layers=3, first_k_dense=1, num_heads=4,
@@ -113,9 +113,7 @@ def generate(model, prompts, steps):
 
 def build(config, ranks, slot_to_expert, seed=0, **options):
     mesh = mesh_of(ranks)
-    weights = init_weights(config, seed, mesh, slot_to_expert)
-    weights = placed_weights(weights, mesh, weights.moe.experts)
-    return MoETransformer(config, mesh, weights, build_assignment_tables(slot_to_expert, config.num_experts),
+    return MoETransformer(config, mesh, init_weights(config, seed, mesh, slot_to_expert), build_assignment_tables(slot_to_expert, config.num_experts),
                           MoEOptions(**options))
 
 
@@ -219,9 +217,9 @@ def test_bad_model_configs(bad, match):
 @pytest.mark.parametrize("name", ["tiny", "deepseek_v3_slice"])
 def test_shipped_configs_build(name):
     """Shipped configs load and their weights have the advertised shapes (abstractly: no memory)."""
-    from jax_eplb.model import resolve_model_config
+    from jax_eplb.model import load_model_config
 
-    config = ModelConfig.from_yaml(resolve_model_config(name))
+    config = load_model_config(name)
     assert config.num_experts >= 64 and config.top_k >= 4 and config.n_group > 1 and config.router == "deepseek"
     shapes = jax.eval_shape(lambda: init_weights(config, 0, mesh=None))
     lm = config.num_layers - config.first_k_dense

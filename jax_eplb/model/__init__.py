@@ -1,6 +1,6 @@
 """Decoder-only MoE transformer (Flax NNX) on an ``ep`` mesh, its weights and checkpoints."""
 
-from jax_eplb.model._config import ModelConfig, resolve_model_config
+from jax_eplb.model._config import ModelConfig, load_model_config, resolve_model_config
 from jax_eplb.model._forward import (KVCache, MoEOptions, StepOutput, apply_rope, attention, decoder_step,
                                      init_cache, rms_norm)
 from jax_eplb.model._module import MoETransformer, PlacementTable

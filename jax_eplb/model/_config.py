@@ -136,3 +136,8 @@ def resolve_model_config(spec: str) -> Path:
     if spec in jax_eplb_configs.available():
         return jax_eplb_configs.config_path(spec)
     raise EplbInputError(f"model config {spec} does not exist (shipped configs: {jax_eplb_configs.available()})")
+
+
+def load_model_config(spec: str) -> ModelConfig:
+    """The :class:`ModelConfig` of a YAML path or a shipped config name."""
+    return ModelConfig.from_yaml(resolve_model_config(spec))

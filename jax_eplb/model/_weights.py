@@ -99,8 +99,9 @@ def expert_sharding(mesh) -> NamedSharding:
 
 
 def init_weights(config: ModelConfig, seed: int, mesh, slot_to_expert=None) -> ModelWeights:
-    """Seeded random weights; experts generated per shard straight into ``slot_to_expert``'s
-    slots ``[Lm, S]`` (None: logical layout ``[Lm, E]``, on the default device)."""
+    """Seeded random weights. With ``slot_to_expert`` ``[Lm, S]``: ready for ``mesh``, experts
+    generated per shard straight into their slots (sharded over ``ep``), everything else
+    replicated. Without: the logical layout (experts ``[Lm, E]``) on the default device."""
     c, dt = config, config.jnp_dtype
     k = jax.random.split(jax.random.key(seed), 6)
     dense = None
@@ -121,9 +122,10 @@ def init_weights(config: ModelConfig, seed: int, mesh, slot_to_expert=None) -> M
         placed = jax.jit(expert_weights, static_argnums=(0, 1), out_shardings=expert_sharding(mesh))
         experts = placed(c, seed, jax.device_put(jnp.asarray(slot_to_expert, jnp.int32), expert_sharding(mesh)))
     moe = MoELayers(_attention(k[4], c, lm), jnp.ones((lm, c.hidden_size), dt), router, experts, shared)
-    return ModelWeights(_normal(k[5], (c.vocab_size, c.hidden_size), 1.0, dt), dense, moe,
-                        jnp.ones((c.hidden_size,), dt),
-                        _normal(jax.random.fold_in(k[5], 1), (c.hidden_size, c.vocab_size), c.init_std, dt))
+    weights = ModelWeights(_normal(k[5], (c.vocab_size, c.hidden_size), 1.0, dt), dense, moe,
+                           jnp.ones((c.hidden_size,), dt),
+                           _normal(jax.random.fold_in(k[5], 1), (c.hidden_size, c.vocab_size), c.init_std, dt))
+    return weights if slot_to_expert is None else placed_weights(weights, mesh, experts)
 
 
 def replicate(tree, mesh):

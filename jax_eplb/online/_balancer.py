@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -44,6 +45,13 @@ def _decay_update(statistics, expert_totals, decay):
 @jax.jit
 def _reset_layers(statistics, layer_mask):
     return jnp.where(layer_mask[:, None], 0.0, statistics)
+
+
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 class UpdateReport(NamedTuple):
@@ -183,20 +191,33 @@ class OnlineBalancer:
     # ------------------------------------------------------------------ state
 
     def save_state(self, path) -> None:
-        """Decayed statistics and the current plan, with orbax (a restarted server keeps its placement)."""
+        """Decayed statistics and the current plan, with orbax (a restarted server keeps its placement).
+
+        Written next to ``path`` first and swapped in when complete, so a failed save keeps the
+        previous state."""
+        import shutil
+
         import orbax.checkpoint as ocp
-        from pathlib import Path
 
         self.finish()
+        path = Path(path).absolute()
+        staging = path.with_name(path.name + ".saving")
+        lead = jax.process_index() == 0
+        if lead:
+            shutil.rmtree(staging, ignore_errors=True)  # left by an interrupted save
+        _sync_processes("online_state_staging")
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(Path(path).absolute(), {"statistics": self.statistics,
-                                                   "slot_to_expert": np.asarray(self.slot_to_expert)})
+        checkpointer.save(staging, {"statistics": self.statistics, "slot_to_expert": np.asarray(self.slot_to_expert)})
         checkpointer.wait_until_finished()
+        if lead:
+            if path.exists():
+                shutil.rmtree(path)
+            staging.rename(path)
+        _sync_processes("online_state_saved")
 
     def restore_state(self, path) -> None:
         """Loads saved statistics and re-lays the model's experts under the saved plan."""
         import orbax.checkpoint as ocp
-        from pathlib import Path
 
         target = {"statistics": jax.ShapeDtypeStruct(self.statistics.shape, jnp.float32, sharding=self._replicated),
                   "slot_to_expert": np.zeros_like(self.slot_to_expert)}

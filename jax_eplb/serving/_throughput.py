@@ -31,7 +31,7 @@ from jax_eplb._assignment import build_assignment_tables, check_slot_geometry
 from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
 from jax_eplb._metrics import load_metrics
-from jax_eplb.model import (MoEOptions, MoETransformer, ModelConfig, init_weights, placed_weights, resolve_model_config,
+from jax_eplb.model import (MoEOptions, MoETransformer, ModelConfig, init_weights, load_model_config,
                             restore_checkpoint)
 from jax_eplb.serving._dataset import Request, load_dataset
 from jax_eplb.serving._devices import ep_mesh, to_host
@@ -87,7 +87,7 @@ class _Prepared(NamedTuple):
 
 def _prepare(s: ThroughputSettings, environ) -> tuple[_Prepared, StatisticsRecorder | None]:
     """Reads and checks every input before any device work."""
-    config = ModelConfig.from_yaml(resolve_model_config(s.model))
+    config = load_model_config(s.model)
     requests = load_dataset(s.dataset, config.vocab_size, config.max_seq_len)
     options = load_extra_options(s.extra_llm_api_options)
     if s.max_batch_size < 1:
@@ -158,7 +158,6 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         weights = restore_checkpoint(s.model_path, config, mesh, prep.slot_to_expert)
     else:
         weights = init_weights(config, s.seed, mesh, prep.slot_to_expert)
-        weights = placed_weights(weights, mesh, weights.moe.experts)
     tables = build_assignment_tables(prep.slot_to_expert, config.num_experts)
     model = MoETransformer(config, mesh, weights, tables, moe_options)
     balancer = None
@@ -277,10 +276,7 @@ def run_throughput(s: ThroughputSettings, environ=None, log: Callable[[str], Non
         if balancer is not None:
             balancer.finish()
             if s.online_state:
-                import shutil
-
-                shutil.rmtree(s.online_state, ignore_errors=True)  # replaced by the newer state
-                balancer.save_state(s.online_state)
+                balancer.save_state(s.online_state)  # replaces the older state once complete
                 log(f"online balancer state saved to {s.online_state}")
     finally:
         statistics_path = recorder.flush() if recorder is not None else None

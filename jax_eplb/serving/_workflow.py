@@ -56,9 +56,9 @@ def run_model_workflow(output_dir, settings: WorkflowSettings = WorkflowSettings
                        log: Callable[[str], None] = print) -> dict:
     s, out = settings, Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from jax_eplb.model import ModelConfig, resolve_model_config
+    from jax_eplb.model import load_model_config
 
-    config = ModelConfig.from_yaml(resolve_model_config(s.model))
+    config = load_model_config(s.model)
     dataset = prepare_dataset(out / "dataset.jsonl", num_requests=s.num_requests, input_mean=s.input_len,
                               output_mean=s.output_len, vocab_size=config.vocab_size, seed=s.seed)
     base = dict(model=s.model, dataset=str(dataset), ep=s.ep, max_batch_size=s.max_batch_size,
