@@ -33,6 +33,20 @@ class AssignmentTables(NamedTuple):
     def num_experts(self) -> int:
         return self.replica_count.shape[-1]
 
+    @property
+    def max_replicas(self) -> int:
+        return self.expert_slots.shape[-1]
+
+    def layer(self, index: int) -> "AssignmentTables":
+        """One layer's tables: ``slot_to_expert [S]``, ``replica_count [E]``, ``expert_slots [E, M]``."""
+        return AssignmentTables(*(table[index] for table in self))
+
+
+def widest_replicas(num_experts: int, num_slots: int) -> int:
+    """The most replicas one expert can have (S - E + 1): a table width every plan of this geometry fits,
+    so tables of all plans share one shape and a jitted step never recompiles for a new plan."""
+    return num_slots - num_experts + 1
+
 
 def default_slot_to_expert(num_experts: int, num_slots: int, ep_size: int) -> np.ndarray:
     """TensorRT-LLM's layout without a plan: rank r holds experts r*E//R, r*E//R+1, ... (mod E).

@@ -9,7 +9,8 @@ import numpy as np
 from jax_eplb._atomic import atomic_path
 
 
-def save_heatmap(path: Path, before: np.ndarray, after: np.ndarray, layer_ids, after_title: str = "with EPLB plan") -> None:
+def save_heatmap(path: Path, before: np.ndarray, after: np.ndarray, layer_ids,
+                 after_title: str = "with EPLB plan") -> None:
     """``before``/``after``: ``[L, R]`` rank load / mean rank load (summed over the window)."""
     import matplotlib
 

@@ -1,4 +1,4 @@
-"""Load metrics as TensorRT-LLM's report defines them.
+"""Load metrics as TensorRT-LLM's report defines them, and the metrics of a plan.
 
 Per layer and iteration, over ranks (or slots/experts with ``per_expert``): mean, unbiased std
 (N-1) and imbalance = max/mean - 1; each averaged over the iterations.
@@ -49,4 +49,21 @@ def project_onto_plan(counts: np.ndarray, slot_to_expert: np.ndarray) -> np.ndar
     replicas = np.zeros((num_layers, counts.shape[-1]))
     np.add.at(replicas, (np.arange(num_layers)[:, None], slot_to_expert), 1)
     per_replica = counts / np.maximum(replicas, 1)[None]
-    return np.take_along_axis(per_replica, np.broadcast_to(slot_to_expert, (counts.shape[0],) + slot_to_expert.shape), axis=2)
+    index = np.broadcast_to(slot_to_expert, (counts.shape[0],) + slot_to_expert.shape)
+    return np.take_along_axis(per_replica, index, axis=2)
+
+
+def replica_sizes(load: np.ndarray, slot_to_expert: np.ndarray) -> np.ndarray:
+    """``[B, S]`` load carried by each slot when an expert's load splits evenly over its replicas."""
+    return project_onto_plan(np.asarray(load)[None], slot_to_expert)[0]
+
+
+def rank_loads(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int) -> np.ndarray:
+    """``[B, R]`` load of each rank under a plan."""
+    return rank_loads_from_counts(replica_sizes(load, slot_to_expert), ep_size)
+
+
+def duplicate_count(slot_to_expert: np.ndarray, ep_size: int) -> np.ndarray:
+    """``[B]`` number of replicas that share a rank with another replica of the same expert."""
+    bins = np.sort(slot_to_expert.reshape(slot_to_expert.shape[0], ep_size, -1), axis=2)
+    return (bins[..., 1:] == bins[..., :-1]).sum(axis=(1, 2))

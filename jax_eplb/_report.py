@@ -9,7 +9,7 @@ import numpy as np
 
 from jax_eplb._metrics import load_metrics, project_onto_plan, rank_loads_from_counts
 from jax_eplb._plan_config import MoeLoadBalancerConfig
-from jax_eplb._replication import lower_bound
+from jax_eplb.planning import lower_bound
 from jax_eplb._stats import ExpertLoadStats
 
 

@@ -218,7 +218,8 @@ def _from_array(array: np.ndarray, source: Path, layer_ids=None, iter_start: int
     if array.ndim == 2:
         array = array[None]
     if array.ndim != 3:
-        raise EplbInputError(f"{source}: expected [layers, experts] or [iters, layers, experts], got shape {array.shape}")
+        raise EplbInputError(f"{source}: expected [layers, experts] or [iters, layers, experts], "
+                             f"got shape {array.shape}")
     if not np.all(np.isfinite(array)):
         raise EplbInputError(f"{source}: counts contain NaN or infinite values")
     if np.any(array < 0):

@@ -12,7 +12,7 @@ from pathlib import Path
 from jax_eplb._heatmap import save_heatmap
 from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
 from jax_eplb._plan_config import MoeLoadBalancerConfig, plan_config_from_slots
-from jax_eplb._planner import plan_placement
+from jax_eplb.planning import plan_placement
 from jax_eplb._report import load_report
 from jax_eplb._stats import load_trtllm_dump, save_trtllm_dump
 from jax_eplb._synthetic import synthetic_rank_counts

@@ -77,8 +77,7 @@ def add_generate_parser(sub):
 
 def run_generate(args) -> int:
     from jax_eplb._plan_config import MoeLoadBalancerConfig, plan_config_from_slots
-    from jax_eplb._planner import plan_placement
-    from jax_eplb._replication import lower_bound
+    from jax_eplb.planning import lower_bound, plan_placement
     from jax_eplb._stats import load_statistics
 
     stats = load_statistics(args.expert_statistic_path).window(args.iter_start, args.iter_stop)
@@ -142,7 +141,8 @@ def run_demo(args) -> int:
 def add_bench_parser(sub):
     parser = sub.add_parser("bench", help="run a model over a dataset (mirrors trtllm-bench)")
     parser.add_argument("--model", required=True, help="model config YAML or shipped name (tiny, deepseek_v3_slice)")
-    parser.add_argument("--model_path", default=None, help="orbax checkpoint directory (default: seeded random weights)")
+    parser.add_argument("--model_path", default=None,
+                        help="orbax checkpoint directory (default: seeded random weights)")
     parser.add_argument("--seed", type=int, default=0, help="random-weight seed when no --model_path")
     parser.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator host:port")
     parser.add_argument("--num_processes", type=int, default=None)
@@ -198,17 +198,25 @@ def prefill_chunk(args) -> int | None:
 
 
 def run_bench(args) -> int:
-    from jax_eplb.serving import ThroughputSettings, format_figures, initialize_distributed, run_throughput
+    from jax_eplb.serving import ThroughputSettings, format_figures, initialize_distributed, read_bench_inputs, \
+        run_throughput
+    from jax_eplb.sharding import ep_mesh
 
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    result = run_throughput(ThroughputSettings(
-        model=args.model, dataset=args.dataset, ep=args.ep, model_path=args.model_path,
-        extra_llm_api_options=args.extra_llm_api_options, warmup=args.warmup, eos_id=args.eos_id,
-        max_batch_size=args.max_batch_size, emulate_devices=args.emulate_devices,
+    inputs = read_bench_inputs(args.model, args.dataset, args.ep, model_path=args.model_path, seed=args.seed,
+                               extra_llm_api_options=args.extra_llm_api_options)
+    settings = ThroughputSettings(
+        max_batch_size=args.max_batch_size, warmup=args.warmup, eos_id=args.eos_id,
         replica_policy=args.replica_policy, transport=args.transport, grouped_matmul=args.grouped_matmul,
-        prefill_chunk=prefill_chunk(args), seed=args.seed,
-        online_planner=args.online_planner, online_state=args.online_state,
-        output_tokens=args.output_tokens, report_json=args.report_json, progress=not args.no_progress))
+        prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
+        online_planner=args.online_planner, progress=not args.no_progress)
+    for key in inputs.options.ignored_keys:
+        print(f"note: extra option {key!r} has no effect here (ignored)")
+    mesh = ep_mesh(args.ep, args.emulate_devices)
+    result = run_throughput(inputs.config, inputs.weights, inputs.requests, mesh, settings,
+                            plan=inputs.options.load_balancer, recorder=inputs.recorder,
+                            online_state=args.online_state)
+    result.write(args.output_tokens, args.report_json)
     print(format_figures(result.figures))
     return 0
 

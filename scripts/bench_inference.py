@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +36,23 @@ def main():
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     args = parser.parse_args()
 
-    from jax_eplb import load_trtllm_dump, plan_config_from_slots, plan_placement
-    from jax_eplb.model import load_model_config
-    from jax_eplb.serving import ThroughputSettings, prepare_dataset, run_throughput
+    from jax_eplb import plan_config_from_slots, plan_placement
+    from jax_eplb.serving import StatisticsRecorder, ThroughputSettings, model_source, run_throughput, token_norm_dist
+    from jax_eplb.sharding import ep_mesh
 
-    config = load_model_config(args.model)
-    work = Path(tempfile.mkdtemp(prefix="bench_inference_"))
-    dataset = prepare_dataset(work / "dataset.jsonl", num_requests=args.requests, input_mean=args.input_len,
-                              output_mean=args.output_len, vocab_size=config.vocab_size)
-    base = dict(model=args.model, dataset=str(dataset), ep=args.ep, max_batch_size=args.max_batch_size,
-                emulate_devices=args.emulate_devices or None, progress=False)
+    config, weights = model_source(args.model)
+    requests = token_norm_dist(num_requests=args.requests, input_mean=args.input_len, output_mean=args.output_len,
+                               vocab_size=config.vocab_size)
+    mesh = ep_mesh(args.ep, args.emulate_devices or None)
     quiet = lambda _: None  # noqa: E731
 
-    env = {"EXPERT_STATISTIC_ITER_RANGE": "0-100000", "EXPERT_STATISTIC_PATH": str(work / "stats")}
-    baseline = run_throughput(ThroughputSettings(**base, grouped_matmul=args.grouped_matmul[0]), env, quiet)
+    def bench(matmul, plan=None, policy="round_robin", recorder=None):
+        settings = ThroughputSettings(max_batch_size=args.max_batch_size, grouped_matmul=matmul, replica_policy=policy,
+                                      progress=False)
+        return run_throughput(config, weights, requests, mesh, settings, plan=plan, recorder=recorder, log=quiet)
+
+    recorder = StatisticsRecorder(None, 0, 100000, config.moe_layer_ids, config.top_k)  # kept in memory
+    baseline = bench(args.grouped_matmul[0], recorder=recorder)
     first = baseline.figures
     print(f"model {config.name}, ep={args.ep} ({first['platform']}), {args.requests} requests, input "
           f"{args.input_len}, output {args.output_len}, batch {args.max_batch_size}")
@@ -60,7 +62,8 @@ def main():
 
     def report(name, result, matmul):
         f = result.figures
-        print(f"{name:<44} {f['output_tokens_per_s']:>9.1f} {f['output_tokens_per_s'] / first['output_tokens_per_s']:>6.2f} "
+        speedup = f['output_tokens_per_s'] / first['output_tokens_per_s']
+        print(f"{name:<44} {f['output_tokens_per_s']:>9.1f} {speedup:>6.2f} "
               f"{f['mean_step_ms']:>8.2f} {f['mean_decode_step_ms']:>9.2f} {f['mean_prefill_step_ms']:>10.2f} "
               f"{f['mean_imbalance']:>9.3f}", flush=True)
         out.append({"configuration": name, "grouped_matmul": matmul, **f})
@@ -73,18 +76,13 @@ def main():
         print(f"  ({matmul} rounds differently from {args.grouped_matmul[0]}: {100 * same:.1f}% of tokens equal)")
 
     report("no EPLB", baseline, args.grouped_matmul[0])
-    stats = load_trtllm_dump(work / "stats")
-    plan = plan_placement(stats.total(), args.num_slots, args.ep)
-    plan_path = work / "plan.yaml"
-    plan_config_from_slots(plan.slot_to_expert, stats.layer_ids).to_yaml(plan_path)
-    extra = work / "extra.yaml"
-    extra.write_text(f"moe_load_balancer: {plan_path}\n")
+    stats = recorder.statistics()
+    plan = plan_config_from_slots(plan_placement(stats.total(), args.num_slots, args.ep).slot_to_expert,
+                                  stats.layer_ids)
     for matmul in args.grouped_matmul:
         suffix = "" if len(args.grouped_matmul) == 1 else f", {matmul}"
         for policy in ("round_robin", "load_aware"):
-            result = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), replica_policy=policy,
-                                                       grouped_matmul=matmul), None, quiet)
-            report(f"EPLB {args.num_slots} slots, {policy}{suffix}", result, matmul)
+            report(f"EPLB {args.num_slots} slots, {policy}{suffix}", bench(matmul, plan, policy), matmul)
             if args.json:  # after every row: a run cut short keeps what it measured
                 args.json.write_text(json.dumps(out, indent=2))
 

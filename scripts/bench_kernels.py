@@ -2,7 +2,8 @@
 """Routing-histogram speed in-device: Pallas (two methods) vs jnp.bincount vs segment_sum vs one-hot sum.
 
 Each figure is the time of one histogram measured inside one jitted fori_loop of ``--reps``
-dependent repetitions (host dispatch excluded); an empty-body loop is printed as the floor. Effective GB/s = bytes of ids read / time, next to a measured copy bandwidth.
+dependent repetitions (host dispatch excluded); an empty-body loop is printed as the floor. Effective
+GB/s = bytes of ids read / time, next to a measured copy bandwidth.
 
   python scripts/bench_kernels.py            # GPU sizes: 65,536 and 8,388,608 ids, 256/288 bins
   python scripts/bench_kernels.py --quick    # tiny CPU run that only checks the harness

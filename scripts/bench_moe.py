@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,7 +45,7 @@ def main():
     parser.add_argument("--matmuls", nargs="+", default=None,
                         help="grouped matmuls; default: ragged_dot and pallas on GPU, ragged_dot and padded on CPU")
     parser.add_argument("--data", type=Path,
-                        default=Path(__file__).resolve().parents[1].parent / "shared/data/deepseek-v3-sglang/prefill_in1024.json")
+                        default=SHARED_DATA / "prefill_in1024.json")
     args = parser.parse_args()
     if "jax" not in sys.modules and args.emulate_devices:
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.emulate_devices}")
@@ -54,7 +56,8 @@ def main():
 
     from jax_eplb import build_assignment_tables, default_slot_to_expert, load_sglang_json, plan_placement
     from jax_eplb._synthetic import expert_popularity
-    from jax_eplb.moe import ExpertWeights, MoEConfig, RouterWeights, ep_moe_forward, slot_weights_from_logical
+    from jax_eplb.moe import (ExpertWeights, MoEConfig, MoEOptions, RouterWeights, ep_moe_forward,
+                              slot_weights_from_logical)
 
     if len(jax.devices()) < args.ep:
         sys.exit(f"error: {len(jax.devices())} devices < --ep {args.ep}")
@@ -95,8 +98,8 @@ def main():
         for policy in ("round_robin", "load_aware"):
             for transport in transports:
                 for matmul in matmuls:
-                    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, replica_policy=policy,
-                                                   transport=transport, grouped_matmul=matmul))
+                    options = MoEOptions(replica_policy=policy, transport=transport, grouped_matmul=matmul)
+                    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, options=options))
                     try:
                         result = fn(router, slots, xs, rc, es)
                         ms = 1e3 * _time(lambda: fn(router, slots, xs, rc, es).out, args.repeats)
@@ -119,7 +122,7 @@ def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods):
     from jax_eplb.moe import expert_compute
 
     m = args.slots_per_rank
-    print(f"\ngrouped SwiGLU over {m} local slots vs dense matmul (H={H} F={F}, {dtype.__name__ if hasattr(dtype, '__name__') else dtype})")
+    print(f"\ngrouped SwiGLU over {m} local slots vs dense matmul (H={H} F={F}, {jnp.dtype(dtype).name})")
     print(f"{'rows':>7} " + " ".join(f"{name:>11}" for name in methods) + f" {'dense':>9}  (TFLOP/s)")
     keys = jax.random.split(jax.random.key(1), 4)
     w = [jax.random.normal(keys[0], (m, H, F), dtype), jax.random.normal(keys[1], (m, H, F), dtype),

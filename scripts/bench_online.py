@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
-from pathlib import Path
 
 
 def main():
@@ -43,52 +41,42 @@ def main():
     import jax
     import numpy as np
 
-    from jax_eplb import load_trtllm_dump, plan_config_from_slots, plan_placement
-    from jax_eplb.model import load_model_config, router_bias
-    from jax_eplb.serving import ThroughputSettings, prepare_dataset, run_throughput
+    from jax_eplb import MoeLoadBalancerConfig, plan_config_from_slots, plan_placement
+    from jax_eplb.model import router_bias
+    from jax_eplb.serving import StatisticsRecorder, ThroughputSettings, model_source, run_throughput, token_norm_dist
+    from jax_eplb.sharding import ep_mesh
 
-    config = load_model_config(args.model)
-    work = Path(tempfile.mkdtemp(prefix="bench_online_"))
-    dataset = prepare_dataset(work / "dataset.jsonl", num_requests=args.requests, input_mean=args.input_len,
-                              output_mean=args.output_len, vocab_size=config.vocab_size)
+    config, weights = model_source(args.model)
+    requests = token_norm_dist(num_requests=args.requests, input_mean=args.input_len, output_mean=args.output_len,
+                               vocab_size=config.vocab_size)
+    mesh = ep_mesh(args.ep, args.ep)
     batches = -(-args.requests // args.max_batch_size)
     total_iters = batches * args.output_len
     shift_at = int(total_iters * args.shift)
     shifted_bias = router_bias(dataclasses.replace(config, popularity_seed=config.popularity_seed + 1))
 
     def drift(iteration, model):
-        if iteration == shift_at:
-            weights = model.weights.get_value()
-            bias = jax.device_put(shifted_bias, weights.moe.router.correction_bias.sharding)
-            model.weights.set_value(weights._replace(moe=weights.moe._replace(
-                router=weights.moe.router._replace(correction_bias=bias))))
+        if iteration == shift_at:  # every MoE layer's selection bias changes: new hot experts
+            bias = model.moe_block.correction_bias
+            bias.set_value(jax.device_put(shifted_bias, bias.get_value().sharding))
 
-    base = dict(model=args.model, dataset=str(dataset), ep=args.ep, max_batch_size=args.max_batch_size,
-                emulate_devices=args.ep, progress=False)
-    quiet = lambda _: None  # noqa: E731
+    def bench(plan=None, planner="migration_aware", recorder=None):
+        settings = ThroughputSettings(max_batch_size=args.max_batch_size, online_planner=planner, progress=False)
+        return run_throughput(config, weights, requests, mesh, settings, plan=plan, recorder=recorder,
+                              log=lambda _: None, before_iteration=drift)
 
-    def extra(name, body):
-        path = work / f"{name}.yaml"
-        path.write_text(body)
-        return str(path)
+    def online(k):
+        return MoeLoadBalancerConfig(num_slots=args.num_slots, layer_updates_per_iter=k)
 
-    env = {"EXPERT_STATISTIC_ITER_RANGE": f"0-{shift_at}", "EXPERT_STATISTIC_PATH": str(work / "stats")}
-    runs = {"no EPLB": run_throughput(ThroughputSettings(**base), env, quiet, drift)}
-    stats = load_trtllm_dump(work / "stats")
-    plan = plan_placement(stats.total(), args.num_slots, args.ep)
-    plan_path = work / "static.yaml"
-    plan_config_from_slots(plan.slot_to_expert, stats.layer_ids).to_yaml(plan_path)
-    runs["static (pre-shift plan)"] = run_throughput(
-        ThroughputSettings(**base, extra_llm_api_options=extra("static_extra", f"moe_load_balancer: {plan_path}\n")),
-        None, quiet, drift)
+    recorder = StatisticsRecorder(None, 0, shift_at, config.moe_layer_ids, config.top_k)  # kept in memory
+    runs = {"no EPLB": bench(recorder=recorder)}
+    stats = recorder.statistics()
+    static = plan_config_from_slots(plan_placement(stats.total(), args.num_slots, args.ep).slot_to_expert,
+                                    stats.layer_ids)
+    runs["static (pre-shift plan)"] = bench(static)
     for k in args.k:
-        body = f"moe_load_balancer:\n  num_slots: {args.num_slots}\n  layer_updates_per_iter: {k}\n"
-        runs[f"online k={k}"] = run_throughput(ThroughputSettings(**base, extra_llm_api_options=extra(f"k{k}", body)),
-                                               None, quiet, drift)
-    body = f"moe_load_balancer:\n  num_slots: {args.num_slots}\n  layer_updates_per_iter: {args.k[0]}\n"
-    runs[f"online k={args.k[0]} trtllm"] = run_throughput(
-        ThroughputSettings(**base, extra_llm_api_options=extra("trtllm", body), online_planner="trtllm"),
-        None, quiet, drift)
+        runs[f"online k={k}"] = bench(online(k))
+    runs[f"online k={args.k[0]} trtllm"] = bench(online(args.k[0]), "trtllm")
 
     names = list(runs)
     series = {n: np.array([r["imbalance"] for r in runs[n].per_iteration]) for n in names}
@@ -124,7 +112,7 @@ def main():
               f"({f['slots_moved'] / max(f['layer_updates'], 1):.1f} of {args.num_slots} per update), "
               f"{f['bytes_moved'] / 2**20:.1f} MiB moved; planner {f['mean_plan_ms_per_update']:.2f} ms per layer "
               f"update (host thread); rebalance {f['mean_apply_ms_per_iteration']:.2f} ms per iteration; "
-              f"below static {'from ' + str(below - shift_at) + ' iterations after the shift' if below is not None else 'never'}")
+              f"below static {'never' if below is None else f'from {below - shift_at} iterations after the shift'}")
     mismatched = [n for n in names if runs[n].tokens != runs[names[0]].tokens]
     if mismatched:
         print(f"error: {mismatched} generated different tokens than no EPLB", file=sys.stderr)

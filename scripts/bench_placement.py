@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from jax_eplb import default_slot_to_expert, load_sglang_json, lower_bound, plan_placement
-from jax_eplb._refine import duplicate_count, rank_loads
+from jax_eplb._metrics import duplicate_count, rank_loads
 from jax_eplb._synthetic import expert_popularity
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"

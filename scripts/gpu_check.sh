@@ -3,8 +3,9 @@
 #
 #   OUT=dir BUDGET_S=500 EPLB_DATA=path/prefill_in1024.json bash scripts/gpu_check.sh
 #
-# Needs no network: the package is put on the path by links (no pip), the GPU image's jax,
-# flax, orbax, hypothesis, ... are used. Steps run in priority order; each gets at most its own
+# Needs no network and no build: an editable install of this checkout is used if there is one,
+# else the three source folders are copied under their import names into a scratch folder (the
+# layout pyproject.toml installs); the GPU image's jax, flax, orbax, hypothesis, ... are used. Steps run in priority order; each gets at most its own
 # limit and what is left of BUDGET_S, and is skipped when under 20 s are left. Logs and JSON go
 # to $OUT; a short summary is printed last. The recorded DeepSeek-V3 loads are not part of the
 # repository: copy prefill_in1024.json into an ignored folder that travels with the working tree
@@ -17,12 +18,12 @@ START=$(date +%s)
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 
-# The three import names of the project, linked from a scratch folder (no build, no network).
-SITE=$(mktemp -d)
-ln -s "$PWD/jax_eplb" "$SITE/jax_eplb"
-ln -s "$PWD/kernels" "$SITE/jax_eplb_kernels"
-ln -s "$PWD/configs" "$SITE/jax_eplb_configs"
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+# The three import names of the project: jax_eplb, jax_eplb_kernels (from kernels/), jax_eplb_configs.
+if ! python3 -c "import jax_eplb, jax_eplb_kernels, jax_eplb_configs, sys; sys.exit(not jax_eplb.__file__.startswith('$PWD/'))" 2>/dev/null; then
+    SITE=$(mktemp -d)
+    cp -r jax_eplb "$SITE/jax_eplb"; cp -r kernels "$SITE/jax_eplb_kernels"; cp -r configs "$SITE/jax_eplb_configs"
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 step() {  # step NAME LIMIT_S CMD...: run with the smaller of LIMIT_S and the time left; log to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2

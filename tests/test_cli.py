@@ -97,3 +97,10 @@ def test_synthetic_demo_runs_offline_workflow(tmp_path):
     assert "lower" in out and (tmp_path / "demo" / "load_heatmap.png").stat().st_size > 1000
     before_after = [float(l.split()[-1]) for l in out.splitlines() if l.startswith("average ")]
     assert before_after[0] > 3 * before_after[1]
+
+
+def test_example_own_model_runs():
+    """scripts/example_own_model.py: a user's Flax layer with our block, a YAML plan, a plan swap."""
+    out = run(SCRIPTS / "example_own_model.py", "--ep", "4").stdout.splitlines()
+    assert out[0].startswith("plan ") and "32 slots on 4 ranks" in out[0]
+    assert out[1].endswith("output unchanged: True; compiled programs: 1")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jax_eplb import build_assignment_tables
-from jax_eplb.moe import MoEConfig, ep_moe_forward, slot_weights_from_logical
+from jax_eplb.moe import MoEConfig, MoEOptions, ep_moe_forward, slot_weights_from_logical
 from jax_eplb_kernels.grouped_matmul import tile_grouped_matmul_pallas
 from jax_eplb_kernels.histogram import HistogramBlockSizes, histogram_pallas
 from jax_eplb_kernels.slot_routing import RoutingBlockSizes, route_pallas
@@ -75,9 +75,9 @@ def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul):
     logical = ExpertWeights(*(jax.random.normal(k[i], s) for i, s in enumerate([(8, 16, 8), (8, 16, 8), (8, 8, 16)])))
     router = RouterWeights(jax.random.normal(k[3], (16, 8)), jnp.zeros((8,)))
     slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
-    forward = functools.partial(ep_moe_forward, config, mesh, replica_policy=policy, moe_max_num_tokens=16,
-                                record=("slot", "expert_total"), transport="ragged", grouped_matmul=matmul,
-                                kernel_implementation="pallas")
+    options = MoEOptions(replica_policy=policy, moe_max_num_tokens=16, record=("slot", "expert_total"),
+                         transport="ragged", grouped_matmul=matmul, kernel_implementation="pallas")
+    forward = functools.partial(ep_moe_forward, config, mesh, options=options)
     text = lower_for_cuda(forward, router, slots, jnp.zeros((64, 16)), jnp.asarray(tables.replica_count[0]),
                           jnp.asarray(tables.expert_slots[0]))
     chunks = 2  # 8 tokens per rank, moe_max_num_tokens 16 over 8 ranks -> 2 chunks
@@ -91,21 +91,22 @@ def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul):
 def test_model_step_lowers_for_cuda_with_gpu_options():
     """The tiny model's jitted step (scanned layers, KV cache, 8 ranks) with the ragged transport and
     the Pallas grouped matmul, lowered for CUDA."""
+    from flax import nnx
     from jax.sharding import Mesh
 
     from jax_eplb import default_slot_to_expert
-    from jax_eplb.model import MoEOptions, MoETransformer, init_weights, load_model_config
+    from jax_eplb.model import ModelRunner, SeededWeights, build_model, load_model_config
 
     config = load_model_config("tiny")
     mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("ep",))
     slot_to_expert = np.tile(default_slot_to_expert(config.num_experts, 80, 8), (config.num_moe_layers, 1))
-    model = MoETransformer(config, mesh, init_weights(config, 0, mesh, slot_to_expert),
-                           build_assignment_tables(slot_to_expert, config.num_experts),
-                           MoEOptions(transport="ragged", grouped_matmul="pallas", record=("slot",)))
-    cache = model.new_cache(16)
+    model = build_model(config, mesh, build_assignment_tables(slot_to_expert, config.num_experts), SeededWeights(0),
+                        options=MoEOptions(transport="ragged", grouped_matmul="pallas", record=("slot",)))
+    runner = ModelRunner(model)
+    cache = runner.new_cache(16)
     tokens = jnp.zeros((16, 1), jnp.int32)
-    text = model._step.trace(model.weights.get_value(), model.replica_count.get_value(),
-                             model.expert_slots.get_value(), tokens, tokens, tokens == 0,
-                             cache).lower(lowering_platforms=("cuda",)).as_text()
+    graphdef, state = nnx.split(model)
+    text = runner._step.trace(graphdef, False, state, tokens, tokens, tokens == 0,
+                              cache).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_all_to_all" in text
     assert "tile_grouped_matmul" in triton_kernels(text)

@@ -51,7 +51,8 @@ def test_histogram_adversarial(case, num_bins, method):
     rng = np.random.default_rng(0)
     ids = {"all_equal": np.full((130, 8), 7),
            "all_invalid": rng.choice([-1, num_bins, num_bins + 100], size=(130, 8)),
-           "one_hot_expert": np.where(rng.random((130, 8)) < 0.9, num_bins - 1, rng.integers(0, num_bins, (130, 8)))}[case]
+           "one_hot_expert": np.where(rng.random((130, 8)) < 0.9, num_bins - 1,
+                                      rng.integers(0, num_bins, (130, 8)))}[case]
     expected = np.bincount(ids[(ids >= 0) & (ids < num_bins)], minlength=num_bins)
     got = routing_histogram(jnp.asarray(ids, jnp.int32), num_bins, implementation="pallas_interpret",
                             block_sizes=SMALL_HIST[method])
@@ -103,7 +104,8 @@ def test_default_block_is_trtllm_1024():
     ids = jnp.zeros((600, 4), jnp.int32)  # 2400 entries of expert 0, 3 blocks
     got = route_to_slots(ids, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]), 4,
                          implementation="xla").slot_ids
-    np.testing.assert_array_equal(np.asarray(got), python_round_robin(np.zeros((600, 4), int), [0, 1, 0, 1], 2, 0, 1024))
+    want = python_round_robin(np.zeros((600, 4), int), [0, 1, 0, 1], 2, 0, 1024)
+    np.testing.assert_array_equal(np.asarray(got), want)
 
 
 def test_bad_input_and_explicit_implementation():
@@ -121,7 +123,10 @@ def test_bad_input_and_explicit_implementation():
             routing_histogram(jnp.zeros((4, 2), jnp.int32), 8, implementation="pallas").block_until_ready()
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas GPU kernels need a GPU (scripts/gpu_check.sh)")
+NEEDS_GPU = "compiled Pallas GPU kernels need a GPU (scripts/gpu_check.sh)"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason=NEEDS_GPU)
 @pytest.mark.parametrize("num_ids,num_bins", [(65_536, 256), (1_000_003, 288), (4096, 384)])
 def test_compiled_pallas_on_gpu(num_ids, num_bins):
     rng = np.random.default_rng(num_ids)
@@ -274,7 +279,7 @@ def test_tile_grouped_matmul_bad_input():
         tile_grouped_matmul(x, w, groups, 1, implementation="pallas_interpret", block_sizes=MatmulBlockSizes(bk=12))
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="compiled Pallas GPU kernels need a GPU (scripts/gpu_check.sh)")
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason=NEEDS_GPU)
 def test_compiled_tile_grouped_matmul_on_gpu():
     rng = np.random.default_rng(0)
     num_tiles, tile, groups, k, n = 40, 64, 9, 512, 384

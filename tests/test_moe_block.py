@@ -7,19 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import Mesh
 
 from jax_eplb import build_assignment_tables, plan_placement
-from jax_eplb.moe import (EPMoEBlock, ExpertWeights, MoEConfig, RouterWeights, all_to_all_moe, chunk_sizes,
-                          dense_moe_reference, dispatch_plan, ep_moe_forward, load_aware_slots, round_robin_slots,
+from jax_eplb.moe import (EPMoEBlock, ExpertWeights, MoEConfig, MoEOptions, RouterWeights, all_to_all_moe,
+                          chunk_sizes, dispatch_plan, ep_moe_forward, load_aware_slots, round_robin_slots,
                           slot_weights_from_logical)
 
 E, H, F = 8, 16, 8
-
-
-def mesh_of(ranks):
-    devices = jax.devices() if len(jax.devices()) >= ranks else jax.devices("cpu")
-    return Mesh(np.array(devices[:ranks]), ("ep",))
 
 
 def make_weights(seed=0, config=None):
@@ -41,13 +35,13 @@ def placement(kind, ranks, seed=0):
     return plan_placement(load, num_slots, ranks).slot_to_expert[0]  # from the planner
 
 
-def run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens, **options):
+def run_block(mesh, config, logical, router, x, slot_to_expert, policy, max_tokens, **options):
     """-> (out [T, H], slot counts [R, S]) of the EP block."""
-    mesh = mesh_of(ranks)
+    ranks = mesh.shape["ep"]
     tables = build_assignment_tables(slot_to_expert, config.num_experts)
     slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
-    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, replica_policy=policy, moe_max_num_tokens=max_tokens,
-                                   record="slot", **options))
+    options = MoEOptions(replica_policy=policy, moe_max_num_tokens=max_tokens, record=("slot",), **options)
+    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, options=options))
     result = fn(router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
     # The in-graph per-rank load must agree with the recorded slot histogram.
     np.testing.assert_array_equal(np.asarray(result.rank_load),
@@ -63,37 +57,35 @@ def assert_close(out, ref):
 @pytest.mark.parametrize("ranks", [1, 2, 4, 8])
 @pytest.mark.parametrize("kind", ["identity", "random", "planned"])
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
-def test_matches_dense_reference(ranks, kind, policy):
+def test_matches_dense_reference(ranks, kind, policy, mesh_of, dense_moe):
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
     logical, router = make_weights(ranks)
     x = jax.random.normal(jax.random.key(7), (32, H))
     slot_to_expert = placement(kind, ranks, seed=ranks)
     max_tokens = 8 if kind == "random" else None  # chunked and unchunked
     matmul = {"planned": "ragged_dot", "random": "padded", "identity": "pallas_interpret"}[kind]
-    out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens,
+    out, counts = run_block(mesh_of(ranks), config, logical, router, x, slot_to_expert, policy, max_tokens,
                             grouped_matmul=matmul)
-    assert_close(out, dense_moe_reference(config, router, logical, x))
+    assert_close(out, dense_moe(config, router, logical, x))
     assert int(counts.sum()) == 32 * 2  # every entry served, none dropped
 
 
 @pytest.mark.parametrize("ranks", [2, 8])
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
-def test_ragged_transport_offsets_match_dense_reference(ranks, policy):
+def test_ragged_transport_offsets_match_dense_reference(ranks, policy, ragged_emulation, mesh_of, dense_moe):
     """The ragged transport's offsets and layouts, with the primitive emulated (XLA:CPU lacks it)."""
-    from jax_eplb.moe import emulated_ragged_all_to_all
-
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
     logical, router = make_weights(ranks + 10)
     x = jax.random.normal(jax.random.key(8), (32, H))
     slot_to_expert = placement("random", ranks, seed=ranks + 1)
     for max_tokens in (None, 8):
-        out, counts = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens,
-                                transport="ragged", ragged_all_to_all=emulated_ragged_all_to_all)
-        assert_close(out, dense_moe_reference(config, router, logical, x))
+        out, counts = run_block(mesh_of(ranks), config, logical, router, x, slot_to_expert, policy, max_tokens,
+                                transport="ragged", ragged_exchange=ragged_emulation)
+        assert_close(out, dense_moe(config, router, logical, x))
         assert int(counts.sum()) == 64
 
 
-def test_token_mask_and_record_modes():
+def test_token_mask_and_record_modes(mesh_of, dense_moe):
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
     logical, router = make_weights(4)
     mesh = mesh_of(4)
@@ -103,9 +95,10 @@ def test_token_mask_and_record_modes():
     tables = build_assignment_tables(slot_to_expert, E)
     slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
     args = (router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
-    ref = dense_moe_reference(config, router, logical, x) * mask[:, None]
-    forward = jax.jit(ep_moe_forward, static_argnums=(0, 1), static_argnames=("record",))
-    by_expert = forward(config, mesh, *args, token_mask=mask, record=("expert", "slot", "expert_total"))
+    ref = dense_moe(config, router, logical, x) * mask[:, None]
+    forward = jax.jit(ep_moe_forward, static_argnums=(0, 1), static_argnames=("options",))
+    every = MoEOptions(record=("expert", "slot", "expert_total"))
+    by_expert = forward(config, mesh, *args, token_mask=mask, options=every)
     assert_close(by_expert.out, ref)
     ids = np.asarray(jax.jit(lambda x: __import__("jax_eplb").moe.route(config, router, x).expert_ids)(x))
     want = np.zeros((4, E), np.int64)
@@ -140,39 +133,44 @@ def test_tile_grouped_matmuls_equal_ragged_dot(rows, tile, method):
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
-def test_deepseek_router_with_shared_experts_via_nnx_module(policy):
+def test_deepseek_router_with_shared_experts_via_nnx_module(policy, mesh_of, dense_moe):
+    """The NNX block: tables as its variables, a new placement swapped in without recompiling."""
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=3, router="deepseek", n_group=4,
                        topk_group=2, routed_scaling_factor=2.5, num_shared_experts=1)
     slot_to_expert = placement("random", 4, seed=3)
-    block = EPMoEBlock(config, mesh_of(4), slot_to_expert, rngs=nnx.Rngs(0), replica_policy=policy,
-                       moe_max_num_tokens=16)
+    tables = build_assignment_tables(slot_to_expert, E, max_replicas=16 - E + 1)
+    block = EPMoEBlock(config, mesh_of(4), tables.layer(0), rngs=nnx.Rngs(0),
+                       options=MoEOptions(replica_policy=policy, moe_max_num_tokens=16))
     k = jax.random.split(jax.random.key(1), 3)
     logical = ExpertWeights(jax.random.normal(k[0], (E, H, F)), jax.random.normal(k[1], (E, H, F)),
                             jax.random.normal(k[2], (E, F, H)))
-    block.load_experts(logical, slot_to_expert)
+    block.set_placement(tables.layer(0), logical)
     block.correction_bias.set_value(jnp.linspace(-0.5, 0.5, E))
-    tables = build_assignment_tables(slot_to_expert, E)
     x = jax.random.normal(jax.random.key(2), (24, H))
-    out = nnx.jit(lambda block, x, rc, es: block(x, rc, es).out)(
-        block, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
-    router = RouterWeights(block.router_kernel.get_value(), block.correction_bias.get_value())
-    assert_close(out, dense_moe_reference(config, router, logical, x, shared=block.shared.get_value()))
+    forward = nnx.jit(lambda block, x: block(x).out)
+    out = forward(block, x)
+    shared = [block.shared.gate.get_value(), block.shared.up.get_value(), block.shared.down.get_value()]
+    assert_close(out, dense_moe(config, block.router(), logical, x, shared=shared))
+    other = build_assignment_tables(placement("planned", 4, seed=5), E, max_replicas=16 - E + 1)
+    block.set_placement(other.layer(0), logical)
+    assert_close(forward(block, x), out)  # same function under another placement
+    np.testing.assert_array_equal(block.tables().slot_to_expert, other.slot_to_expert[0])
 
 
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
-def test_dropless_when_every_token_picks_one_expert(policy):
+def test_dropless_when_every_token_picks_one_expert(policy, mesh_of, dense_moe):
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
     logical, router = make_weights(1)
     kernel = jnp.zeros((H, E)).at[:, 3].set(5.0).at[:, 5].set(2.0)
     router = RouterWeights(kernel, router.correction_bias)
     x = jnp.abs(jax.random.normal(jax.random.key(3), (64, H))) + 0.1
     slot_to_expert = placement("random", 4, seed=5)
-    out, counts = run_block(config, logical, router, x, slot_to_expert, 4, policy, 32)
-    assert_close(out, dense_moe_reference(config, router, logical, x))
+    out, counts = run_block(mesh_of(4), config, logical, router, x, slot_to_expert, policy, 32)
+    assert_close(out, dense_moe(config, router, logical, x))
     assert int(counts.sum()) == 128
 
 
-def test_invalid_expert_ids_contribute_nothing():
+def test_invalid_expert_ids_contribute_nothing(mesh_of):
     mesh = mesh_of(4)
     slot_to_expert = placement("random", 4, seed=2)
     tables = build_assignment_tables(slot_to_expert, E)
@@ -223,7 +221,7 @@ def _rank_loads(slots, num_ranks, slots_per_rank):
     return np.bincount(s[s < num_ranks * slots_per_rank] // slots_per_rank, minlength=num_ranks)
 
 
-def test_load_aware_is_at_least_as_even_as_round_robin():
+def test_load_aware_is_at_least_as_even_as_round_robin(mesh_of):
     """On skewed batches the realized per-rank load of load_aware never exceeds round_robin's max."""
     mesh = mesh_of(4)
     rng = np.random.default_rng(0)
@@ -264,13 +262,14 @@ def test_replica_quotas_water_fill_hand_worked():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="ragged_all_to_all runs on GPU only (scripts/gpu_check.sh)")
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
-def test_ragged_transport_real_primitive_on_gpu(policy):
+def test_ragged_transport_real_primitive_on_gpu(policy, mesh_of, dense_moe):
     ranks = len(jax.devices())
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
     logical, router = make_weights(3)
     x = jax.random.normal(jax.random.key(5), (8 * ranks, H))
     slot_to_expert = placement("random", ranks, seed=4) if 16 % ranks == 0 else np.arange(E)
     for max_tokens in (None, 4 * ranks):
-        out, _ = run_block(config, logical, router, x, slot_to_expert, ranks, policy, max_tokens, transport="ragged",
+        out, _ = run_block(mesh_of(ranks), config, logical, router, x, slot_to_expert, policy, max_tokens,
+                           transport="ragged",
                            grouped_matmul="ragged_dot")
-        assert_close(out, dense_moe_reference(config, router, logical, x))
+        assert_close(out, dense_moe(config, router, logical, x))

@@ -7,10 +7,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jax_eplb.model import init_weights
+from jax_eplb.model import SeededWeights
 from jax_eplb.online import OnlineBalancer, OnlineSchedule, update_groups
-
-from test_model import PROMPTS, build, small_config
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -40,70 +38,49 @@ def test_schedule_updates_every_layer_once_per_period(layers, k):
 
 # ----------------------------------------------------------------------------- balancer
 
-def identity_plus(config, extra):
-    base = np.arange(config.num_experts)
-    return np.tile(np.concatenate([base, base[:extra]]), (config.num_moe_layers, 1))
+def generate(small, runner, balancer, steps):
+    """Greedy decode of the small prompts with the balancer's hooks around every step."""
+    if balancer is None:
+        return small.generate(runner, steps=steps)
+    return small.generate(runner, steps=steps, before_step=balancer.before_step,
+                          after_step=lambda out: balancer.observe(out.expert_totals))
 
 
-def generate(model, balancer, steps):
-    """Greedy decode of PROMPTS with the balancer's hooks around every step."""
-    b = len(PROMPTS)
-    tokens = np.zeros((b, max(map(len, PROMPTS))), np.int32)
-    for i, p in enumerate(PROMPTS):
-        tokens[i, :len(p)] = p
-    lengths = np.array([len(p) for p in PROMPTS])
-    result = [[] for _ in range(b)]
-    positions, out = lengths.copy(), None
-    for it in range(steps):
-        if balancer is not None:
-            balancer.before_step(it)
-        if out is None:
-            out = model.prefill(tokens, lengths, model.new_cache(b))
-        else:
-            out = model.decode(np.asarray(out.next_token), positions, np.ones(b, bool), out.cache)
-            positions += 1
-        if balancer is not None:
-            balancer.observe(out.expert_totals)
-        for i, t in enumerate(np.asarray(out.next_token)):
-            result[i].append(int(t))
-    return result
-
-
-def master_of(config):
-    return jax.tree.map(np.asarray, init_weights(config, 0, mesh=None).moe.experts)
+def source_of(config):
+    return SeededWeights(0).expert_source(config)
 
 
 @pytest.mark.parametrize("ranks,k,overlap", [(2, 1, False), (4, 2, True), (8, 1, False)])
-def test_tokens_identical_before_during_after_updates(ranks, k, overlap):
-    config = small_config()
-    plain = generate(build(config, ranks, identity_plus(config, 0)), None, 10)
-    model = build(config, ranks, identity_plus(config, 8), record=("expert_total",))
-    master = master_of(config)
-    balancer = OnlineBalancer(model, master, k, overlap=overlap, migration_tolerance=0.0, device_copies=True)
-    assert generate(model, balancer, 10) == plain
+def test_tokens_identical_before_during_after_updates(small, ranks, k, overlap):
+    config = small.config()
+    plain = generate(small, small.build(config, ranks, small.identity_plus(config, 0)), None, 10)
+    runner = small.build(config, ranks, small.identity_plus(config, 8), record=("expert_total",))
+    model, source = runner.model, source_of(config)
+    balancer = OnlineBalancer(model, source, k, overlap=overlap, migration_tolerance=0.0, device_copies=True)
+    assert generate(small, runner, balancer, 10) == plain
     balancer.finish()
     applied = [r for r in balancer.reports if r.layers_applied]
     assert applied and sum(r.slots_moved for r in applied) > 0  # the placement really changed
     # Every slot holds exactly its expert's logical weights after all the partial rewrites.
-    experts = model.weights.get_value().moe.experts
+    experts = model.slot_experts()
     for layer in range(config.num_moe_layers):
-        for leaf, host in zip(experts, master):
+        for leaf, host in zip(experts, source.experts):
             np.testing.assert_array_equal(np.asarray(leaf[layer]), host[layer][balancer.slot_to_expert[layer]])
-    np.testing.assert_array_equal(np.asarray(model.slot_to_expert.get_value()), balancer.slot_to_expert)
+    np.testing.assert_array_equal(model.tables().slot_to_expert, balancer.slot_to_expert)
     # Rebalance programs: the host-row write and one per rank shift of device copies, never one per
     # plan; the serving step compiled only for its two shapes.
     assert balancer.writer.compilations() <= 1 + ranks
     assert sum(r.slots_from_devices for r in applied) > 0  # resident experts were copied on device
-    assert model._step._cache_size() == 2
+    assert runner.compilations() == 2
 
 
-def test_lockstep_applies_each_plan_one_iteration_later_even_when_planning_is_slow():
+def test_lockstep_applies_each_plan_one_iteration_later_even_when_planning_is_slow(small):
     """What multi-host needs: every process applies the same plans at the same iteration."""
     import time
 
-    config = small_config()
-    model = build(config, 2, identity_plus(config, 4), record=("expert_total",))
-    balancer = OnlineBalancer(model, master_of(config), 1, overlap=True, lockstep=True, migration_tolerance=0.0)
+    config = small.config()
+    model = small.build(config, 2, small.identity_plus(config, 4), record=("expert_total",)).model
+    balancer = OnlineBalancer(model, source_of(config), 1, overlap=True, lockstep=True, migration_tolerance=0.0)
     plan = balancer._plan
     balancer._plan = lambda *a: (time.sleep(0.2), plan(*a))[1]  # slower than an iteration here
     rng = np.random.default_rng(1)
@@ -156,10 +133,10 @@ def test_slot_writer_fills_slots_from_device_copies_or_the_host(ranks, seed):
         assert writer.compilations() <= (ranks if from_devices else 0) + 1  # + the host write, nothing new
 
 
-def test_decayed_statistics_and_reset():
-    config = small_config()
-    model = build(config, 2, identity_plus(config, 0), record=("expert_total",))
-    balancer = OnlineBalancer(model, master_of(config), 1, overlap=False)
+def test_decayed_statistics_and_reset(small):
+    config = small.config()
+    model = small.build(config, 2, small.identity_plus(config, 0), record=("expert_total",)).model
+    balancer = OnlineBalancer(model, source_of(config), 1, overlap=False)
     rng = np.random.default_rng(0)
     counts = [rng.integers(0, 5, (2, 16)) for _ in range(3)]  # [Lm, E]
     want = np.zeros((2, 16))
@@ -173,31 +150,30 @@ def test_decayed_statistics_and_reset():
     np.testing.assert_allclose(np.asarray(balancer.statistics)[1], want[1], rtol=1e-6)
 
 
-def test_balanced_layer_is_not_touched():
+def test_balanced_layer_is_not_touched(small):
     """Migration-aware: when the current placement is as good as a new plan, nothing moves."""
-    config = small_config()
-    model = build(config, 2, identity_plus(config, 0), record=("expert_total",))
-    balancer = OnlineBalancer(model, master_of(config), 2, overlap=False)
+    config = small.config()
+    model = small.build(config, 2, small.identity_plus(config, 0), record=("expert_total",)).model
+    balancer = OnlineBalancer(model, source_of(config), 2, overlap=False)
     balancer.observe(jnp.ones((2, 16), jnp.int32))  # uniform load: identity is already optimal
     report = balancer.before_step(0)
     assert report.layers_applied == (0, 1) and report.slots_moved == 0
-    trtllm = OnlineBalancer(model, master_of(config), 2, overlap=False, algorithm="trtllm", migration_aware=False)
+    trtllm = OnlineBalancer(model, source_of(config), 2, overlap=False, algorithm="trtllm", migration_aware=False)
     trtllm.observe(jnp.ones((2, 16), jnp.int32))
     assert trtllm.before_step(0).slots_moved > 0  # from scratch, the same loads reshuffle slots
 
 
-def test_state_survives_a_restart(tmp_path):
-    config = small_config()
-    model = build(config, 4, identity_plus(config, 8), record=("expert_total",))
-    master = master_of(config)
-    balancer = OnlineBalancer(model, master, 2, overlap=False, migration_tolerance=0.0)
-    before = generate(model, balancer, 4)
+def test_state_survives_a_restart(small, tmp_path):
+    config = small.config()
+    runner = small.build(config, 4, small.identity_plus(config, 8), record=("expert_total",))
+    source = source_of(config)
+    balancer = OnlineBalancer(runner.model, source, 2, overlap=False, migration_tolerance=0.0)
+    before = generate(small, runner, balancer, 4)
     balancer.save_state(tmp_path / "state")
-    restarted = build(config, 4, identity_plus(config, 8), record=("expert_total",))
-    fresh = OnlineBalancer(restarted, master, 2, overlap=False)
+    restarted = small.build(config, 4, small.identity_plus(config, 8), record=("expert_total",))
+    fresh = OnlineBalancer(restarted.model, source, 2, overlap=False)
     fresh.restore_state(tmp_path / "state")
     np.testing.assert_array_equal(fresh.slot_to_expert, balancer.slot_to_expert)
-    np.testing.assert_array_equal(np.asarray(restarted.expert_slots.get_value()),
-                                  np.asarray(model.expert_slots.get_value()))
+    np.testing.assert_array_equal(restarted.model.tables().expert_slots, runner.model.tables().expert_slots)
     np.testing.assert_allclose(np.asarray(fresh.statistics), np.asarray(balancer.statistics))
-    assert generate(restarted, None, 4) == before
+    assert generate(small, restarted, None, 4) == before

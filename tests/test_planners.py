@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from jax_eplb import (EplbInputError, deepseek_rebalance, lower_bound, plan_placement, trtllm_plan,
                       trtllm_replication)
-from jax_eplb._refine import rank_loads
+from jax_eplb._metrics import rank_loads
 
 
 # ----------------------------------------------------------------- independent straightforward references

@@ -6,20 +6,37 @@ import numpy as np
 import pytest
 import yaml
 
-from jax_eplb import EplbInputError, load_report, load_trtllm_dump
+from jax_eplb import EplbInputError, MoeLoadBalancerConfig, load_report, load_trtllm_dump
 from jax_eplb.cli import main
-from jax_eplb.serving import (StatisticsRecorder, ThroughputSettings, initialize_distributed, load_dataset,
+from jax_eplb.model import SeededWeights
+from jax_eplb.serving import (Request, StatisticsRecorder, ThroughputSettings, initialize_distributed, load_dataset,
                               load_extra_options, prepare_dataset, run_throughput)
 from jax_eplb.serving._workflow import WorkflowSettings, run_model_workflow
 
-from test_model import SMALL
-
 
 @pytest.fixture
-def small_yaml(tmp_path):
+def small_yaml(tmp_path, small):
     path = tmp_path / "small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
+    path.write_text(yaml.safe_dump(small.RAW))
     return path
+
+
+def serve(small, requests, ranks, plan=None, **kwargs):
+    """``run_throughput`` of the small model (seed 0) on ``ranks`` emulated devices, quietly."""
+    settings = {k: kwargs.pop(k) for k in list(kwargs) if k in ThroughputSettings.__dataclass_fields__}
+    return run_throughput(small.config(), SeededWeights(0), requests, small_mesh(ranks),
+                          ThroughputSettings(progress=False, **settings), plan=plan, log=lambda _: None, **kwargs)
+
+
+def small_mesh(ranks):
+    import jax
+    from jax.sharding import Mesh
+
+    return Mesh(np.array(jax.devices("cpu")[:ranks]), ("ep",))
+
+
+def requests_of(rows):
+    return [Request(r["task_id"], tuple(r["input_ids"]), r["output_tokens"]) for r in rows]
 
 
 def write_lines(path, rows):
@@ -115,23 +132,21 @@ def test_distributed_initialisation_is_detected(monkeypatch):
 
 # ----------------------------------------------------------------------------- runner
 
-def test_throughput_records_statistics_in_graph(tmp_path, small_yaml):
-    dataset = write_lines(tmp_path / "d.jsonl", [
-        {"task_id": i, "input_ids": list(range(1 + i % 5, 4 + i % 5 + i % 3)), "output_tokens": 2 + i % 4}
-        for i in range(12)])
-    env = {"EXPERT_STATISTIC_ITER_RANGE": "1-5", "EXPERT_STATISTIC_PATH": str(tmp_path / "stats")}
-    result = run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=4, max_batch_size=8,
-                                               emulate_devices=8, progress=False, output_tokens=str(tmp_path / "out.jsonl"),
-                                               report_json=str(tmp_path / "r.json")), env, log=lambda _: None)
-    requests = load_dataset(dataset, 64, 24)
-    assert {k: len(v) for k, v in result.tokens.items()} == {r.task_id: r.output_tokens for r in requests}
+def test_throughput_records_statistics_in_graph(tmp_path, small):
+    rows = [{"task_id": i, "input_ids": list(range(1 + i % 5, 4 + i % 5 + i % 3)), "output_tokens": 2 + i % 4}
+            for i in range(12)]
+    config = small.config()
+    recorder = StatisticsRecorder(tmp_path / "stats", 1, 5, config.moe_layer_ids, config.top_k)
+    result = serve(small, requests_of(rows), 4, max_batch_size=8, recorder=recorder)
+    result.write(str(tmp_path / "out.jsonl"), str(tmp_path / "r.json"))
+    assert {k: len(v) for k, v in result.tokens.items()} == {r["task_id"]: r["output_tokens"] for r in rows}
     stats = load_trtllm_dump(tmp_path / "stats")
     assert (stats.iter_start, stats.num_iters, stats.ep_size, stats.num_experts) == (1, 4, 4, 16)
     assert tuple(stats.layer_ids) == (1, 2)
     # Iteration 1: the first batch's first decode: 8 rows active, top-4 -> 32 entries per layer.
     assert stats.counts[0].sum(axis=-1).tolist() == [32, 32]
     figures = json.loads((tmp_path / "r.json").read_text())
-    assert figures["output_tokens"] == sum(r.output_tokens for r in requests) and figures["iterations"] > 4
+    assert figures["output_tokens"] == sum(r["output_tokens"] for r in rows) and figures["iterations"] > 4
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert {l["task_id"]: l["output_ids"] for l in lines} == result.tokens
 
@@ -164,16 +179,14 @@ def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
     assert "num_slots (10) must be >=" in capsys.readouterr().err
 
 
-def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small_yaml):
-    dataset = write_lines(tmp_path / "d.jsonl", [
-        {"task_id": i, "input_ids": [(7 * i + j) % 64 for j in range(3 + i % 4)], "output_tokens": 6}
-        for i in range(8)])
-    base = dict(model=str(small_yaml), dataset=str(dataset), ep=4, max_batch_size=8, progress=False, emulate_devices=8)
-    plain = run_throughput(ThroughputSettings(**base), {}, log=lambda _: None)
-    extra = tmp_path / "online.yaml"
-    extra.write_text(yaml.safe_dump({"moe_load_balancer": {"num_slots": 24, "layer_updates_per_iter": 1}}))
-    env = {"EXPERT_STATISTIC_ITER_RANGE": "0-6", "EXPERT_STATISTIC_PATH": str(tmp_path / "stats")}
-    online = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra)), env, log=lambda _: None)
+def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small):
+    requests = requests_of([{"task_id": i, "input_ids": [(7 * i + j) % 64 for j in range(3 + i % 4)],
+                             "output_tokens": 6} for i in range(8)])
+    config = small.config()
+    plain = serve(small, requests, 4, max_batch_size=8)
+    plan = MoeLoadBalancerConfig.from_dict({"num_slots": 24, "layer_updates_per_iter": 1})
+    recorder = StatisticsRecorder(tmp_path / "stats", 0, 6, config.moe_layer_ids, config.top_k)
+    online = serve(small, requests, 4, plan, max_batch_size=8, recorder=recorder)
     assert online.tokens == plain.tokens
     assert online.figures["layer_updates"] > 0 and online.figures["slots_moved"] > 0
     assert online.slot_to_expert.shape == (2, 24)
@@ -182,11 +195,11 @@ def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small_yaml):
     assert stats.counts[1].sum(axis=-1).tolist() == [32, 32]  # 8 rows x top-4 per layer
     # A restarted server keeps its placement: state saved at exit, restored at start.
     state = tmp_path / "state"
-    run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state)),
-                   {}, log=lambda _: None)
+    serve(small, requests, 4, plan, max_batch_size=8, online_state=str(state))
     logs = []
-    second = run_throughput(ThroughputSettings(**base, extra_llm_api_options=str(extra), online_state=str(state),
-                                               warmup=7), {}, log=logs.append)
+    second = run_throughput(config, SeededWeights(0), requests, small_mesh(4),
+                            ThroughputSettings(max_batch_size=8, warmup=7, progress=False), plan=plan,
+                            online_state=str(state), log=logs.append)
     assert any("restored" in line for line in logs)
     assert second.tokens == {k: v for k, v in plain.tokens.items() if k == 7}
     import orbax.checkpoint as ocp
@@ -227,33 +240,24 @@ def test_checkpoint_flow_through_the_cli(tmp_path, small_yaml, capsys):
     assert "throughput (output tok/s)" in capsys.readouterr().out
 
 
-def test_inflight_batching_does_not_change_tokens(tmp_path, small_yaml):
+def test_inflight_batching_does_not_change_tokens(small):
     """Requests of different lengths refill freed rows; a row's cache is untouched while other
     rows prefill, so every request generates the same tokens at any batch size."""
-    dataset = write_lines(tmp_path / "d.jsonl", [
-        {"task_id": i, "input_ids": [(3 * i + j) % 64 for j in range(1 + i % 6)], "output_tokens": 1 + (5 * i) % 7}
-        for i in range(10)])
-    runs = {}
-    for batch in (2, 4, 10):
-        runs[batch] = run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=2,
-                                                        max_batch_size=batch, emulate_devices=8, progress=False),
-                                     {}, log=lambda _: None)
+    requests = requests_of([{"task_id": i, "input_ids": [(3 * i + j) % 64 for j in range(1 + i % 6)],
+                             "output_tokens": 1 + (5 * i) % 7} for i in range(10)])
+    runs = {batch: serve(small, requests, 2, max_batch_size=batch) for batch in (2, 4, 10)}
     assert runs[2].tokens == runs[4].tokens == runs[10].tokens
     phases = [r["phase"] for r in runs[2].per_iteration]
     assert phases.count("mixed") > 1  # rows were refilled mid-run, while others decoded
     assert runs[2].figures["iterations"] < sum(1 + (5 * i) % 7 for i in range(10))  # rows overlap
 
 
-def test_chunked_prefill_does_not_change_tokens(tmp_path, small_yaml):
+def test_chunked_prefill_does_not_change_tokens(small):
     """Prompts prefilled a few tokens per iteration (while other rows decode) give the same tokens
     as whole-prompt prefill; more mixed iterations, none longer than the chunk."""
-    dataset = write_lines(tmp_path / "d.jsonl", [
-        {"task_id": i, "input_ids": [(7 * i + j) % 64 for j in range(1 + (3 * i) % 8)], "output_tokens": 1 + i % 4}
-        for i in range(9)])
-    runs = {chunk: run_throughput(ThroughputSettings(model=str(small_yaml), dataset=str(dataset), ep=2,
-                                                     max_batch_size=4, emulate_devices=8, progress=False,
-                                                     prefill_chunk=chunk), {}, log=lambda _: None)
-            for chunk in (None, 3, 1)}
+    requests = requests_of([{"task_id": i, "input_ids": [(7 * i + j) % 64 for j in range(1 + (3 * i) % 8)],
+                             "output_tokens": 1 + i % 4} for i in range(9)])
+    runs = {chunk: serve(small, requests, 2, max_batch_size=4, prefill_chunk=chunk) for chunk in (None, 3, 1)}
     assert runs[None].tokens == runs[3].tokens == runs[1].tokens
     mixed = {chunk: [r["phase"] for r in run.per_iteration].count("mixed") for chunk, run in runs.items()}
     assert mixed[None] < mixed[3] < mixed[1]

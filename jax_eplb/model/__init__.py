@@ -1,10 +1,25 @@
-"""Decoder-only MoE transformer (Flax NNX) on an ``ep`` mesh, its weights and checkpoints."""
+"""Decoder-only MoE transformer (Flax NNX) on an ``ep`` mesh: config, modules, weights, running.
 
+config (``_config``) -> modules (``_layers``: norm, RoPE, attention; ``_decoder``: decoder layer
+and scanned layer stacks; ``_transformer``: the model) -> weights into the modules
+(``_weights``: seeded; ``_checkpoint``: orbax) -> running steps (``_runner``).
+"""
+
+from jax_eplb.model._checkpoint import OrbaxCheckpoint, create_random_checkpoint, save_checkpoint
 from jax_eplb.model._config import ModelConfig, load_model_config, resolve_model_config
-from jax_eplb.model._forward import (KVCache, MoEOptions, StepOutput, apply_rope, attention, decoder_step,
-                                     init_cache, rms_norm)
-from jax_eplb.model._module import MoETransformer, PlacementTable
-from jax_eplb.model._weights import (AttentionWeights, DenseLayers, MoELayers, ModelWeights, expert_weights,
-                                     init_weights, placed_weights, router_bias)
-from jax_eplb.model._checkpoint import (create_random_checkpoint, restore_checkpoint, restore_logical_experts,
-                                        save_checkpoint)
+from jax_eplb.model._decoder import DecoderLayer, LayerStack
+from jax_eplb.model._layers import Attention, AttentionCache, RMSNorm, apply_rope, rms_norm
+from jax_eplb.model._runner import ModelRunner
+from jax_eplb.model._transformer import KVCache, MoETransformer, StepOutput
+from jax_eplb.model._weights import (SeededWeights, WeightSource, build_model, expert_weights, logical_experts,
+                                     logical_weights, router_bias, seeded_params, split_logical_experts)
+
+__all__ = [
+    "ModelConfig", "load_model_config", "resolve_model_config",
+    "MoETransformer", "DecoderLayer", "LayerStack", "Attention", "AttentionCache", "RMSNorm", "rms_norm",
+    "apply_rope", "KVCache", "StepOutput",
+    "WeightSource", "SeededWeights", "OrbaxCheckpoint", "build_model", "seeded_params", "expert_weights",
+    "logical_experts", "logical_weights", "split_logical_experts", "router_bias",
+    "save_checkpoint", "create_random_checkpoint",
+    "ModelRunner",
+]

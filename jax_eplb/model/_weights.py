@@ -1,81 +1,138 @@
-"""Model weights as pytrees, seeded random initialisation, and laying experts into slots.
+"""Weights into the model: a ``WeightSource`` fills the NNX structure without random init.
 
 Axis legend: V vocab, H hidden, D = heads*head_dim, G = kv_heads*head_dim, Fd dense FFN,
 Ld dense layers, Lm MoE layers, E experts, S slots, F expert FFN, Fs shared FFN.
 
-Expert weights are a pure function of (seed, MoE layer, expert id), so slot weights can be
-generated per shard directly under any placement (no device or host ever holds all experts),
-and equal the logical weights laid out by the plan (``moe.slot_weights_from_logical``).
+A source gives (1) every parameter but the routed experts, as a nested dict shaped like the
+model's state (``nnx.State.to_pure_dict()``), (2) the routed experts laid into the slots of a
+placement, read per device shard, and (3) host access to single experts (``ExpertSource``) for
+re-placing them later. ``build_model`` checks (1) against the model's structure: a missing,
+extra or misshapen tensor is an error naming its path.
+
+``SeededWeights``: random weights from a seed; an expert is a pure function of (seed, MoE
+layer, expert id), so slot weights are generated per shard directly under any placement (no
+device or host ever holds all experts) and equal the logical experts laid out by the plan.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from typing import Mapping, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
 
+from jax_eplb._assignment import AssignmentTables
+from jax_eplb._errors import EplbInputError
 from jax_eplb._synthetic import expert_popularity
 from jax_eplb.model._config import ModelConfig
-from jax_eplb.moe import EP_AXIS, ExpertWeights, RouterWeights
+from jax_eplb.model._transformer import MoETransformer
+from jax_eplb.moe import ExpertSource, ExpertWeights, HostExperts, MoEOptions, PlacementTable, SlotParam
+from jax_eplb.sharding import replicated, stacked_over_ranks
 
 
-class AttentionWeights(NamedTuple):
-    norm: jax.Array  # [L, H]
-    wq: jax.Array  # [L, H, D]
-    wk: jax.Array  # [L, H, G]
-    wv: jax.Array  # [L, H, G]
-    wo: jax.Array  # [L, D, H]
+class WeightSource(Protocol):
+    def params(self, config: ModelConfig) -> dict:
+        """Every parameter but the routed experts, nested like the model's state."""
+
+    def slot_experts(self, config: ModelConfig, mesh, slot_to_expert: np.ndarray) -> ExpertWeights:
+        """Routed experts ``[Lm, S, ...]`` for the placement ``[Lm, S]``, sharded over ``ep``."""
+
+    def expert_source(self, config: ModelConfig) -> ExpertSource:
+        """Host access to single logical experts (the online balancer's source for rewritten slots)."""
 
 
-class DenseLayers(NamedTuple):
-    attention: AttentionWeights
-    mlp_norm: jax.Array  # [Ld, H]
-    mlp: ExpertWeights  # gate/up [Ld, H, Fd], down [Ld, Fd, H]
+def build_model(config: ModelConfig, mesh, tables: AssignmentTables, weights: WeightSource, *,
+                options: MoEOptions = MoEOptions()) -> MoETransformer:
+    """A ``MoETransformer`` on ``mesh`` with ``weights`` under the placement ``tables``."""
+    abstract = nnx.eval_shape(lambda: MoETransformer(config, mesh, tables, options=options, rngs=nnx.Rngs(0)))
+    graphdef, slots, placement, params = nnx.split(abstract, SlotParam, PlacementTable, ...)
+    nnx.replace_by_pure_dict(params, _place_params(nnx.to_pure_dict(params), weights.params(config), replicated(mesh)))
+    model = nnx.merge(graphdef, slots, placement, params)
+    model.set_slot_experts(weights.slot_experts(config, mesh, tables.slot_to_expert))
+    model.set_tables(tables)
+    return model
 
 
-class MoELayers(NamedTuple):
-    attention: AttentionWeights
-    mlp_norm: jax.Array  # [Lm, H]
-    router: RouterWeights  # kernel [Lm, H, E], correction_bias [Lm, E]
-    experts: ExpertWeights  # [Lm, X, H, F] / [Lm, X, F, H]; X = E (logical) or S (slots, sharded over ep)
-    shared: ExpertWeights | None  # [Lm, H, Fs] / [Lm, Fs, H]
+def _place_params(expected: Mapping, given: Mapping, sharding, path: str = "") -> dict:
+    """``given`` arrays on ``sharding`` in the structure (and shapes, dtypes) of ``expected``."""
+    if not isinstance(given, Mapping):
+        raise EplbInputError(f"weights: {path or 'root'} should be a mapping of {sorted(expected)}")
+    extra = sorted(set(given) - set(expected))
+    if extra:
+        raise EplbInputError(f"weights: unexpected {[f'{path}{k}' for k in extra]} (not a parameter of this model)")
+    placed = {}
+    for key, want in expected.items():
+        where = f"{path}{key}"
+        if key not in given:
+            raise EplbInputError(f"weights: missing {where}")
+        if isinstance(want, Mapping):
+            placed[key] = _place_params(want, given[key], sharding, where + ".")
+            continue
+        value = given[key]
+        if tuple(np.shape(value)) != tuple(want.shape):
+            raise EplbInputError(f"weights: {where} has shape {tuple(np.shape(value))}, the model expects "
+                                 f"{tuple(want.shape)}")
+        placed[key] = jax.device_put(jnp.asarray(value, want.dtype), sharding)
+    return placed
 
 
-class ModelWeights(NamedTuple):
-    embed: jax.Array  # [V, H]
-    dense: DenseLayers | None
-    moe: MoELayers
-    final_norm: jax.Array  # [H]
-    lm_head: jax.Array  # [H, V]
-
+# ----------------------------------------------------------------------------- seeded random weights
 
 def _normal(key, shape, std, dtype):
     return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
 
-def _attention(key, config: ModelConfig, layers: int) -> AttentionWeights:
+def _attention(key, config: ModelConfig, layers: int) -> dict:
     c, k = config, jax.random.split(key, 4)
     dt, d, g = c.jnp_dtype, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return AttentionWeights(jnp.ones((layers, c.hidden_size), dt), _normal(k[0], (layers, c.hidden_size, d), c.init_std, dt),
-                            _normal(k[1], (layers, c.hidden_size, g), c.init_std, dt),
-                            _normal(k[2], (layers, c.hidden_size, g), c.init_std, dt),
-                            _normal(k[3], (layers, d, c.hidden_size), c.init_std, dt))
+    return {"wq": _normal(k[0], (layers, c.hidden_size, d), c.init_std, dt),
+            "wk": _normal(k[1], (layers, c.hidden_size, g), c.init_std, dt),
+            "wv": _normal(k[2], (layers, c.hidden_size, g), c.init_std, dt),
+            "wo": _normal(k[3], (layers, d, c.hidden_size), c.init_std, dt)}
 
 
-def _mlp(key, layers: int, hidden: int, ffn: int, std: float, dtype) -> ExpertWeights:
+def _mlp(key, layers: int, hidden: int, ffn: int, std: float, dtype) -> dict:
     k = jax.random.split(key, 3)
-    return ExpertWeights(_normal(k[0], (layers, hidden, ffn), std, dtype), _normal(k[1], (layers, hidden, ffn), std, dtype),
-                         _normal(k[2], (layers, ffn, hidden), std, dtype))
+    return {"gate": _normal(k[0], (layers, hidden, ffn), std, dtype),
+            "up": _normal(k[1], (layers, hidden, ffn), std, dtype),
+            "down": _normal(k[2], (layers, ffn, hidden), std, dtype)}
+
+
+def _norms(config: ModelConfig, layers: int) -> dict:
+    ones = {"weight": jnp.ones((layers, config.hidden_size), config.jnp_dtype)}
+    return {"attention_norm": ones, "mlp_norm": ones}
 
 
 def router_bias(config: ModelConfig) -> np.ndarray:
     """``[Lm, E]`` selection bias: standardized log-popularity times ``router_bias_scale``."""
     popularity = expert_popularity(config.num_moe_layers, config.num_experts, config.popularity_seed)
     log = np.log(popularity)
-    return (config.router_bias_scale * (log - log.mean(1, keepdims=True)) / log.std(1, keepdims=True)).astype(np.float32)
+    standardized = (log - log.mean(1, keepdims=True)) / log.std(1, keepdims=True)
+    return (config.router_bias_scale * standardized).astype(np.float32)
+
+
+def seeded_params(config: ModelConfig, seed: int) -> dict:
+    """Every parameter but the routed experts, drawn from ``seed`` (nested like the model's state)."""
+    c, dt = config, config.jnp_dtype
+    k = jax.random.split(jax.random.key(seed), 6)
+    params = {"embed": _normal(k[5], (c.vocab_size, c.hidden_size), 1.0, dt),
+              "final_norm": {"weight": jnp.ones((c.hidden_size,), dt)},
+              "lm_head": _normal(jax.random.fold_in(k[5], 1), (c.hidden_size, c.vocab_size), c.init_std, dt)}
+    if c.first_k_dense:
+        ld = c.first_k_dense
+        params["dense_layers"] = {"layers": {**_norms(c, ld), "attention": _attention(k[0], c, ld),
+                                             "mlp": _mlp(k[1], ld, c.hidden_size, c.dense_ffn_size, c.init_std, dt)}}
+    lm = c.num_moe_layers
+    router_std = c.router_logit_std / np.sqrt(c.hidden_size)  # normed inputs: logits ~ N(0, router_logit_std)
+    mlp = {"router_kernel": _normal(k[3], (lm, c.hidden_size, c.num_experts), router_std, jnp.float32),
+           "correction_bias": jnp.asarray(router_bias(c))}
+    if c.num_shared_experts:
+        mlp["shared"] = _mlp(k[2], lm, c.hidden_size, c.moe.shared_width, c.init_std, dt)
+    params["moe_layers"] = {"layers": {**_norms(c, lm), "attention": _attention(k[4], c, lm), "mlp": mlp}}
+    return params
 
 
 def expert_weights(config: ModelConfig, seed: int, slot_to_expert: jax.Array) -> ExpertWeights:
@@ -93,48 +150,49 @@ def expert_weights(config: ModelConfig, seed: int, slot_to_expert: jax.Array) ->
     return jax.vmap(jax.vmap(one))(layers, slot_to_expert)
 
 
-def expert_sharding(mesh) -> NamedSharding:
-    """Slot-indexed expert tensors ``[Lm, S, ...]``: slots sharded over ``ep``."""
-    return NamedSharding(mesh, P(None, EP_AXIS))
+def logical_experts(config: ModelConfig, seed: int) -> ExpertWeights:
+    """All seeded experts ``[Lm, E, ...]`` as host arrays."""
+    identity = jnp.tile(jnp.arange(config.num_experts), (config.num_moe_layers, 1))
+    experts = jax.jit(expert_weights, static_argnums=(0, 1))(config, seed, identity)
+    return ExpertWeights(*(np.asarray(w) for w in experts))
 
 
-def init_weights(config: ModelConfig, seed: int, mesh, slot_to_expert=None) -> ModelWeights:
-    """Seeded random weights. With ``slot_to_expert`` ``[Lm, S]``: ready for ``mesh``, experts
-    generated per shard straight into their slots (sharded over ``ep``), everything else
-    replicated. Without: the logical layout (experts ``[Lm, E]``) on the default device."""
-    c, dt = config, config.jnp_dtype
-    k = jax.random.split(jax.random.key(seed), 6)
-    dense = None
-    if c.first_k_dense:
-        dense = DenseLayers(_attention(k[0], c, c.first_k_dense), jnp.ones((c.first_k_dense, c.hidden_size), dt),
-                            _mlp(k[1], c.first_k_dense, c.hidden_size, c.dense_ffn_size, c.init_std, dt))
-    lm = c.num_moe_layers
-    shared = None
-    if c.num_shared_experts:
-        fs = (c.shared_ffn_size or c.expert_ffn_size) * c.num_shared_experts
-        shared = _mlp(k[2], lm, c.hidden_size, fs, c.init_std, dt)
-    router_std = c.router_logit_std / np.sqrt(c.hidden_size)  # normed inputs: logits ~ N(0, router_logit_std)
-    router = RouterWeights(_normal(k[3], (lm, c.hidden_size, c.num_experts), router_std, jnp.float32),
-                           jnp.asarray(router_bias(c)))
-    if slot_to_expert is None:
-        experts = jax.jit(expert_weights, static_argnums=(0, 1))(c, seed, jnp.tile(jnp.arange(c.num_experts), (lm, 1)))
-    else:
-        placed = jax.jit(expert_weights, static_argnums=(0, 1), out_shardings=expert_sharding(mesh))
-        experts = placed(c, seed, jax.device_put(jnp.asarray(slot_to_expert, jnp.int32), expert_sharding(mesh)))
-    moe = MoELayers(_attention(k[4], c, lm), jnp.ones((lm, c.hidden_size), dt), router, experts, shared)
-    weights = ModelWeights(_normal(k[5], (c.vocab_size, c.hidden_size), 1.0, dt), dense, moe,
-                           jnp.ones((c.hidden_size,), dt),
-                           _normal(jax.random.fold_in(k[5], 1), (c.hidden_size, c.vocab_size), c.init_std, dt))
-    return weights if slot_to_expert is None else placed_weights(weights, mesh, experts)
+@dataclasses.dataclass(frozen=True)
+class SeededWeights:
+    """Random weights from ``seed`` (the same for any mesh, ep size and placement)."""
+
+    seed: int = 0
+
+    def params(self, config: ModelConfig) -> dict:
+        return seeded_params(config, self.seed)
+
+    def slot_experts(self, config: ModelConfig, mesh, slot_to_expert) -> ExpertWeights:
+        sharding = stacked_over_ranks(mesh)
+        placed = jax.jit(expert_weights, static_argnums=(0, 1), out_shardings=sharding)
+        return placed(config, self.seed, jax.device_put(jnp.asarray(slot_to_expert, jnp.int32), sharding))
+
+    def expert_source(self, config: ModelConfig) -> ExpertSource:
+        return HostExperts(logical_experts(config, self.seed))
 
 
-def replicate(tree, mesh):
-    """Everything but the experts is replicated over the mesh."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+def logical_weights(config: ModelConfig, weights: WeightSource) -> dict:
+    """Every parameter with the routed experts in their logical layout ``[Lm, E, ...]`` (host arrays):
+    what a checkpoint holds."""
+    params = jax.tree.map(np.asarray, weights.params(config))
+    source = weights.expert_source(config)
+    experts = [source.rows(layer, np.arange(config.num_experts)) for layer in range(config.num_moe_layers)]
+    stacked = ExpertWeights(*(np.stack(leaf) for leaf in zip(*experts)))
+    params["moe_layers"]["layers"]["mlp"].update(w_gate=stacked.gate, w_up=stacked.up, w_down=stacked.down)
+    return params
 
 
-def placed_weights(weights: ModelWeights, mesh, experts: ExpertWeights) -> ModelWeights:
-    """``weights`` with non-expert tensors replicated on ``mesh`` and ``experts`` (already placed)."""
-    moe = weights.moe._replace(experts=None)
-    placed = replicate(weights._replace(moe=moe), mesh)
-    return placed._replace(moe=placed.moe._replace(experts=experts))
+EXPERT_KEYS = ("w_gate", "w_up", "w_down")
+
+
+def split_logical_experts(params: dict) -> tuple[dict, ExpertWeights]:
+    """(params without the routed experts, logical experts ``[Lm, E, ...]``) of a checkpoint's tree."""
+    mlp = dict(params["moe_layers"]["layers"]["mlp"])
+    experts = ExpertWeights(*(mlp.pop(key) for key in EXPERT_KEYS))
+    rest = {**params, "moe_layers": {"layers": {**params["moe_layers"]["layers"], "mlp": mlp}}}
+    return rest, experts
+

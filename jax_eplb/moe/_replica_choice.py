@@ -19,9 +19,6 @@ import jax.numpy as jnp
 from jax_eplb_kernels import SlotRouting, routing_histogram, route_to_slots
 from jax_eplb_kernels.slot_routing.reference import replica_occurrence
 
-POLICIES = ("round_robin", "load_aware")
-
-
 def round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation="auto",
                       with_histogram: bool = False) -> SlotRouting:
     """``[T, K]`` slots by TensorRT-LLM's rule with the EP rank as block offset (and, fused, this

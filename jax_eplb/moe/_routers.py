@@ -1,6 +1,6 @@
-"""Routers: logits -> (weights, expert ids) per token. Pure functions.
+"""Routers: hidden states -> (combine weights, expert ids) per token. Pure functions.
 
-Axis legend: T tokens, E experts, K top-k, G expert groups.
+Axis legend: T tokens, H hidden, E experts, K top-k, G expert groups.
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jax_eplb.moe._types import MoEConfig, RouterWeights
 
 
 class Routing(NamedTuple):
@@ -43,6 +45,15 @@ def deepseek_topk(logits: jax.Array, correction_bias: jax.Array, top_k: int, n_g
     expert_mask = jnp.repeat(group_mask, num_experts // n_group, axis=1)  # [T, E]
     _, ids = jax.lax.top_k(jnp.where(expert_mask, biased, -jnp.inf), top_k)
     weights = jnp.take_along_axis(scores, ids, axis=1)
-    if normalize and top_k > 1:
+    if normalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return Routing(weights * routed_scaling_factor, ids.astype(jnp.int32))
+
+
+def route(config: MoEConfig, router: RouterWeights, x: jax.Array) -> Routing:
+    """``x`` ``[T, H]`` -> Routing; logits ``x @ kernel`` in float32 whatever the model dtype."""
+    logits = jnp.dot(x.astype(jnp.float32), router.kernel.astype(jnp.float32))  # [T, E]
+    if config.router == "deepseek":
+        return deepseek_topk(logits, router.correction_bias, config.top_k, config.n_group, config.topk_group,
+                             config.routed_scaling_factor, config.renormalize)
+    return softmax_topk(logits, config.top_k, config.renormalize)

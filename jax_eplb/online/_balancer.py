@@ -4,8 +4,8 @@ Per iteration:
 * ``observe``: the step's logical-expert counts of all ranks ``[Lm, E]`` (``psum``-ed over
   ``ep`` inside the step) are folded into device-resident decayed statistics
   ``L <- decay * L + c`` (one tiny jitted update; nothing goes to the host).
-* ``before_step``: plans that finished are applied (only changed slots are rewritten, from the
-  host master copy, then that layer's statistics are reset); the layers due by the schedule
+* ``before_step``: plans that finished are applied (only changed slots are rewritten, from device
+  copies or the host expert source, then that layer's statistics are reset); the layers due by the schedule
   have their statistics (``[k, E]``, one small transfer) planned on a host thread, overlapping
   the next step. With several processes (multi-host), every process plans the same layers from
   the same statistics and must apply them at the same iteration (the slot rewrite is a
@@ -25,11 +25,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_eplb._assignment import build_assignment_tables
 from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
-from jax_eplb._planner import plan_placement
+from jax_eplb.moe import as_expert_source
+from jax_eplb.planning import plan_placement
+from jax_eplb.sharding import replicated
 from jax_eplb.online._schedule import OnlineSchedule
 from jax_eplb.online._slot_writer import SlotWriter
 
@@ -77,15 +78,18 @@ class OnlineBalancer:
     """Keeps a :class:`~jax_eplb.model.MoETransformer`'s placement balanced while it serves.
 
     Args:
-      model: its step must record ``"expert_total"`` (``MoEOptions(record=("expert_total", ...))``).
-      master_experts: host pytree of all logical experts ``[Lm, E, ...]`` (NumPy).
+      model: a ``MoETransformer`` whose MoE layers record ``"expert_total"``
+        (``MoEOptions(record=("expert_total", ...))``).
+      expert_source: host access to the logical experts (``ExpertSource``, e.g. a weight source's
+        ``expert_source(config)``, or arrays ``[Lm, E, ...]``): where rewritten slots come from
+        when no device holds a copy.
       layer_updates_per_iter: k > 0 layers re-placed per iteration.
       migration_aware: False re-plans every due layer from scratch (TensorRT-LLM's behaviour;
         for comparison).
       overlap: plan on a host thread (applied at the next iteration after it finishes); False
         plans and applies within ``before_step`` (deterministic; for tests).
       device_copies: fill changed slots from resident copies of their experts (on-device copy or
-        ppermute) rather than the host master; default: on GPU meshes (see ``SlotWriter``).
+        ppermute) rather than the host source; default: on GPU meshes (see ``SlotWriter``).
       lockstep: with ``overlap``, apply each plan exactly one iteration after it started (waiting
         for the thread if it is slower than a step), so every process applies the same plans at the
         same iteration. Default: on when JAX runs several processes (required there).
@@ -94,25 +98,26 @@ class OnlineBalancer:
         new plan is not touched, and new plans keep experts in place within it.
     """
 
-    def __init__(self, model, master_experts, layer_updates_per_iter: int, *, decay: float = DECAY,
+    def __init__(self, model, expert_source, layer_updates_per_iter: int, *, decay: float = DECAY,
                  warmup_iters: int = 0, algorithm: str = "balanced", migration_tolerance: float = 0.05,
                  migration_aware: bool = True, overlap: bool = True, lockstep: bool | None = None,
                  device_copies: bool | None = None):
         if "expert_total" not in model.options.record:
             raise ValueError("the model's step must record expert totals: MoEOptions(record=('expert_total', ...))")
         config = model.config
-        self.model, self.master = model, master_experts
+        self.model, self.source = model, as_expert_source(expert_source)
         self.schedule = OnlineSchedule(config.num_moe_layers, layer_updates_per_iter, warmup_iters)
         self.decay, self.algorithm, self.tolerance = decay, algorithm, migration_tolerance
         self.migration_aware = migration_aware
-        self.slot_to_expert = np.asarray(model.slot_to_expert.get_value()).copy()  # [Lm, S] host mirror
-        self._replicated = NamedSharding(model.mesh, P())
+        tables = model.tables()
+        self.slot_to_expert = tables.slot_to_expert.copy()  # [Lm, S] host mirror
+        self.max_replicas = tables.max_replicas
+        self._replicated = replicated(model.mesh)
         self.statistics = jax.device_put(jnp.zeros((config.num_moe_layers, config.num_experts), jnp.float32),
                                          self._replicated)
         self.writer = SlotWriter(model.mesh, device_copies)
-        weights = model.weights.get_value()
-        experts = self.writer.warm_up(weights.moe.experts)  # compile the rebalance programs now, not mid-serving
-        model.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
+        # compile the rebalance programs now, not mid-serving
+        model.set_slot_experts(self.writer.warm_up(model.slot_experts()))
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if overlap else None
         self.lockstep = jax.process_count() > 1 if lockstep is None else lockstep
         self._pending: list[concurrent.futures.Future] = []
@@ -172,21 +177,23 @@ class OnlineBalancer:
 
     def _apply(self, planned: _Planned) -> UpdateReport:
         start = time.perf_counter()
-        weights = self.model.weights.get_value()
-        experts = weights.moe.experts
+        experts = self.model.slot_experts()
         moves = []
         for layer, new in zip(planned.layers, planned.slot_to_expert):
-            experts, move = self.writer.move_layer(experts, self.master, layer, self.slot_to_expert[layer], new)
+            experts, move = self.writer.move_layer(experts, self.source, layer, self.slot_to_expert[layer], new)
             self.slot_to_expert[layer] = new
             moves.append(move)
-        self.model.weights.set_value(weights._replace(moe=weights.moe._replace(experts=experts)))
-        self.model.set_tables(build_assignment_tables(self.slot_to_expert, self.model.config.num_experts))
+        self.model.set_slot_experts(experts)
+        self.model.set_tables(self._tables(self.slot_to_expert))
         mask = np.zeros(self.slot_to_expert.shape[0], bool)
         mask[list(planned.layers)] = True
         self.statistics = _reset_layers(self.statistics, jax.device_put(mask, self._replicated))
         return UpdateReport(-1, (), tuple(planned.layers), sum(m.slots_moved for m in moves),
                             sum(m.bytes_moved for m in moves), planned.seconds, time.perf_counter() - start,
                             sum(m.slots_from_devices for m in moves))
+
+    def _tables(self, slot_to_expert):
+        return build_assignment_tables(slot_to_expert, self.model.config.num_experts, self.max_replicas)
 
     # ------------------------------------------------------------------ state
 
@@ -225,6 +232,6 @@ class OnlineBalancer:
         slot_to_expert = np.asarray(restored["slot_to_expert"])
         if slot_to_expert.shape != self.slot_to_expert.shape:
             raise ValueError(f"saved plan has shape {slot_to_expert.shape}, model has {self.slot_to_expert.shape}")
-        self.model.set_placement(build_assignment_tables(slot_to_expert, self.model.config.num_experts), self.master)
+        self.model.set_placement(self._tables(slot_to_expert), self.source)
         self.slot_to_expert = slot_to_expert.copy()
         self.statistics = restored["statistics"]

@@ -1,19 +1,21 @@
 """The jitted rebalance step: rewrite only the slots whose expert changed, in place.
 
-The master copy of all logical experts stays in host memory (NumPy, ``[Lm, E, ...]``). A changed
-slot is filled from a device copy when one exists (ours; TensorRT-LLM always copies from host
-memory): some slot that holds the expert now and keeps it through this update (a "stable"
-source, so no write of the update can clobber it). A source on the same rank is a local copy;
-one on rank ``src`` feeding rank ``dst`` is moved by a ``ppermute`` with the static shift
-``(dst - src) mod R``, one row per rank per round (each shift compiles once, so at most ``R``
-small programs whatever the plans). Slots with no such source are written from the host master:
-a round moves one expert row to every rank that still has one (ranks with none rewrite a row
-with itself), through a ``shard_map``-ed ``dynamic_update_slice`` on the donated slot buffers.
-Device-to-device links (NVLink: hundreds of GB/s) beat the host link (PCIe: tens), and with
+Logical experts are read on the host from an ``ExpertSource`` (in-memory arrays, or a
+memory-mapped checkpoint), one row at a time. A changed slot is filled from a device copy when
+one exists (ours; TensorRT-LLM always copies from host memory): some slot that holds the expert
+now and keeps it through this update (a "stable" source, so no write of the update can clobber
+it). A source on the same rank is a local copy; one on rank ``src`` feeding rank ``dst`` is
+moved by a ``ppermute`` with the static shift ``(dst - src) mod R``, one row per rank per round
+(each shift compiles once, so at most ``R`` small programs whatever the plans). Slots with no
+such source are written from the host source: a round moves one expert row to every rank that
+still has one (ranks with none write nothing), through a ``shard_map``-ed
+``dynamic_update_slice`` on the donated slot buffers.
+
+Device-to-device links (NVLink) are much faster than the host link (PCIe), and with
 migration-aware plans most moves are new replicas of experts already resident; so device copies
 are the default on GPUs. On CPU, host and device memory are one memory and the copy rounds only
-add steps (2-3x slower there), so the default is the host path. Shapes never depend on the
-plan; no device holds more than its own slots plus one incoming row per tensor. Every
+add steps (``scripts/bench_rebalance.py``), so the default is the host path. Shapes never depend
+on the plan; no device holds more than its own slots plus one incoming row per tensor. Every
 expert-local tensor (all leaves of the expert pytree) moves together.
 """
 
@@ -26,9 +28,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from jax_eplb.moe import EP_AXIS
+from jax_eplb.moe import ExpertSource, as_expert_source
+from jax_eplb.sharding import EP_AXIS, num_ranks, over_ranks, platform
 
 
 class LayerMove(NamedTuple):
@@ -79,13 +82,13 @@ class SlotWriter:
 
     def __init__(self, mesh, device_copies: bool | None = None):
         self.mesh = mesh
-        self.device_copies = mesh.devices.flat[0].platform == "gpu" if device_copies is None else device_copies
-        self.num_ranks = int(mesh.shape[EP_AXIS])
+        self.device_copies = platform(mesh) == "gpu" if device_copies is None else device_copies
+        self.num_ranks = num_ranks(mesh)
         spec = P(None, EP_AXIS)
         fn = jax.shard_map(_write_body, mesh=mesh, in_specs=(spec, P(), P(EP_AXIS), P(EP_AXIS)), out_specs=spec,
                            check_vma=False)
         self._step = jax.jit(fn, donate_argnums=(0,))
-        self._row_sharding = NamedSharding(mesh, P(EP_AXIS))
+        self._row_sharding = over_ranks(mesh)
         self._peer_steps = {}  # shift -> jitted ppermute-and-write step
 
     def compilations(self) -> int:
@@ -146,38 +149,45 @@ class SlotWriter:
                 rounds += 1
         return experts, rounds
 
-    def move_layer(self, experts, master, layer: int, old_slots: np.ndarray, new_slots: np.ndarray, *,
+    def move_layer(self, experts, source: ExpertSource, layer: int, old_slots: np.ndarray, new_slots: np.ndarray, *,
                    from_devices: bool | None = None):
-        """experts: slot pytree ``[Lm, S, ...]`` (donated); master: host pytree ``[Lm, E, ...]``.
+        """experts: slot pytree ``[Lm, S, ...]`` (donated); source: host experts (``ExpertSource``, or
+        logical arrays ``[Lm, E, ...]``).
 
         ``from_devices``: fill a slot from a device copy of its expert where one exists (else every
-        changed slot comes from the host master); default ``device_copies``.
+        changed slot comes from the host source); default ``device_copies``.
         Returns (new experts, LayerMove)."""
         start = time.perf_counter()
         from_devices = self.device_copies if from_devices is None else from_devices
-        num_slots = old_slots.shape[0]
-        per_rank = num_slots // self.num_ranks
+        per_rank = old_slots.shape[0] // self.num_ranks
         changed = np.flatnonzero(old_slots != new_slots)
         peer_rounds = 0
         from_host = changed
         if from_devices and changed.size:
             peer_queues, from_host = self._device_sources(old_slots, new_slots, changed)
             experts, peer_rounds = self._copy_from_devices(experts, layer, peer_queues, per_rank)
-        queues = [[s % per_rank for s in from_host if s // per_rank == r] for r in range(self.num_ranks)]
-        rounds = max((len(q) for q in queues), default=0)
-        leaves, treedef = jax.tree.flatten(master)
-        for step in range(rounds):
-            local = np.array([q[step] if step < len(q) else per_rank for q in queues], np.int32)
-            experts_for_rank = [int(new_slots[r * per_rank + local[r]]) if local[r] < per_rank else 0
-                                for r in range(self.num_ranks)]
-            # Each rank's shard is a view of its row in the master copy: copied once, host to device.
-            rows = [jax.make_array_from_callback(
-                (self.num_ranks,) + leaf.shape[2:], self._row_sharding,
-                lambda idx, leaf=leaf: leaf[layer, experts_for_rank[range(self.num_ranks)[idx[0]][0]]][None])
-                for leaf in leaves]
-            experts = self._step(experts, jnp.int32(layer), jax.device_put(local, self._row_sharding),
-                                 jax.tree.unflatten(treedef, rows))
+        experts, rounds = self._copy_from_host(experts, as_expert_source(source), layer, from_host, new_slots, per_rank)
         jax.block_until_ready(experts)
-        bytes_per_slot = sum(int(np.prod(leaf.shape[2:])) * leaf.dtype.itemsize for leaf in leaves)
+        bytes_per_slot = sum(int(np.prod(leaf.shape[2:])) * leaf.dtype.itemsize for leaf in jax.tree.leaves(experts))
         return experts, LayerMove(int(changed.size), int(changed.size) * bytes_per_slot, rounds + peer_rounds,
                                   time.perf_counter() - start, int(changed.size - from_host.size))
+
+    def _copy_from_host(self, experts, source: ExpertSource, layer: int, slots: np.ndarray, new_slots: np.ndarray,
+                        per_rank: int):
+        """Writes ``slots`` from the host source, one row per rank per round."""
+        queues = [[s % per_rank for s in slots if s // per_rank == r] for r in range(self.num_ranks)]
+        rounds = max((len(q) for q in queues), default=0)
+        shapes = jax.tree.leaves(source.expert_shapes())
+        for step in range(rounds):
+            local = np.array([q[step] if step < len(q) else per_rank for q in queues], np.int32)
+            # Each rank's row: its expert read from the source (ranks with nothing to write get zeros,
+            # which the write masks out), copied once host to device.
+            rows = [jax.tree.leaves(source.rows(layer, np.array([new_slots[r * per_rank + local[r]]])))
+                    if local[r] < per_rank else [np.zeros((1,) + tuple(s.shape), s.dtype) for s in shapes]
+                    for r in range(self.num_ranks)]
+            leaves = [jax.make_array_from_callback(
+                (self.num_ranks,) + tuple(shape.shape), self._row_sharding,
+                lambda idx, i=i: rows[range(self.num_ranks)[idx[0]][0]][i]) for i, shape in enumerate(shapes)]
+            experts = self._step(experts, jnp.int32(layer), jax.device_put(local, self._row_sharding),
+                                 jax.tree.unflatten(jax.tree.structure(experts), leaves))
+        return experts, rounds

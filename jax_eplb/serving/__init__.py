@@ -1,7 +1,24 @@
-"""Serving-side tools: datasets, extra options, devices, statistics recording, the throughput runner."""
+"""Serving: requests -> in-flight batches -> the model's steps -> statistics and figures.
 
-from jax_eplb.serving._dataset import Request, load_dataset, prepare_dataset
-from jax_eplb.serving._devices import emulate_cpu_devices, ep_mesh, initialize_distributed, to_host
+datasets (``_dataset``), ``--extra_llm_api_options`` (``_options``), the command line's edge that
+reads files and environment into objects (``_inputs``), in-flight batching (``_batcher``),
+``EXPERT_STATISTIC_*`` recording (``_recorder``), the throughput runner (``_throughput``) and its
+figures (``_figures``), processes and hosts (``_devices``), and the whole workflow (``_workflow``).
+"""
+
+from jax_eplb.serving._batcher import InFlightBatcher, StepInputs
+from jax_eplb.serving._dataset import Request, load_dataset, prepare_dataset, token_norm_dist
+from jax_eplb.serving._devices import initialize_distributed, to_host
+from jax_eplb.serving._figures import format_figures
+from jax_eplb.serving._inputs import BenchInputs, model_source, read_bench_inputs
 from jax_eplb.serving._options import ExtraOptions, load_extra_options
 from jax_eplb.serving._recorder import DEFAULT_PATH, PATH_VARIABLE, RANGE_VARIABLE, StatisticsRecorder
-from jax_eplb.serving._throughput import ThroughputResult, ThroughputSettings, format_figures, run_throughput
+from jax_eplb.serving._throughput import ThroughputResult, ThroughputSettings, placement_tables, run_throughput
+
+__all__ = [
+    "Request", "load_dataset", "prepare_dataset", "token_norm_dist", "ExtraOptions", "load_extra_options",
+    "BenchInputs", "model_source", "read_bench_inputs",
+    "InFlightBatcher", "StepInputs", "StatisticsRecorder", "RANGE_VARIABLE", "PATH_VARIABLE", "DEFAULT_PATH",
+    "ThroughputSettings", "ThroughputResult", "run_throughput", "placement_tables", "format_figures",
+    "initialize_distributed", "to_host",
+]

@@ -67,16 +67,22 @@ def _lengths(rng, count, mean, stdev, low=1):
     return np.maximum(low, np.round(rng.normal(mean, stdev, count))).astype(int) if stdev else np.full(count, mean)
 
 
-def prepare_dataset(path, *, num_requests: int, input_mean: int, output_mean: int, input_stdev: float = 0.0,
-                    output_stdev: float = 0.0, vocab_size: int = 512, seed: int = 0) -> Path:
+def token_norm_dist(*, num_requests: int, input_mean: int, output_mean: int, input_stdev: float = 0.0,
+                    output_stdev: float = 0.0, vocab_size: int = 512, seed: int = 0) -> list[Request]:
     """Synthetic token ids with normally distributed lengths (trtllm-bench's ``token-norm-dist``)."""
     if num_requests < 1 or input_mean < 1 or output_mean < 1:
         raise EplbInputError("num_requests, input_mean and output_mean must be >= 1")
     rng = np.random.default_rng(seed)
     inputs = _lengths(rng, num_requests, input_mean, input_stdev)
     outputs = _lengths(rng, num_requests, output_mean, output_stdev)
-    lines = [json.dumps({"task_id": i, "input_ids": rng.integers(0, vocab_size, n).tolist(), "output_tokens": int(o)})
-             for i, (n, o) in enumerate(zip(inputs, outputs))]
+    return [Request(i, tuple(rng.integers(0, vocab_size, n).tolist()), int(o))
+            for i, (n, o) in enumerate(zip(inputs, outputs))]
+
+
+def prepare_dataset(path, **distribution) -> Path:
+    """Writes ``token_norm_dist(**distribution)`` as trtllm-bench JSON lines."""
+    lines = [json.dumps({"task_id": r.task_id, "input_ids": list(r.input_ids), "output_tokens": r.output_tokens})
+             for r in token_norm_dist(**distribution)]
     path = Path(path)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

@@ -1,4 +1,5 @@
-"""Devices for an ``ep`` mesh: real accelerators, CPU-emulated devices, or many hosts."""
+"""Processes and hosts: ``jax.distributed`` start-up for one-process-per-host launches, and
+fetching (possibly multi-host sharded) results to every process. The mesh itself: ``jax_eplb.sharding``."""
 
 from __future__ import annotations
 
@@ -6,10 +7,6 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
-
-from jax_eplb._errors import EplbInputError
-from jax_eplb.moe import EP_AXIS
 
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -25,32 +22,6 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                process_id=process_id)
     return True
-
-
-def emulate_cpu_devices(count: int) -> None:
-    """Asks for ``count`` CPU devices; must run before JAX starts its backends (else a no-op)."""
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except Exception:  # backends already initialised (e.g. under pytest's XLA_FLAGS): keep what exists
-        pass
-
-
-def ep_mesh(ep: int, emulate_devices: int | None = None) -> Mesh:
-    """A 1-D ``ep`` mesh over the first ``ep`` devices (CPU-emulated ones with ``emulate_devices``)."""
-    if ep < 1:
-        raise EplbInputError(f"--ep must be >= 1, got {ep}")
-    if emulate_devices:
-        emulate_cpu_devices(emulate_devices)
-        devices = jax.devices("cpu")
-    else:
-        devices = jax.devices()
-    kind = devices[0].platform
-    if len(devices) < ep:
-        raise EplbInputError(f"--ep {ep} needs {ep} devices but {len(devices)} {kind} device(s) are available; "
-                             f"add --emulate_devices {ep} to run on CPU-emulated devices")
-    if len(devices) % ep:
-        raise EplbInputError(f"--ep {ep} does not divide the {len(devices)} available {kind} devices")
-    return Mesh(np.array(devices[:ep]), (EP_AXIS,))
 
 
 def to_host(x) -> np.ndarray:

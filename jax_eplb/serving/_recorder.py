@@ -1,11 +1,12 @@
 """Expert-statistic recording, TensorRT-LLM style.
 
 ``EXPERT_STATISTIC_ITER_RANGE=start-stop`` (stop exclusive) turns it on and
-``EXPERT_STATISTIC_PATH`` (default ``expert_statistic``) names the output directory. The
-histograms are computed inside the jitted step (one ``[Lm, R, X]`` array per iteration, X =
-expert ids without a load balancer, slot ids with one); this class only keeps the iterations
-in range and writes ``rank{R}.safetensors`` + ``meta_info.json`` when iteration ``stop``
-starts, or at exit with what was recorded.
+``EXPERT_STATISTIC_PATH`` (default ``expert_statistic``) names the output directory (read by
+``from_environment``, the command line's edge). The histograms are computed inside the jitted
+step (one ``[Lm, R, X]`` array per iteration, X = expert ids without a load balancer, slot ids
+with one); this class only keeps the iterations in range and writes ``rank{R}.safetensors`` +
+``meta_info.json`` when iteration ``stop`` starts, or at exit with what was recorded. Without a
+path it only keeps them (``statistics()``), for benchmarks that plan from a run in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb._stats import save_trtllm_dump
+from jax_eplb._stats import ExpertLoadStats, save_trtllm_dump
 
 RANGE_VARIABLE = "EXPERT_STATISTIC_ITER_RANGE"
 PATH_VARIABLE = "EXPERT_STATISTIC_PATH"
@@ -32,11 +33,11 @@ class StatisticsRecorder:
     def __init__(self, path, start: int, stop: int, layer_ids, num_experts_per_token: int):
         if not 0 <= start < stop:
             raise EplbInputError(f"{RANGE_VARIABLE}: need 0 <= start < stop, got {start}-{stop}")
-        self.path, self.start, self.stop = Path(path), start, stop
+        self.path, self.start, self.stop = (Path(path) if path is not None else None), start, stop
         self.layer_ids, self.top_k = list(layer_ids), num_experts_per_token
         self._counts: dict[int, np.ndarray] = {}
         self.written = False
-        if self.path.exists() and any(self.path.iterdir()):
+        if self.path is not None and self.path.exists() and any(self.path.iterdir()):
             raise EplbInputError(f"{PATH_VARIABLE}={self.path} already holds files; remove it or choose another "
                                  f"path (statistics of two runs must not mix)")
 
@@ -69,9 +70,18 @@ class StatisticsRecorder:
     def iterations(self) -> list[int]:
         return sorted(self._counts)
 
+    def statistics(self) -> ExpertLoadStats:
+        """What was recorded so far, summed over ranks (``ep_size`` kept)."""
+        if not self._counts:
+            raise EplbInputError(f"no iteration fell in [{self.start}, {self.stop}); nothing was recorded")
+        stacked = np.stack([self._counts[i] for i in self.iterations])  # [I, Lm, R, X]
+        return ExpertLoadStats(stacked.sum(axis=2), self.layer_ids, self.iterations[0], self.top_k,
+                               ep_size=stacked.shape[2])
+
     def flush(self) -> Path | None:
-        """Writes what was recorded (once); returns the directory, or None if nothing was."""
-        if self.written or not self._counts:
+        """Writes what was recorded (once); returns the directory, or None if nothing was (or there
+        is no path)."""
+        if self.written or not self._counts or self.path is None:
             return None
         iterations = self.iterations
         stacked = np.stack([self._counts[i] for i in iterations])  # [I, Lm, R, X]

@@ -11,8 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb._packing import Packing, descending_order, greedy_pack, pack_replicas
-from jax_eplb._replication import greedy_replication, trtllm_replication
+from jax_eplb.planning._packing import Packing, descending_order, greedy_pack, pack_replicas
+from jax_eplb.planning._replication import greedy_replication, trtllm_replication
 
 
 def trtllm_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:

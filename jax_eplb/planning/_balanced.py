@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_eplb._baseline_planners import deepseek_plan, trtllm_plan
-from jax_eplb._packing import pack_replicas
-from jax_eplb._refine import rank_loads, refine_by_swaps
-from jax_eplb._replication import greedy_replication
+from jax_eplb.planning._baselines import deepseek_plan, trtllm_plan
+from jax_eplb.planning._packing import pack_replicas
+from jax_eplb._metrics import rank_loads
+from jax_eplb.planning._refine import refine_by_swaps
+from jax_eplb.planning._replication import greedy_replication
 
 
 FEW_SLOTS_PER_RANK = 4  # at or below this, replica counts are searched, not only greedy

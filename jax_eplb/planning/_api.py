@@ -10,11 +10,11 @@ from typing import NamedTuple
 import numpy as np
 
 from jax_eplb._assignment import AssignmentTables, build_assignment_tables, check_slot_geometry
-from jax_eplb._balanced_planner import balanced_plan
-from jax_eplb._baseline_planners import deepseek_plan, trtllm_plan
+from jax_eplb.planning._balanced import balanced_plan
+from jax_eplb.planning._baselines import deepseek_plan, trtllm_plan
 from jax_eplb._errors import EplbInputError
-from jax_eplb._migration import align_to_previous, slots_moved
-from jax_eplb._refine import duplicate_count, rank_loads
+from jax_eplb.planning._migration import align_to_previous, slots_moved
+from jax_eplb._metrics import duplicate_count, rank_loads
 
 ALGORITHMS = ("balanced", "trtllm", "deepseek")
 

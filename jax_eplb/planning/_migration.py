@@ -11,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from jax_eplb._refine import rank_loads, refine_by_swaps, replica_sizes
+from jax_eplb._metrics import rank_loads, replica_sizes
+from jax_eplb.planning._refine import refine_by_swaps
 
 
 def slots_moved(plan: np.ndarray, previous: np.ndarray) -> np.ndarray:

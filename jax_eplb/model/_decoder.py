@@ -1,0 +1,71 @@
+"""Decoder layers (Flax NNX) and stacks of identical layers run by ``lax.scan``.
+
+Axis legend: B batch rows, T tokens per row, H hidden, L layers of a stack.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_eplb._assignment import AssignmentTables
+from jax_eplb.model._config import ModelConfig
+from jax_eplb.model._layers import Attention, RMSNorm
+from jax_eplb.moe import MLP, EPMoEBlock, MoEOptions, MoEOutput
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm attention + pre-norm MLP, each with a residual. The MLP is dense (``moe_tables``
+    None) or the EP MoE block with this layer's placement."""
+
+    def __init__(self, config: ModelConfig, mesh, moe_tables: AssignmentTables | None = None, *,
+                 options: MoEOptions = MoEOptions(), rngs: nnx.Rngs):
+        c, dt = config, config.jnp_dtype
+        self.attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
+        self.attention = Attention(c, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
+        if moe_tables is None:
+            self.mlp = MLP(c.hidden_size, c.dense_ffn_size, dtype=dt, rngs=rngs)
+        else:
+            self.mlp = EPMoEBlock(c.moe, mesh, moe_tables, options=options, dtype=dt, rngs=rngs)
+
+    def __call__(self, x, cache, *, positions, token_mask) -> tuple[jax.Array, object, MoEOutput | None]:
+        """x ``[B, T, H]`` -> (x, updated attention cache, the MoE block's output or None)."""
+        out, cache = self.attention(self.attention_norm(x), positions, cache, token_mask)
+        x = x + out
+        h = self.mlp_norm(x)
+        if isinstance(self.mlp, MLP):
+            return x + self.mlp(h).astype(x.dtype), cache, None
+        b, t, hidden = x.shape
+        result = self.mlp(h.reshape(b * t, hidden), token_mask.reshape(-1))
+        return x + result.out.reshape(b, t, hidden), cache, result._replace(out=None)
+
+
+class LayerStack(nnx.Module):
+    """``num_layers`` identical layers whose variables are stacked on a leading ``[L]`` axis.
+
+    ``__call__`` runs them with ``lax.scan`` over (variables, per-layer cache): the layer is traced
+    and compiled once whatever L. Built from ``make_layer(i)`` for each layer index (under
+    ``nnx.eval_shape`` this only records shapes).
+    """
+
+    def __init__(self, make_layer: Callable[[int], nnx.Module], num_layers: int):
+        layers = [make_layer(i) for i in range(num_layers)]
+        graphdef, _ = nnx.split(layers[0])
+        states = [nnx.state(layer) for layer in layers]
+        self.layers = nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
+
+    def __call__(self, x, cache, **kwargs):
+        """x -> (x, stacked cache, stacked per-layer outputs); ``kwargs`` go to every layer."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(x, inputs):
+            layer_state, layer_cache = inputs
+            x, layer_cache, aux = nnx.merge(graphdef, layer_state)(x, layer_cache, **kwargs)
+            return x, (layer_cache, aux)
+
+        x, (cache, aux) = jax.lax.scan(body, x, (state, cache))
+        return x, cache, aux

@@ -1,0 +1,97 @@
+"""Expert compute on one rank: every received row through its local slot's SwiGLU expert.
+
+Axis legend: P received rows, H hidden, F expert FFN, m local slots.
+
+Grouped matmuls (``grouped_matmul=``): ``ragged_dot`` (XLA's grouped GEMM; on CPU a dense
+masked loop over all m groups) and two over one tile-padded layout (rows sorted by slot, every
+group padded to whole tiles, so about ``P + m*tile`` rows of work instead of ``m * P``):
+``padded`` (XLA batched matmul with one weight copy gathered per tile; meant for CPU-sized
+experts, not DeepSeek-sized ones on a GPU) and ``pallas`` (the ``tile_grouped_matmul`` kernel
+reads each tile's slot weights in place and skips unused tiles; ``pallas_interpret`` runs it on
+CPU for tests). docs/benchmarks.md compares them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from jax_eplb.moe._types import GROUPED_MATMULS
+from jax_eplb_kernels import tile_grouped_matmul
+
+PADDED_TILE = 64
+
+
+def resolve_grouped_matmul(grouped_matmul: str, platform: str) -> str:
+    """``auto`` -> ``padded`` on CPU, ``ragged_dot`` elsewhere; other names as they are."""
+    if grouped_matmul not in GROUPED_MATMULS:
+        raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}")
+    if grouped_matmul == "auto":
+        return "padded" if platform == "cpu" else "ragged_dot"
+    return grouped_matmul
+
+
+def _swiglu_ragged_dot(x, w_gate, w_up, w_down, group_sizes):
+    """Rows of ``x`` ``[rows, H]`` sorted by local slot; ``w_*`` ``[m, ...]``; -> ``[rows, H]`` f32."""
+    gate = jax.lax.ragged_dot(x, w_gate, group_sizes, preferred_element_type=jnp.float32)
+    up = jax.lax.ragged_dot(x, w_up, group_sizes, preferred_element_type=jnp.float32)
+    hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
+    return jax.lax.ragged_dot(hidden, w_down, group_sizes, preferred_element_type=jnp.float32)
+
+
+def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int, implementation: str):
+    """Same contract as :func:`_swiglu_ragged_dot`, as tile-grouped matmuls (``implementation``:
+    ``xla`` for ``padded``, else the Pallas kernel).
+
+    Group g's rows go to tiles of ``tile`` rows, each tile holding one group only, so the
+    number of tiles is at most ``ceil(rows / tile) + m`` (static) whatever the sizes.
+    """
+    rows, hidden = x.shape
+    num_local = w_gate.shape[0]
+    num_tiles = -(-rows // tile) + num_local
+    tiles_per_group = -(-group_sizes // tile)  # [m]
+    group_tile_start = jnp.cumsum(tiles_per_group) - tiles_per_group
+    group_row_start = jnp.cumsum(group_sizes) - group_sizes
+    row = jnp.arange(rows)
+    row_group = jnp.clip(jnp.searchsorted(jnp.cumsum(group_sizes), row, side="right"), 0, num_local - 1)
+    within = row - group_row_start[row_group]
+    padded_row = (group_tile_start[row_group] + within // tile) * tile + within % tile
+    in_group = row < group_sizes.sum()
+    padded_row = jnp.where(in_group, padded_row, num_tiles * tile)  # rows past all groups: dropped
+    buffer = jnp.zeros((num_tiles * tile, hidden), x.dtype).at[padded_row].set(x, mode="drop")
+    tile_group = jnp.clip(jnp.searchsorted(jnp.cumsum(tiles_per_group), jnp.arange(num_tiles), side="right"),
+                          0, num_local - 1)
+    used_tiles = tiles_per_group.sum()
+    matmul = functools.partial(tile_grouped_matmul, tile_group=tile_group, used_tiles=used_tiles,
+                               implementation=implementation)
+    act = (jax.nn.silu(matmul(buffer, w_gate)) * matmul(buffer, w_up)).astype(x.dtype)
+    out = matmul(act, w_down)  # [num_tiles * tile, H]
+    return jnp.where(in_group[:, None], out[jnp.minimum(padded_row, num_tiles * tile - 1)], 0.0)
+
+
+def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *,
+                   grouped_matmul: str = "ragged_dot", tile: int = PADDED_TILE) -> jax.Array:
+    """Runs every received row through its local slot's SwiGLU expert.
+
+    Args:
+      rows: ``[P, H]``; row_slot: ``[P]`` local slot, m for empty rows (-> zeros).
+      w_gate, w_up: ``[m, H, F]``; w_down: ``[m, F, H]``.
+      grouped_matmul: ``ragged_dot``, ``padded``, ``pallas`` or ``pallas_interpret`` (module docstring).
+    Returns ``[P, H]`` float32.
+    """
+    if grouped_matmul not in GROUPED_MATMULS[1:]:
+        raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS[1:]}, got {grouped_matmul!r}")
+    num_local = w_gate.shape[0]
+    order = jnp.argsort(row_slot, stable=True)
+    group_sizes = jnp.zeros((num_local,), jnp.int32).at[row_slot].add(1, mode="drop")
+    if grouped_matmul == "ragged_dot":
+        out_sorted = _swiglu_ragged_dot(rows[order], w_gate, w_up, w_down, group_sizes)
+    else:
+        implementation = "xla" if grouped_matmul == "padded" else grouped_matmul
+        # XLA: no tile larger than the rows; Pallas keeps whole tiles (power-of-two blocks for Triton).
+        tile_rows = min(tile, rows.shape[0]) if implementation == "xla" else tile
+        out_sorted = _swiglu_padded(rows[order], w_gate, w_up, w_down, group_sizes, tile_rows, implementation)
+    out = jnp.zeros(out_sorted.shape, jnp.float32).at[order].set(out_sorted)
+    return jnp.where((row_slot < num_local)[:, None], out, 0.0)

@@ -1,0 +1,98 @@
+"""Laying experts into slots: host experts (any ``ExpertSource``) -> slot weights sharded over ``ep``.
+
+Axis legend: L MoE layers, E experts, S slots, n rows read at once.
+
+Each device's shard is read from the source for that device's own slots only (a replicated
+expert is read once per layer and process), one layer at a time into a preallocated device
+buffer: no device ever holds all experts, and the host holds at most one layer's experts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_eplb.moe._types import ExpertWeights
+from jax_eplb.sharding import over_ranks, stacked_over_ranks
+
+
+class ExpertSource(Protocol):
+    """Host copies of the logical experts of every MoE layer, read by rows."""
+
+    def expert_shapes(self) -> ExpertWeights:
+        """``jax.ShapeDtypeStruct`` of one expert's gate, up ``[H, F]`` and down ``[F, H]``."""
+
+    def rows(self, layer: int, experts: np.ndarray) -> ExpertWeights:
+        """Host arrays ``[n, ...]`` of ``experts`` ``[n]`` of MoE layer ``layer`` (0-based)."""
+
+
+class HostExperts(NamedTuple):
+    """An ``ExpertSource`` over in-memory arrays ``[L, E, ...]``."""
+
+    experts: ExpertWeights
+
+    def expert_shapes(self) -> ExpertWeights:
+        return ExpertWeights(*(jax.ShapeDtypeStruct(np.shape(w)[2:], np.asarray(w).dtype) for w in self.experts))
+
+    def rows(self, layer: int, experts: np.ndarray) -> ExpertWeights:
+        return ExpertWeights(*(np.asarray(w[layer])[experts] for w in self.experts))
+
+
+def as_expert_source(experts) -> ExpertSource:
+    """An ``ExpertSource`` as it is; logical ``ExpertWeights`` ``[L, E, ...]`` wrapped as host arrays."""
+    if isinstance(experts, ExpertWeights):
+        return HostExperts(ExpertWeights(*(np.asarray(w) for w in experts)))
+    return experts
+
+
+def slot_weights_from_logical(experts, slot_to_expert, mesh) -> ExpertWeights:
+    """Slot weights sharded over ``ep`` on the slot axis.
+
+    ``slot_to_expert`` ``[L, S]`` -> ``[L, S, ...]`` from an ``ExpertSource`` (or logical
+    ``ExpertWeights`` ``[L, E, ...]``); ``[S]`` -> ``[S, ...]`` from logical ``[E, ...]`` (one layer).
+    """
+    index = np.asarray(slot_to_expert)
+    if index.ndim == 1:
+        one_layer = ExpertWeights(*(np.asarray(w)[None] for w in experts))
+        return _layer_slots(HostExperts(one_layer), 0, index, mesh)
+    source = as_expert_source(experts)
+    buffers = _zeros(source.expert_shapes(), index.shape, mesh)
+    for layer in range(index.shape[0]):
+        buffers = _set_layer(buffers, _layer_slots(source, layer, index[layer], mesh), layer)
+    return buffers
+
+
+def _layer_slots(source: ExpertSource, layer: int, slot_experts: np.ndarray, mesh) -> ExpertWeights:
+    """``[S, ...]`` of one layer; each device reads its own slots (each expert once per process)."""
+    shapes = source.expert_shapes()
+    read: dict[int, ExpertWeights] = {}
+
+    def rows_of(experts: np.ndarray) -> ExpertWeights:
+        missing = np.unique([e for e in experts if int(e) not in read]).astype(np.int64)
+        if missing.size:
+            for e, *leaves in zip(missing, *source.rows(layer, missing)):
+                read[int(e)] = ExpertWeights(*leaves)
+        return ExpertWeights(*(np.stack(leaf) for leaf in zip(*(read[int(e)] for e in experts))))
+
+    def leaf(i: int):
+        shape = (slot_experts.shape[0],) + tuple(shapes[i].shape)
+        return jax.make_array_from_callback(shape, over_ranks(mesh),
+                                            lambda idx: rows_of(slot_experts[idx[0]])[i].astype(shapes[i].dtype))
+
+    return ExpertWeights(*(leaf(i) for i in range(len(shapes))))
+
+
+def _zeros(shapes: ExpertWeights, index_shape: tuple[int, int], mesh) -> ExpertWeights:
+    sharding = stacked_over_ranks(mesh)
+    return ExpertWeights(*(jax.jit(functools.partial(jnp.zeros, index_shape + tuple(s.shape), s.dtype),
+                                   out_shardings=sharding)() for s in shapes))
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _set_layer(buffers: ExpertWeights, layer_slots: ExpertWeights, layer) -> ExpertWeights:
+    return ExpertWeights(*(jax.lax.dynamic_update_index_in_dim(b, s.astype(b.dtype), layer, 0)
+                           for b, s in zip(buffers, layer_slots)))

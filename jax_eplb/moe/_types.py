@@ -1,0 +1,126 @@
+"""What an MoE layer is (``MoEConfig``), how it runs (``MoEOptions``) and what it returns (``MoEOutput``).
+
+Axis legend: T tokens, H hidden, F expert FFN, E experts, S slots, R ranks, X = E or S.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple
+
+import jax
+
+ROUTERS = ("softmax", "deepseek")
+POLICIES = ("round_robin", "load_aware")
+RECORD_MODES = ("expert", "slot", "expert_total")
+TRANSPORTS = ("all_to_all", "ragged")
+GROUPED_MATMULS = ("auto", "ragged_dot", "padded", "pallas", "pallas_interpret")
+KERNEL_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Shapes and routing of one MoE layer.
+
+    router: ``softmax`` (Mixtral, Qwen3-MoE: softmax over experts, top-k, renormalised when
+    ``renormalize``) or ``deepseek`` (sigmoid scores, selection bias, group-limited top-k).
+    """
+
+    hidden_size: int
+    expert_ffn_size: int
+    num_experts: int
+    top_k: int
+    router: str = "softmax"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    num_shared_experts: int = 0
+    shared_ffn_size: int | None = None
+
+    def __post_init__(self):
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+        if self.router == "deepseek" and self.num_experts % self.n_group:
+            raise ValueError(f"num_experts ({self.num_experts}) must be divisible by n_group ({self.n_group})")
+        if self.router == "deepseek" and not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
+
+    @property
+    def shared_width(self) -> int:
+        """FFN width of the shared experts together (0: none)."""
+        return (self.shared_ffn_size or self.expert_ffn_size) * self.num_shared_experts
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOptions:
+    """How an MoE layer runs (static: changing one recompiles; a new placement does not).
+
+    replica_policy: ``round_robin`` (TensorRT-LLM's rule) or ``load_aware`` (ours).
+    moe_max_num_tokens: TensorRT-LLM's MoE chunking (None: one chunk).
+    record: histograms to compute in the step: ``expert`` (per-rank logical ids), ``slot``
+      (per-rank slot ids), ``expert_total`` (logical ids summed over ranks: online balancing).
+    transport: ``all_to_all`` (fixed capacity, any backend) or ``ragged`` (GPU).
+    grouped_matmul: ``auto`` (tile-padded on CPU, ragged_dot elsewhere), ``ragged_dot``,
+      ``padded``, ``pallas`` (GPU) or ``pallas_interpret``.
+    kernel_implementation: the routing kernels' choice (``auto``: Pallas on GPU after a probe).
+    ragged_exchange: replaces ``jax.lax.ragged_all_to_all`` in the ``ragged`` transport (None: the
+      primitive; backends without it can pass an emulation).
+    """
+
+    replica_policy: str = "round_robin"
+    moe_max_num_tokens: int | None = None
+    record: tuple[str, ...] = ()
+    transport: str = "all_to_all"
+    grouped_matmul: str = "auto"
+    kernel_implementation: str = "auto"
+    ragged_exchange: Callable | None = None
+
+    def __post_init__(self):
+        record = (self.record,) if isinstance(self.record, str) else tuple(self.record or ())
+        object.__setattr__(self, "record", record)
+        checks = (("replica_policy", self.replica_policy, POLICIES), ("transport", self.transport, TRANSPORTS),
+                  ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
+                  ("kernel_implementation", self.kernel_implementation, KERNEL_IMPLEMENTATIONS))
+        for name, value, choices in checks:
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        if not set(record) <= set(RECORD_MODES):
+            raise ValueError(f"record must hold some of {RECORD_MODES}, got {record!r}")
+        if self.moe_max_num_tokens is not None and self.moe_max_num_tokens < 1:
+            raise ValueError(f"moe_max_num_tokens must be >= 1, got {self.moe_max_num_tokens}")
+
+
+class ExpertWeights(NamedTuple):
+    """SwiGLU experts: gate, up ``[X, H, F]``; down ``[X, F, H]`` (X = E logical or S slots; a
+    leading layer axis when stacked)."""
+
+    gate: jax.Array
+    up: jax.Array
+    down: jax.Array
+
+
+class RouterWeights(NamedTuple):
+    kernel: jax.Array  # [H, E]
+    correction_bias: jax.Array  # [E] (DeepSeek selection bias; zeros otherwise)
+
+
+class MoEOutput(NamedTuple):
+    """What one MoE layer returns.
+
+    out:       ``[T, H]`` routed-expert output (float32 from the pure forward; the block adds the
+               shared experts and casts to the input dtype).
+    rank_load: ``[R]`` int32 (token, k) entries each rank computed this call (in-graph balance).
+    expert_counts: ``[R, E]`` int32 per-rank histogram of routed logical expert ids, or None
+               when not recorded (then it is not computed at all).
+    slot_counts: ``[R, S]`` int32 per-rank histogram of the chosen slots, or None.
+    expert_totals: ``[E]`` int32 expert histogram summed over ranks in-graph, or None.
+    """
+
+    out: jax.Array
+    rank_load: jax.Array
+    expert_counts: jax.Array | None
+    slot_counts: jax.Array | None
+    expert_totals: jax.Array | None = None

@@ -1,0 +1,20 @@
+"""Planning: ``[L, E]`` expert loads -> a placement ``slot_to_expert [L, S]``.
+
+``plan_placement`` is the entry point; the modules behind it, in the order a plan is made:
+replica counts (``_replication``), packing replicas onto ranks (``_packing``), TensorRT-LLM's and
+DeepSeek's planners reproduced exactly (``_baselines``), our balanced planner (``_balanced``)
+with its swap refinement (``_refine``), and migration-aware re-planning (``_migration``).
+"""
+
+from jax_eplb.planning._api import ALGORITHMS, PlacementPlan, plan_placement
+from jax_eplb.planning._balanced import balanced_plan
+from jax_eplb.planning._baselines import DeepSeekPlan, deepseek_plan, deepseek_rebalance, trtllm_plan
+from jax_eplb.planning._migration import align_to_previous, slots_moved
+from jax_eplb.planning._replication import LowerBound, greedy_replication, lower_bound, trtllm_replication
+
+__all__ = [
+    "ALGORITHMS", "PlacementPlan", "plan_placement",
+    "balanced_plan", "trtllm_plan", "deepseek_plan", "deepseek_rebalance", "DeepSeekPlan",
+    "align_to_previous", "slots_moved",
+    "LowerBound", "lower_bound", "greedy_replication", "trtllm_replication",
+]
