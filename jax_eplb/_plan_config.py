@@ -121,6 +121,11 @@ class MoeLoadBalancerConfig:
             raise EplbInputError(
                 f"{self.source}: initial_global_assignments has layer(s) {extra} that are not MoE "
                 f"layers of this model ({layer_ids[0]}..{layer_ids[-1]})")
+        planned = {int(e) for layer in layer_ids for e in self.initial_global_assignments[layer]}
+        if planned and max(planned) < num_experts - 1 and len(planned) < num_experts:
+            raise EplbInputError(f"{self.source}: the plan places {len(planned)} distinct experts (ids up to "
+                                 f"{max(planned)}) but the model has {num_experts} experts; was it made for "
+                                 f"another model?")
         rows = []
         for layer in layer_ids:
             experts = np.asarray(self.initial_global_assignments[layer], dtype=np.int64)

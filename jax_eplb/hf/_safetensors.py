@@ -1,25 +1,34 @@
 """Reading a Hugging Face checkpoint's tensors: one ``model.safetensors`` or shards listed in
-``model.safetensors.index.json``, memory-mapped through safetensors' ``safe_open``, with
-DeepSeek's block-wise FP8 weights dequantized on the way.
+``model.safetensors.index.json``, memory-mapped through safetensors' ``safe_open``.
 
 FP8 (``quantization_config.weight_block_size`` [128, 128]): a ``float8_e4m3fn`` weight
 ``[out, in]`` comes with ``weight_scale_inv`` ``[ceil(out/128), ceil(in/128)]``; block (i, j)
-of the weight times ``scale_inv[i, j]`` is the real value (edge blocks are partial).
+of the weight times ``scale_inv[i, j]`` is the real value (edge blocks are partial, as DeepSeek's
+``weight_dequant`` reads them).
+
+For loading, tensors travel as stored (``StoredTensor``: FP8 stays one byte per weight, a
+linear layer stays ``[out, in]``) and are dequantized, transposed and cast on the device, in one
+jitted elementwise pass; the host only copies bytes. ``tensor`` gives the float32 value on the
+host instead (single experts for online rebalancing, tests).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
 
-# safetensors' numpy backend looks float8 dtypes up on the numpy module; ml_dtypes (JAX's own
-# dtype library) provides them.
-for _name in ("float8_e4m3fn", "float8_e5m2"):
+# safetensors' numpy backend looks bfloat16 and float8 dtypes up on the numpy module; ml_dtypes
+# (JAX's own dtype library) provides them.
+for _name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
     if not hasattr(np, _name):
         setattr(np, _name, getattr(ml_dtypes, _name))
 
@@ -71,16 +80,97 @@ class SafetensorsCheckpoint:
         except (SafetensorError, OSError, ValueError) as err:
             raise EplbInputError(f"{self.directory / self.weight_map[name]}: cannot read {name!r} ({err})") from None
 
-    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        """``name`` as float32 (FP8 dequantized block-wise), checked against ``shape``."""
-        value = self.raw(name)
+    def check(self, name: str, shape: tuple[int, ...]) -> None:
+        """``name`` is present with ``shape`` (and its FP8 scale fits), from the file headers alone."""
+        if name not in self.weight_map:
+            raise EplbInputError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+        stored = tuple(self._file(name).get_slice(name).get_shape())
+        if stored != tuple(shape):
+            raise EplbInputError(f"{self.directory}: {name} has shape {stored}, config.json implies {tuple(shape)}")
         scale_name = name + SCALE_SUFFIX
-        if value.dtype == ml_dtypes.float8_e4m3fn or scale_name in self.weight_map:
-            value = dequantize_blocks(value, self.raw(scale_name), self.block_size or (128, 128), name)
+        if scale_name in self.weight_map:
+            block = self.block_size or (128, 128)
+            want = (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+            got = tuple(self._file(scale_name).get_slice(scale_name).get_shape())
+            if got != want:
+                raise EplbInputError(f"{self.directory}: {scale_name} has shape {got}, expected {want}")
+
+    def stored(self, name: str, shape: tuple[int, ...]) -> "StoredTensor":
+        """``name`` as stored (with its FP8 scale, if any), checked against ``shape``."""
+        value = self.raw(name)
         if tuple(value.shape) != tuple(shape):
             raise EplbInputError(f"{self.directory}: {name} has shape {tuple(value.shape)}, config.json implies "
                                  f"{tuple(shape)}")
-        return np.asarray(value, np.float32)
+        scale_name = name + SCALE_SUFFIX
+        if scale_name not in self.weight_map:
+            if value.dtype == ml_dtypes.float8_e4m3fn:
+                raise EplbInputError(f"{self.directory}: FP8 tensor {name} has no {scale_name}")
+            return StoredTensor(value, None)
+        block = self.block_size or (128, 128)
+        scale_inv = self.raw(scale_name)
+        _check_scale(scale_inv, value.shape, block, name)
+        return StoredTensor(value, scale_inv, block)
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """``name`` as float32 on the host (FP8 dequantized block-wise), checked against ``shape``."""
+        stored = self.stored(name, shape)
+        if stored.scale_inv is None:
+            return np.asarray(stored.value, np.float32)
+        return dequantize_blocks(stored.value, stored.scale_inv, stored.block, name)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """A tensor as the checkpoint stores it: ``value`` ``[..., rows, cols]`` (FP8 with per-block
+    ``scale_inv`` ``[..., ceil(rows/b0), ceil(cols/b1)]``, or a float type) and whether the model
+    wants it transposed (``.T``: a linear layer's ``[out, in]`` -> ``[in, out]``)."""
+
+    value: np.ndarray
+    scale_inv: np.ndarray | None
+    block: tuple[int, int] = (128, 128)
+    transpose: bool = False
+
+    @property
+    def T(self) -> "StoredTensor":  # noqa: N802 - numpy's name for the transpose
+        return dataclasses.replace(self, transpose=not self.transpose)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = tuple(self.value.shape)
+        return shape[:-2] + shape[-2:][::-1] if self.transpose else shape
+
+    @staticmethod
+    def stack(parts: list["StoredTensor"]) -> "StoredTensor":
+        first = parts[0]
+        scales = None if first.scale_inv is None else np.stack([p.scale_inv for p in parts])
+        return StoredTensor(np.stack([p.value for p in parts]), scales, first.block, first.transpose)
+
+    def place(self, sharding, dtype) -> jax.Array:
+        """On ``sharding``'s devices as ``dtype``: bytes copied as stored, finished on the device."""
+        scale = None if self.scale_inv is None else jax.device_put(self.scale_inv, sharding)
+        return finish_on_device(jax.device_put(self.value, sharding), scale, block=self.block,
+                                transpose=self.transpose, dtype=jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "transpose", "dtype"))
+def finish_on_device(value, scale_inv, *, block, transpose, dtype):
+    """Stored ``[..., rows, cols]`` -> dequantized (``scale_inv`` per block, or None), optionally
+    transposed ``[..., cols, rows]``, cast to ``dtype``: one elementwise pass on the device."""
+    x = value.astype(jnp.float32)
+    if scale_inv is not None:
+        rows, cols = x.shape[-2:]
+        scale = jnp.repeat(jnp.repeat(scale_inv.astype(jnp.float32), block[0], axis=-2), block[1], axis=-1)
+        x = x * scale[..., :rows, :cols]
+    if transpose:
+        x = jnp.swapaxes(x, -1, -2)
+    return x.astype(dtype)
+
+
+def _check_scale(scale_inv: np.ndarray, shape, block, name: str) -> None:
+    want = (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    if tuple(scale_inv.shape[-2:]) != want:
+        raise EplbInputError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for a "
+                             f"{tuple(shape)} weight in {tuple(block)} blocks")
 
 
 def _weight_map(directory: Path) -> dict[str, str]:
@@ -109,13 +199,12 @@ def _weight_map(directory: Path) -> dict[str, str]:
 
 def dequantize_blocks(weight: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int], name: str = "") -> np.ndarray:
     """``weight`` ``[out, in]`` (FP8) times its per-block ``scale_inv`` ``[ceil(out/b0), ceil(in/b1)]`` -> float32."""
-    rows, cols = weight.shape
-    want = (-(-rows // block[0]), -(-cols // block[1]))
-    if scale_inv.shape != want:
-        raise EplbInputError(f"{name}: weight_scale_inv has shape {scale_inv.shape}, expected {want} for a "
-                             f"{weight.shape} weight in {block} blocks")
-    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], axis=0), block[1], axis=1)[:rows, :cols]
-    return weight.astype(np.float32) * scale
+    _check_scale(scale_inv, weight.shape, block, name)
+    out = weight.astype(np.float32)
+    for i in range(scale_inv.shape[0]):  # one row block at a time: no full-size scale array
+        rows = out[i * block[0]:(i + 1) * block[0]]
+        rows *= np.repeat(scale_inv[i].astype(np.float32), block[1])[:out.shape[1]]
+    return out
 
 
 def quantize_blocks(weight: np.ndarray, block: tuple[int, int] = (128, 128)) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,7 @@ class OrbaxCheckpoint:
         """Input error unless the checkpoint was made for a model of ``config``'s shapes."""
         saved = ModelConfig.from_yaml(self.path / CONFIG_FILE)
         differ = [f.name for f in dataclasses.fields(ModelConfig)
-                  if f.name != "name" and getattr(saved, f.name) != getattr(config, f.name)]
+                  if f.name not in ("name", "max_seq_len") and getattr(saved, f.name) != getattr(config, f.name)]
         if differ:
             raise EplbInputError(f"checkpoint {self.path} was made for a different model: {differ} differ")
 

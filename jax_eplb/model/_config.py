@@ -1,12 +1,15 @@
-"""Model configuration: a decoder-only MoE transformer, read strictly from YAML.
+"""Model configuration: a decoder-only MoE transformer, read strictly from YAML (or from a Hugging
+Face ``config.json`` by ``jax_eplb.hf``).
 
 A config file has one top-level ``model:`` mapping with the keys of :class:`ModelConfig`
-(unknown keys are errors, so a typo never silently falls back to a default).
+(unknown keys and values of the wrong type are errors, so a typo never silently falls back to a
+default).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -16,16 +19,30 @@ import yaml
 from jax_eplb._errors import EplbInputError
 from jax_eplb.moe import MoEConfig
 
+ATTENTIONS = ("gqa", "mla")
+DTYPES = ("float32", "bfloat16")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and routing of the model.
 
-    The first ``first_k_dense`` decoder layers have a dense SwiGLU MLP, the rest an MoE MLP.
-    ``router_logit_std`` (spread of random router logits, independent of H),
-    ``router_bias_scale`` and ``popularity_seed`` only shape *random* initialisation: each MoE
-    layer gets a selection bias (standardized log-normal popularity, different experts hot in
-    different layers), so a random model routes with real-model skew.
+    Layers: decoder layer l has an MoE MLP when ``l >= first_k_dense``, ``l`` is not in
+    ``mlp_only_layers`` and ``(l + 1) % decoder_sparse_step == 0`` (Qwen3-MoE's rule; DeepSeek's
+    ``first_k_dense_replace`` is ``first_k_dense``); the others have a dense SwiGLU MLP.
+
+    Attention: ``gqa`` (grouped-query, ``head_dim`` per head, optional per-head q/k RMSNorm:
+    Qwen3) or ``mla`` (DeepSeek multi-head latent attention: ``q_lora_rank`` (None: no query
+    compression), ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``;
+    the cache holds the compressed latent and the rotary key). ``rope_interleave`` rotates
+    interleaved pairs (DeepSeek's layout) instead of halves. ``yarn_*``: DeepSeek's YaRN
+    ``rope_scaling`` (``yarn_factor`` None: plain RoPE). ``max_position_embeddings`` is the
+    model's longest supported sequence; ``max_seq_len`` the KV-cache length this run allocates.
+
+    ``router_logit_std``, ``router_bias_scale``, ``popularity_seed``, ``init_std`` only shape
+    *seeded random* weights: each MoE layer gets a selection bias (standardized log-normal
+    popularity, different experts hot in different layers), so a random model routes with
+    real-model skew.
     """
 
     name: str
@@ -48,7 +65,24 @@ class ModelConfig:
     renormalize: bool = True
     num_shared_experts: int = 0
     shared_ffn_size: int | None = None
+    mlp_only_layers: tuple[int, ...] = ()
+    decoder_sparse_step: int = 1
+    attention: str = "gqa"
+    qk_norm: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     rope_theta: float = 10000.0
+    rope_interleave: bool = False
+    yarn_factor: float | None = None
+    yarn_original_max_position: int | None = None
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale_all_dim: float = 0.0
+    max_position_embeddings: int | None = None
+    tie_word_embeddings: bool = False
     rms_norm_eps: float = 1e-6
     dtype: str = "float32"
     init_std: float = 0.02
@@ -57,24 +91,45 @@ class ModelConfig:
     popularity_seed: int = 0
 
     def __post_init__(self):
-        positive = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                    "num_experts", "top_k", "expert_ffn_size", "max_seq_len")
+        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        _check_types(self)
+        positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                    "dense_ffn_size", "num_experts", "top_k", "expert_ffn_size", "max_seq_len", "decoder_sparse_step"]
+        if self.attention == "mla":
+            positive += ["kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"]
         for key in positive:
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise EplbInputError(f"model config {self.name!r}: {key} must be a positive integer, got {value!r}")
+            if getattr(self, key) < 1:
+                self._error(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        for key in ("rms_norm_eps", "rope_theta", "routed_scaling_factor"):
+            if not getattr(self, key) > 0:
+                self._error(f"{key} must be > 0, got {getattr(self, key)!r}")
         if not 0 <= self.first_k_dense < self.num_layers:
-            raise EplbInputError(f"model config {self.name!r}: first_k_dense must be in [0, num_layers), "
-                                 f"got {self.first_k_dense}")
+            self._error(f"first_k_dense must be in [0, num_layers), got {self.first_k_dense}")
         if self.num_heads % self.num_kv_heads:
-            raise EplbInputError(f"model config {self.name!r}: num_heads ({self.num_heads}) must be a multiple "
-                                 f"of num_kv_heads ({self.num_kv_heads})")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise EplbInputError(f"model config {self.name!r}: dtype must be float32 or bfloat16, got {self.dtype!r}")
+            self._error(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        self._check_choices()
+        if not self.moe_layer_ids:
+            self._error("no decoder layer has an MoE MLP (first_k_dense, mlp_only_layers, decoder_sparse_step)")
         try:
             self.moe
         except ValueError as err:
-            raise EplbInputError(f"model config {self.name!r}: {err}") from None
+            self._error(str(err))
+
+    def _check_choices(self):
+        if self.dtype not in DTYPES:
+            self._error(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention not in ATTENTIONS:
+            self._error(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if self.yarn_factor is not None and (self.yarn_factor <= 0 or not self.yarn_original_max_position):
+            self._error("yarn_factor needs a positive value and yarn_original_max_position")
+        if self.q_lora_rank is not None and self.q_lora_rank < 1:
+            self._error(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
+        if self.max_position_embeddings is not None and self.max_seq_len > self.max_position_embeddings:
+            self._error(f"max_seq_len ({self.max_seq_len}) exceeds max_position_embeddings "
+                        f"({self.max_position_embeddings})")
+
+    def _error(self, message: str):
+        raise EplbInputError(f"model config {self.name!r}: {message}")
 
     @property
     def moe(self) -> MoEConfig:
@@ -85,13 +140,23 @@ class ModelConfig:
                          num_shared_experts=self.num_shared_experts, shared_ffn_size=self.shared_ffn_size)
 
     @property
-    def num_moe_layers(self) -> int:
-        return self.num_layers - self.first_k_dense
-
-    @property
     def moe_layer_ids(self) -> list[int]:
         """Decoder-layer indices of the MoE layers (the statistics' and plans' layer keys)."""
-        return list(range(self.first_k_dense, self.num_layers))
+        return [l for l in range(self.num_layers) if l >= self.first_k_dense and l not in self.mlp_only_layers
+                and (l + 1) % self.decoder_sparse_step == 0]
+
+    @property
+    def dense_layer_ids(self) -> list[int]:
+        moe = set(self.moe_layer_ids)
+        return [l for l in range(self.num_layers) if l not in moe]
+
+    @property
+    def num_moe_layers(self) -> int:
+        return len(self.moe_layer_ids)
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
 
     @property
     def jnp_dtype(self):
@@ -118,12 +183,48 @@ class ModelConfig:
     def from_yaml(cls, path) -> "ModelConfig":
         path = Path(path)
         if not path.is_file():
-            raise EplbInputError(f"model config {path} does not exist")
+            raise EplbInputError(f"model config {path} does not exist or is not a file")
         try:
             raw = yaml.safe_load(path.read_text())
+        except UnicodeDecodeError:
+            raise EplbInputError(f"{path}: not a text (YAML) file") from None
         except yaml.YAMLError as err:
-            raise EplbInputError(f"{path}: not valid YAML ({err})") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}" if mark is not None else ""
+            raise EplbInputError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
         return cls.from_dict(raw, str(path))
+
+
+_HINTS = typing.get_type_hints(ModelConfig)
+
+
+def _check_types(config: ModelConfig) -> None:
+    """Every field holds a value of its annotated type (``1`` is a float; ``True`` is no int)."""
+    for field in dataclasses.fields(ModelConfig):
+        value, hint = getattr(config, field.name), _HINTS[field.name]
+        allowed = (hint,) if typing.get_origin(hint) is tuple else (typing.get_args(hint) or (hint,))
+        if value is None and type(None) in allowed:
+            continue
+        if any(_is(value, kind) for kind in allowed if kind is not type(None)):
+            continue
+        raise EplbInputError(f"model config {config.name!r}: {field.name} must be {_describe(allowed)}, "
+                             f"got {value!r}")
+
+
+def _is(value, kind) -> bool:
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is(v, int) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _describe(allowed) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    return " or ".join(names.get(kind, "a list of integers") for kind in allowed)
 
 
 def resolve_model_config(spec: str) -> Path:
@@ -135,6 +236,8 @@ def resolve_model_config(spec: str) -> Path:
 
     if spec in jax_eplb_configs.available():
         return jax_eplb_configs.config_path(spec)
+    if path.exists():
+        raise EplbInputError(f"model config {spec} is not a file")
     raise EplbInputError(f"model config {spec} does not exist (shipped configs: {jax_eplb_configs.available()})")
 
 

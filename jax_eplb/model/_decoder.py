@@ -14,7 +14,28 @@ from flax import nnx
 from jax_eplb._assignment import AssignmentTables
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._layers import Attention, RMSNorm
+from jax_eplb.model._mla import MLAttention
 from jax_eplb.moe import MLP, EPMoEBlock, MoEOptions, MoEOutput
+
+
+ATTENTIONS = {"gqa": Attention, "mla": MLAttention}
+
+
+def layer_runs(config: ModelConfig) -> list[tuple[str, int, int]]:
+    """Maximal runs of consecutive decoder layers of one kind, in decoder order:
+    ``(kind, start, stop)`` with kind ``dense`` or ``moe`` and [start, stop) indices into that
+    kind's stack (DeepSeek-V3: ``[("dense", 0, 3), ("moe", 0, 58)]``)."""
+    runs: list[tuple[str, int, int]] = []
+    count = {"dense": 0, "moe": 0}
+    moe = set(config.moe_layer_ids)
+    for layer in range(config.num_layers):
+        kind = "moe" if layer in moe else "dense"
+        if runs and runs[-1][0] == kind:
+            runs[-1] = (kind, runs[-1][1], count[kind] + 1)
+        else:
+            runs.append((kind, count[kind], count[kind] + 1))
+        count[kind] += 1
+    return runs
 
 
 class DecoderLayer(nnx.Module):
@@ -25,7 +46,7 @@ class DecoderLayer(nnx.Module):
                  options: MoEOptions = MoEOptions(), rngs: nnx.Rngs):
         c, dt = config, config.jnp_dtype
         self.attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
-        self.attention = Attention(c, rngs=rngs)
+        self.attention = ATTENTIONS[c.attention](c, rngs=rngs)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
         if moe_tables is None:
             self.mlp = MLP(c.hidden_size, c.dense_ffn_size, dtype=dt, rngs=rngs)
@@ -58,9 +79,12 @@ class LayerStack(nnx.Module):
         states = [nnx.state(layer) for layer in layers]
         self.layers = nnx.merge(graphdef, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
 
-    def __call__(self, x, cache, **kwargs):
-        """x -> (x, stacked cache, stacked per-layer outputs); ``kwargs`` go to every layer."""
+    def __call__(self, x, cache, *, start: int = 0, stop: int | None = None, **kwargs):
+        """x -> (x, stacked cache, stacked per-layer outputs) of layers ``[start, stop)`` (``cache``
+        holds just those layers); ``kwargs`` go to every layer."""
         graphdef, state = nnx.split(self.layers)
+        if start or stop is not None:
+            state = jax.tree.map(lambda leaf: leaf[start:stop], state)
 
         def body(x, inputs):
             layer_state, layer_cache = inputs

@@ -1,4 +1,4 @@
-"""Norm, rotary embedding and attention (Flax NNX) of the decoder.
+"""RMSNorm and grouped-query attention (Flax NNX) of the decoder.
 
 Axis legend: B batch rows (sharded over ``ep``: attention is data-parallel), T query tokens,
 C cache length (``max_seq_len``), N heads, Q kv heads, Dh head dim, H hidden.
@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_eplb.model._config import ModelConfig
+from jax_eplb.model._rope import apply_rope, inv_frequencies, softmax_scale
 
 
 def rms_norm(x, weight, eps):
-    """``x / rms(x) * weight``, the mean taken in float32 (cast back to x's dtype before the weight)."""
+    """``x / rms(x) * weight`` computed in float32, returned in x's dtype."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
@@ -31,16 +32,6 @@ class RMSNorm(nnx.Module):
         return rms_norm(x, self.weight.get_value(), self.eps)
 
 
-def apply_rope(x, positions, theta):
-    """x ``[B, T, N, Dh]``, positions ``[B, T]`` -> rotated (rotate-half convention)."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, half]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = jnp.cos(angle), jnp.sin(angle)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 class AttentionCache(NamedTuple):
     """Keys and values ``[B, C, Q, Dh]`` (``[L, B, C, Q, Dh]`` for stacked layers)."""
 
@@ -48,15 +39,11 @@ class AttentionCache(NamedTuple):
     v: jax.Array
 
 
-def attention_cache_shape(config: ModelConfig, batch: int) -> AttentionCache:
-    shape = (batch, config.max_seq_len, config.num_kv_heads, config.head_dim)
-    return AttentionCache(jax.ShapeDtypeStruct(shape, config.jnp_dtype), jax.ShapeDtypeStruct(shape, config.jnp_dtype))
-
-
 class Attention(nnx.Module):
-    """Grouped-query attention with RoPE over a KV cache.
+    """Grouped-query attention with RoPE over a KV cache (Mixtral, Qwen3-MoE, the stand-in models).
 
-    wq ``[H, N*Dh]``, wk and wv ``[H, Q*Dh]``, wo ``[N*Dh, H]``.
+    wq ``[H, N*Dh]``, wk and wv ``[H, Q*Dh]``, wo ``[N*Dh, H]``; with ``qk_norm`` (Qwen3) per-head
+    RMSNorms ``q_norm``, ``k_norm`` ``[Dh]`` before RoPE.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -68,6 +55,15 @@ class Attention(nnx.Module):
         self.wk = nnx.Param(init(rngs.params(), (c.hidden_size, g), c.jnp_dtype))
         self.wv = nnx.Param(init(rngs.params(), (c.hidden_size, g), c.jnp_dtype))
         self.wo = nnx.Param(init(rngs.params(), (d, c.hidden_size), c.jnp_dtype))
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=c.jnp_dtype)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=c.jnp_dtype)
+
+    @staticmethod
+    def cache_shape(config: ModelConfig, batch: int) -> AttentionCache:
+        shape = (batch, config.max_seq_len, config.num_kv_heads, config.head_dim)
+        return AttentionCache(jax.ShapeDtypeStruct(shape, config.jnp_dtype),
+                              jax.ShapeDtypeStruct(shape, config.jnp_dtype))
 
     def __call__(self, h, positions, cache: AttentionCache, token_mask=None) -> tuple[jax.Array, AttentionCache]:
         """h ``[B, T, H]`` (normed) at positions ``[B, T]`` -> (``[B, T, H]``, updated cache).
@@ -79,22 +75,25 @@ class Attention(nnx.Module):
         """
         c = self.config
         b, t, _ = h.shape
-        q = apply_rope(jnp.dot(h, self.wq.get_value()).reshape(b, t, c.num_heads, c.head_dim), positions, c.rope_theta)
-        k = apply_rope(jnp.dot(h, self.wk.get_value()).reshape(b, t, c.num_kv_heads, c.head_dim), positions,
-                       c.rope_theta)
+        q = jnp.dot(h, self.wq.get_value()).reshape(b, t, c.num_heads, c.head_dim)
+        k = jnp.dot(h, self.wk.get_value()).reshape(b, t, c.num_kv_heads, c.head_dim)
         v = jnp.dot(h, self.wv.get_value()).reshape(b, t, c.num_kv_heads, c.head_dim)
-        cache = _write_cache(cache, (k, v), positions, token_mask, c.max_seq_len)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = inv_frequencies(c, c.head_dim)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        cache = write_cache(cache, (k, v), positions, token_mask, c.max_seq_len)
         group = c.num_heads // c.num_kv_heads
         q = q.reshape(b, t, c.num_kv_heads, group, c.head_dim)
-        scores = jnp.einsum("btqgd,bcqd->bqgtc", q, cache.k, preferred_element_type=jnp.float32) / jnp.sqrt(
-            jnp.float32(c.head_dim))
+        scores = jnp.einsum("btqgd,bcqd->bqgtc", q, cache.k, preferred_element_type=jnp.float32) * jnp.float32(
+            softmax_scale(c, c.head_dim))
         probs = jax.nn.softmax(causal_mask(scores, positions, c.max_seq_len), axis=-1).astype(cache.v.dtype)
         out = jnp.einsum("bqgtc,bcqd->btqgd", probs, cache.v, preferred_element_type=jnp.float32)
         out = out.reshape(b, t, c.num_heads * c.head_dim).astype(h.dtype)
         return jnp.dot(out, self.wo.get_value()), cache
 
 
-def _write_cache(cache, new, positions, token_mask, length: int):
+def write_cache(cache, new, positions, token_mask, length: int):
     """Writes each new ``[B, T, ...]`` entry at its position of the matching ``[B, C, ...]`` cache
     field (masked tokens go to position C: dropped)."""
     rows = jnp.arange(positions.shape[0])[:, None]

@@ -17,17 +17,19 @@ from flax import nnx
 
 from jax_eplb._assignment import AssignmentTables
 from jax_eplb.model._config import ModelConfig
-from jax_eplb.model._decoder import DecoderLayer, LayerStack
-from jax_eplb.model._layers import AttentionCache, RMSNorm, attention_cache_shape
+from jax_eplb.model._decoder import ATTENTIONS, DecoderLayer, LayerStack, layer_runs
+from jax_eplb.model._layers import AttentionCache, RMSNorm
+from jax_eplb.model._mla import LatentCache
 from jax_eplb.moe import EPMoEBlock, ExpertWeights, MoEOptions, slot_weights_from_logical
 from jax_eplb.sharding import num_ranks, stacked_over_ranks
 
 
 class KVCache(NamedTuple):
-    """Attention caches of the dense and the MoE stack, each ``[L, B, C, ...]`` (batch sharded)."""
+    """Attention caches of the dense and the MoE stack, each ``[L, B, C, ...]`` (batch sharded):
+    ``AttentionCache`` (keys, values) or, for MLA, ``LatentCache`` (latents, rotary keys)."""
 
-    dense: AttentionCache | None
-    moe: AttentionCache
+    dense: AttentionCache | LatentCache | None
+    moe: AttentionCache | LatentCache
 
 
 class StepOutput(NamedTuple):
@@ -63,8 +65,8 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"tables for {tables.slot_to_expert.shape[0]} MoE layers, model has {c.num_moe_layers}")
         self.config, self.mesh = config, mesh
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size), jnp.float32).astype(dt))
-        self.dense_layers = LayerStack(lambda _: DecoderLayer(c, mesh, rngs=rngs), c.first_k_dense) \
-            if c.first_k_dense else None
+        self.dense_layers = LayerStack(lambda _: DecoderLayer(c, mesh, rngs=rngs), c.num_dense_layers) \
+            if c.num_dense_layers else None
         self.moe_layers = LayerStack(lambda i: DecoderLayer(c, mesh, tables.layer(i), options=options, rngs=rngs),
                                      c.num_moe_layers)
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
@@ -81,18 +83,31 @@ class MoETransformer(nnx.Module):
         """
         b = tokens.shape[0]
         x = self.embed.get_value()[tokens]
-        layer_inputs = dict(positions=positions, token_mask=token_mask)
-        dense_cache = None
-        if self.dense_layers is not None:
-            x, dense_cache, _ = self.dense_layers(x, cache.dense, **layer_inputs)
-        x, moe_cache, moe = self.moe_layers(x, cache.moe, **layer_inputs)
+        x, cache, moe = self._layers(x, cache, positions=positions, token_mask=token_mask)
         normed = self.final_norm(x)
         last = jnp.maximum(token_mask.sum(axis=1) - 1, 0)  # [B]
         head = self.lm_head.get_value()
         logits = jnp.dot(normed[jnp.arange(b), last], head, preferred_element_type=jnp.float32)  # [B, V]
         all_logits = jnp.dot(normed, head, preferred_element_type=jnp.float32) if return_logits else None
-        return StepOutput(jnp.argmax(logits, axis=-1).astype(jnp.int32), KVCache(dense_cache, moe_cache),
-                          moe.rank_load, moe.expert_counts, moe.slot_counts, moe.expert_totals, all_logits)
+        return StepOutput(jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, moe.rank_load, moe.expert_counts,
+                          moe.slot_counts, moe.expert_totals, all_logits)
+
+    def _layers(self, x, cache: KVCache, **layer_inputs):
+        """The decoder layers in order: each run of same-kind layers is one scan over its stack's
+        slice (one run per kind for DeepSeek-V3, Qwen3-MoE and Mixtral)."""
+        runs = layer_runs(self.config)
+        caches, moe_outputs = {"dense": [], "moe": []}, []
+        for kind, start, stop in runs:
+            stack, stack_cache = (self.dense_layers, cache.dense) if kind == "dense" else (self.moe_layers, cache.moe)
+            full = (stop - start) == jax.tree.leaves(stack_cache)[0].shape[0]
+            run_cache = stack_cache if full else jax.tree.map(lambda a: a[start:stop], stack_cache)
+            x, run_cache, aux = stack(x, run_cache, start=0 if full else start, stop=None if full else stop,
+                                      **layer_inputs)
+            caches[kind].append(run_cache)
+            if kind == "moe":
+                moe_outputs.append(aux)
+        joined = {kind: _concat(parts) for kind, parts in caches.items()}
+        return x, KVCache(joined["dense"], joined["moe"]), _concat(moe_outputs)
 
     def init_cache(self, batch: int) -> KVCache:
         """Zeroed cache for ``batch`` rows (a multiple of ep), batch sharded over ``ep``."""
@@ -101,10 +116,10 @@ class MoETransformer(nnx.Module):
         c, sharding = self.config, stacked_over_ranks(self.mesh)
 
         def zeros(layers):
-            shapes = attention_cache_shape(c, batch)
+            shapes = ATTENTIONS[c.attention].cache_shape(c, batch)
             return type(shapes)(*(jax.device_put(jnp.zeros((layers,) + s.shape, s.dtype), sharding) for s in shapes))
 
-        return KVCache(zeros(c.first_k_dense) if c.first_k_dense else None, zeros(c.num_moe_layers))
+        return KVCache(zeros(c.num_dense_layers) if c.num_dense_layers else None, zeros(c.num_moe_layers))
 
     # ------------------------------------------------------------------ placement
 
@@ -143,3 +158,12 @@ class MoETransformer(nnx.Module):
         ``[Lm, E, ...]`` arrays) under ``tables``; nothing recompiles."""
         self.set_slot_experts(slot_weights_from_logical(experts, tables.slot_to_expert, self.mesh))
         self.set_tables(tables)
+
+
+def _concat(parts: list):
+    """Stacked outputs of several runs of one stack, joined on the layer axis (None: no run)."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves, axis=0), *parts)

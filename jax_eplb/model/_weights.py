@@ -72,10 +72,13 @@ def _place_params(expected: Mapping, given: Mapping, sharding, path: str = "") -
             placed[key] = _place_params(want, given[key], sharding, where + ".")
             continue
         value = given[key]
-        if tuple(np.shape(value)) != tuple(want.shape):
-            raise EplbInputError(f"weights: {where} has shape {tuple(np.shape(value))}, the model expects "
-                                 f"{tuple(want.shape)}")
-        placed[key] = jax.device_put(jnp.asarray(value, want.dtype), sharding)
+        shape = tuple(value.shape) if hasattr(value, "place") else tuple(np.shape(value))
+        if shape != tuple(want.shape):
+            raise EplbInputError(f"weights: {where} has shape {shape}, the model expects {tuple(want.shape)}")
+        if hasattr(value, "place"):  # a source's own transfer (e.g. a checkpoint tensor finished on the device)
+            placed[key] = value.place(sharding, want.dtype)
+        else:
+            placed[key] = jax.device_put(jnp.asarray(value, want.dtype), sharding)
     return placed
 
 
@@ -106,6 +109,14 @@ def _norms(config: ModelConfig, layers: int) -> dict:
     return {"attention_norm": ones, "mlp_norm": ones}
 
 
+def _attention_params(key, config: ModelConfig, layers: int) -> dict:
+    params = _attention(key, config, layers)
+    if config.qk_norm:
+        ones = {"weight": jnp.ones((layers, config.head_dim), config.jnp_dtype)}
+        params.update(q_norm=ones, k_norm=ones)
+    return params
+
+
 def router_bias(config: ModelConfig) -> np.ndarray:
     """``[Lm, E]`` selection bias: standardized log-popularity times ``router_bias_scale``."""
     popularity = expert_popularity(config.num_moe_layers, config.num_experts, config.popularity_seed)
@@ -117,13 +128,18 @@ def router_bias(config: ModelConfig) -> np.ndarray:
 def seeded_params(config: ModelConfig, seed: int) -> dict:
     """Every parameter but the routed experts, drawn from ``seed`` (nested like the model's state)."""
     c, dt = config, config.jnp_dtype
+    if c.attention != "gqa":
+        raise EplbInputError(f"model config {c.name!r}: seeded random weights cover gqa attention; for {c.attention} "
+                             f"models use a checkpoint (jax-eplb create-checkpoint --hf_config ...)")
     k = jax.random.split(jax.random.key(seed), 6)
     params = {"embed": _normal(k[5], (c.vocab_size, c.hidden_size), 1.0, dt),
               "final_norm": {"weight": jnp.ones((c.hidden_size,), dt)},
               "lm_head": _normal(jax.random.fold_in(k[5], 1), (c.hidden_size, c.vocab_size), c.init_std, dt)}
-    if c.first_k_dense:
-        ld = c.first_k_dense
-        params["dense_layers"] = {"layers": {**_norms(c, ld), "attention": _attention(k[0], c, ld),
+    if c.tie_word_embeddings:
+        params["lm_head"] = params["embed"].T
+    if c.num_dense_layers:
+        ld = c.num_dense_layers
+        params["dense_layers"] = {"layers": {**_norms(c, ld), "attention": _attention_params(k[0], c, ld),
                                              "mlp": _mlp(k[1], ld, c.hidden_size, c.dense_ffn_size, c.init_std, dt)}}
     lm = c.num_moe_layers
     router_std = c.router_logit_std / np.sqrt(c.hidden_size)  # normed inputs: logits ~ N(0, router_logit_std)
@@ -131,7 +147,7 @@ def seeded_params(config: ModelConfig, seed: int) -> dict:
            "correction_bias": jnp.asarray(router_bias(c))}
     if c.num_shared_experts:
         mlp["shared"] = _mlp(k[2], lm, c.hidden_size, c.moe.shared_width, c.init_std, dt)
-    params["moe_layers"] = {"layers": {**_norms(c, lm), "attention": _attention(k[4], c, lm), "mlp": mlp}}
+    params["moe_layers"] = {"layers": {**_norms(c, lm), "attention": _attention_params(k[4], c, lm), "mlp": mlp}}
     return params
 
 

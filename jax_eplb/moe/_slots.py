@@ -60,9 +60,9 @@ def slot_weights_from_logical(experts, slot_to_expert, mesh) -> ExpertWeights:
         one_layer = ExpertWeights(*(np.asarray(w)[None] for w in experts))
         return _layer_slots(HostExperts(one_layer), 0, index, mesh)
     source = as_expert_source(experts)
-    buffers = _zeros(source.expert_shapes(), index.shape, mesh)
+    buffers = zero_slot_buffers(source.expert_shapes(), index.shape, mesh)
     for layer in range(index.shape[0]):
-        buffers = _set_layer(buffers, _layer_slots(source, layer, index[layer], mesh), layer)
+        buffers = set_layer_slots(buffers, _layer_slots(source, layer, index[layer], mesh), layer)
     return buffers
 
 
@@ -86,13 +86,15 @@ def _layer_slots(source: ExpertSource, layer: int, slot_experts: np.ndarray, mes
     return ExpertWeights(*(leaf(i) for i in range(len(shapes))))
 
 
-def _zeros(shapes: ExpertWeights, index_shape: tuple[int, int], mesh) -> ExpertWeights:
+def zero_slot_buffers(shapes: ExpertWeights, index_shape: tuple[int, int], mesh) -> ExpertWeights:
+    """Zeroed ``[L, S, ...]`` slot weights of one expert's ``shapes``, sharded over ``ep``."""
     sharding = stacked_over_ranks(mesh)
     return ExpertWeights(*(jax.jit(functools.partial(jnp.zeros, index_shape + tuple(s.shape), s.dtype),
                                    out_shardings=sharding)() for s in shapes))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _set_layer(buffers: ExpertWeights, layer_slots: ExpertWeights, layer) -> ExpertWeights:
+def set_layer_slots(buffers: ExpertWeights, layer_slots: ExpertWeights, layer) -> ExpertWeights:
+    """``buffers`` ``[L, S, ...]`` (donated) with layer ``layer`` replaced by ``layer_slots`` ``[S, ...]``."""
     return ExpertWeights(*(jax.lax.dynamic_update_index_in_dim(b, s.astype(b.dtype), layer, 0)
                            for b, s in zip(buffers, layer_slots)))

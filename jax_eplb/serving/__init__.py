@@ -7,7 +7,8 @@ figures (``_figures``), processes and hosts (``_devices``), and the whole workfl
 """
 
 from jax_eplb.serving._batcher import InFlightBatcher, StepInputs
-from jax_eplb.serving._dataset import Request, load_dataset, prepare_dataset, token_norm_dist
+from jax_eplb.serving._dataset import (Request, load_dataset, prepare_dataset, token_norm_dist,
+                                       write_text_dataset)
 from jax_eplb.serving._devices import initialize_distributed, to_host
 from jax_eplb.serving._figures import format_figures
 from jax_eplb.serving._inputs import BenchInputs, model_source, read_bench_inputs
@@ -16,7 +17,8 @@ from jax_eplb.serving._recorder import DEFAULT_PATH, PATH_VARIABLE, RANGE_VARIAB
 from jax_eplb.serving._throughput import ThroughputResult, ThroughputSettings, placement_tables, run_throughput
 
 __all__ = [
-    "Request", "load_dataset", "prepare_dataset", "token_norm_dist", "ExtraOptions", "load_extra_options",
+    "Request", "load_dataset", "prepare_dataset", "token_norm_dist", "write_text_dataset",
+    "ExtraOptions", "load_extra_options",
     "BenchInputs", "model_source", "read_bench_inputs",
     "InFlightBatcher", "StepInputs", "StatisticsRecorder", "RANGE_VARIABLE", "PATH_VARIABLE", "DEFAULT_PATH",
     "ThroughputSettings", "ThroughputResult", "run_throughput", "placement_tables", "format_figures",

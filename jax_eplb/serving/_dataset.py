@@ -1,6 +1,7 @@
 """trtllm-bench datasets: JSON lines ``{"task_id", "input_ids" | "prompt", "output_tokens"}``.
 
-``prompt`` (text) is accepted for compatibility; without a tokenizer its UTF-8 bytes are the
+``prompt`` (text) is tokenized with the model's tokenizer (a Hugging Face checkpoint's
+``tokenizer.json``, through the ``tokenizers`` library); without one its UTF-8 bytes are the
 token ids (mod the vocabulary), so text prompts run but are not meaningful language.
 """
 
@@ -22,13 +23,19 @@ class Request(NamedTuple):
     output_tokens: int
 
 
-def load_dataset(path, vocab_size: int, max_seq_len: int) -> list[Request]:
-    """Reads and validates every line before any work starts."""
+def load_dataset(path, vocab_size: int, max_seq_len: int, tokenizer=None) -> list[Request]:
+    """Reads and validates every line before any work starts.
+
+    ``tokenizer``: a ``tokenizers.Tokenizer`` for ``prompt`` text (None: UTF-8 bytes)."""
     path = Path(path)
     if not path.is_file():
-        raise EplbInputError(f"dataset {path} does not exist")
-    requests = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+        raise EplbInputError(f"dataset {path} does not exist or is not a file")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise EplbInputError(f"dataset {path} is not a text (JSON lines) file") from None
+    requests, seen = [], set()
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -43,7 +50,8 @@ def load_dataset(path, vocab_size: int, max_seq_len: int) -> list[Request]:
             if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
                 raise EplbInputError(f"{where}: input_ids must be a list of integers")
         elif isinstance(row.get("prompt"), str):
-            ids = [b % vocab_size for b in row["prompt"].encode()]
+            ids = (tokenizer.encode(row["prompt"]).ids if tokenizer is not None
+                   else [b % vocab_size for b in row["prompt"].encode()])
         else:
             raise EplbInputError(f"{where}: needs 'input_ids' (list of ints) or 'prompt' (text)")
         if not ids:
@@ -57,7 +65,13 @@ def load_dataset(path, vocab_size: int, max_seq_len: int) -> list[Request]:
         if len(ids) + out > max_seq_len:
             raise EplbInputError(f"{where}: prompt ({len(ids)}) + output_tokens ({out}) exceeds the model's "
                                  f"max_seq_len ({max_seq_len})")
-        requests.append(Request(row.get("task_id", len(requests)), tuple(ids), out))
+        task_id = row.get("task_id", len(requests))
+        if not isinstance(task_id, (int, str)) or isinstance(task_id, bool):
+            raise EplbInputError(f"{where}: task_id must be an integer or a string, got {task_id!r}")
+        if task_id in seen:
+            raise EplbInputError(f"{where}: duplicate task_id {task_id!r} (results are keyed by it)")
+        seen.add(task_id)
+        requests.append(Request(task_id, tuple(ids), out))
     if not requests:
         raise EplbInputError(f"dataset {path} holds no requests")
     return requests
@@ -86,3 +100,32 @@ def prepare_dataset(path, **distribution) -> Path:
     path = Path(path)
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def write_text_dataset(path, text_file, tokenizer, output_tokens: int) -> tuple[Path, int]:
+    """A trtllm-bench dataset of real text: each non-empty line of ``text_file`` tokenized with
+    ``tokenizer`` (a tokenizer.json, or a directory holding one). Returns (path, requests)."""
+    from tokenizers import Tokenizer
+
+    tokenizer_path = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+    if not tokenizer_path.is_file():
+        raise EplbInputError(f"tokenizer {tokenizer_path} does not exist")
+    if output_tokens < 1:
+        raise EplbInputError(f"--output-tokens must be >= 1, got {output_tokens}")
+    source = Path(text_file)
+    if not source.is_file():
+        raise EplbInputError(f"text file {source} does not exist or is not a file")
+    try:
+        encoder = Tokenizer.from_file(str(tokenizer_path))
+        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise EplbInputError(f"{source} is not a text file") from None
+    except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad files
+        raise EplbInputError(f"{tokenizer_path}: not a readable tokenizer ({err})") from None
+    if not lines:
+        raise EplbInputError(f"{source} holds no text")
+    rows = [json.dumps({"task_id": i, "input_ids": encoder.encode(line).ids, "output_tokens": output_tokens})
+            for i, line in enumerate(lines)]
+    path = Path(path)
+    atomic_write_text(path, "\n".join(rows) + "\n")
+    return path, len(rows)

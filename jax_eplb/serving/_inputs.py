@@ -29,23 +29,76 @@ class BenchInputs:
     recorder: StatisticsRecorder | None
 
 
-def model_source(model: str, model_path: str | None = None, seed: int = 0) -> tuple[ModelConfig, WeightSource]:
-    """``--model`` (config YAML or shipped name) and ``--model_path`` (orbax checkpoint; None: seeded weights)."""
-    config = load_model_config(model)
+def model_source(model: str, model_path: str | None = None, seed: int = 0, *,
+                 max_seq_len: int | None = None) -> tuple[ModelConfig, WeightSource]:
+    """``--model`` and ``--model_path`` -> (config, weight source).
+
+    ``--model_path`` a Hugging Face checkpoint directory (``config.json`` + safetensors): the
+    architecture comes from its config and ``--model`` is only a label (as in trtllm-bench); an
+    orbax checkpoint written by ``create-checkpoint``: ``--model`` names its config; none: seeded
+    random weights for the config ``--model`` (YAML or shipped name).
+    """
     if model_path is None:
-        return config, SeededWeights(seed)
-    if not Path(model_path).is_dir():
-        raise EplbInputError(f"--model_path {model_path} does not exist")
+        return load_model_config(model), SeededWeights(seed)
+    path = Path(model_path)
+    if not path.is_dir():
+        raise EplbInputError(f"--model_path {model_path} does not exist or is not a directory")
+    if (path / "config.json").is_file():
+        from jax_eplb.hf import HuggingFaceCheckpoint
+
+        checkpoint = HuggingFaceCheckpoint(path, name=model, max_seq_len=max_seq_len)
+        checkpoint.check()
+        return checkpoint.config, checkpoint
+    config = load_model_config(model)
     checkpoint = OrbaxCheckpoint(model_path)
     checkpoint.check(config)
     return config, checkpoint
 
 
+def _tokenizer(model_path: str | None):
+    path = Path(model_path) / "tokenizer.json" if model_path else None
+    if path is None or not path.is_file():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # noqa: BLE001 - the library raises plain Exceptions for bad files
+        raise EplbInputError(f"{path}: not a readable tokenizer ({err})") from None
+
+
+def _is_hugging_face(model_path: str | None) -> bool:
+    return model_path is not None and (Path(model_path) / "config.json").is_file()
+
+
+def _cache_length(config: ModelConfig, requests, max_seq_len: int | None, fit: bool) -> ModelConfig:
+    """The KV-cache length: ``--max_seq_len``; else, with ``fit`` (Hugging Face models, whose
+    ``max_position_embeddings`` can be 163840), the longest request (prompt + output) rounded up to 16;
+    else the config's."""
+    longest = max(len(r.input_ids) + r.output_tokens for r in requests)
+    length = max_seq_len or (min(-(-longest // 16) * 16, config.max_position_embeddings) if fit
+                             else config.max_seq_len)
+    if config.max_position_embeddings is not None and length > config.max_position_embeddings:
+        raise EplbInputError(f"--max_seq_len {length} exceeds the model's max_position_embeddings "
+                             f"({config.max_position_embeddings})")
+    if longest > length:
+        raise EplbInputError(f"a request needs {longest} positions (prompt + output_tokens) but the cache holds "
+                             f"{length} (--max_seq_len)")
+    return dataclasses.replace(config, max_seq_len=length)
+
+
 def read_bench_inputs(model: str, dataset: str, ep: int, *, model_path: str | None = None, seed: int = 0,
-                      extra_llm_api_options: str | None = None,
+                      extra_llm_api_options: str | None = None, max_seq_len: int | None = None,
                       environ: Mapping[str, str] = os.environ) -> BenchInputs:
+    if max_seq_len is not None and max_seq_len < 1:
+        raise EplbInputError(f"--max_seq_len must be >= 1, got {max_seq_len}")
     config, weights = model_source(model, model_path, seed)
-    requests = load_dataset(dataset, config.vocab_size, config.max_seq_len)
+    hugging_face = _is_hugging_face(model_path)
+    limit = max_seq_len or (config.max_position_embeddings if hugging_face else config.max_seq_len)
+    requests = load_dataset(dataset, config.vocab_size, limit, _tokenizer(model_path))
+    config = _cache_length(config, requests, max_seq_len, fit=hugging_face)
+    if hugging_face:
+        weights = weights.with_config(config)
     options = load_extra_options(extra_llm_api_options)
     plan = options.load_balancer
     num_slots = plan.resolved_num_slots(config.num_experts) if plan is not None else config.num_experts

@@ -1,0 +1,42 @@
+"""``jax-eplb`` command line: thin wrappers over the Python API.
+
+Subcommands mirror TensorRT-LLM's scripts and flags (``report`` = report_load_statistics.py,
+``generate`` = generate_eplb_config.py, ``bench ... throughput`` = trtllm-bench,
+``prepare-dataset`` = prepare_dataset.py); ``demo`` runs the whole workflow;
+``create-checkpoint`` writes random checkpoints. Input errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jax_eplb._errors import EplbInputError
+from jax_eplb.cli._bench import add_bench_parser, add_prepare_dataset_parser, prefill_chunk
+from jax_eplb.cli._checkpoint import add_checkpoint_parser
+from jax_eplb.cli._demo import add_demo_parser
+from jax_eplb.cli._statistics import add_generate_parser, add_report_parser
+
+__all__ = ["main", "build_parser", "prefill_chunk"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jax-eplb", description="Expert-parallel load balancing for JAX MoE models")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_report_parser(sub)
+    add_generate_parser(sub)
+    add_demo_parser(sub)
+    add_bench_parser(sub)
+    add_prepare_dataset_parser(sub)
+    add_checkpoint_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except EplbInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+

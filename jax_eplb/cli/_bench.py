@@ -1,0 +1,135 @@
+"""``bench ... throughput`` (trtllm-bench) and ``prepare-dataset`` (prepare_dataset.py)."""
+
+from __future__ import annotations
+
+import sys
+
+from jax_eplb._errors import EplbInputError
+
+
+def add_bench_parser(sub):
+    parser = sub.add_parser("bench", help="run a model over a dataset (mirrors trtllm-bench)")
+    parser.add_argument("--model", required=True, help="model config YAML or shipped name (tiny, deepseek_v3_slice)")
+    parser.add_argument("--model_path", default=None,
+                        help="orbax checkpoint directory (default: seeded random weights)")
+    parser.add_argument("--seed", type=int, default=0, help="random-weight seed when no --model_path")
+    parser.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator host:port")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    thr = modes.add_parser("throughput", help="greedy generation throughput with per-rank load")
+    thr.add_argument("--ep", type=int, required=True, help="expert-parallel ranks")
+    thr.add_argument("--dataset", required=True, help="JSON lines: task_id, input_ids or prompt, output_tokens")
+    thr.add_argument("--extra_llm_api_options", default=None,
+                     help="YAML with moe_max_num_tokens and moe_load_balancer (path or mapping)")
+    thr.add_argument("--warmup", type=int, default=0, help="requests run first, untimed")
+    thr.add_argument("--eos_id", type=int, default=-1, help="stop a request at this token (-1: never)")
+    thr.add_argument("--max_batch_size", type=int, default=256)
+    thr.add_argument("--max_seq_len", type=int, default=None,
+                     help="KV-cache length (default: the model config's; Hugging Face models: the dataset's longest "
+                          "request)")
+    thr.add_argument("--emulate_devices", type=int, default=None,
+                     help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
+    thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
+    thr.add_argument("--transport", choices=("all_to_all", "ragged"), default="all_to_all",
+                     help="MoE dispatch: fixed-capacity all_to_all (any backend) or ragged_all_to_all (GPU)")
+    thr.add_argument("--prefill_chunk", type=int, default=None,
+                     help="chunked prefill: prompt tokens a request prefills per iteration (default: whole prompts)")
+    thr.add_argument("--enable_chunked_prefill", action="store_true",
+                     help="TensorRT-LLM's flag: chunked prefill with --max_num_tokens per iteration, split evenly "
+                          "over the batch rows (steps here are [batch, chunk])")
+    thr.add_argument("--max_num_tokens", type=int, default=None,
+                     help="with --enable_chunked_prefill: token budget per iteration")
+    thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas"), default="auto",
+                     help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, or the Pallas tile-grouped "
+                          "kernel (GPU); auto: padded on CPU, ragged_dot on GPU")
+    thr.add_argument("--online_planner", choices=("migration_aware", "trtllm"), default="migration_aware",
+                     help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, or "
+                          "TensorRT-LLM's greedy re-planned from scratch")
+    thr.add_argument("--online_state", default=None,
+                     help="online mode: restore decayed statistics and placement from this directory if it "
+                          "exists, save them there at exit (a restarted server keeps its placement)")
+    thr.add_argument("--output_tokens", default=None, help="write the generated ids per task (JSON lines)")
+    thr.add_argument("--report_json", default=None, help="write all figures as JSON")
+    thr.add_argument("--no_progress", action="store_true")
+    parser.set_defaults(handler=run_bench)
+
+
+def prefill_chunk(args) -> int | None:
+    """--prefill_chunk, or TensorRT-LLM's --enable_chunked_prefill --max_num_tokens (budget / batch rows)."""
+    if not args.enable_chunked_prefill:
+        if args.max_num_tokens is not None:
+            print("note: --max_num_tokens only sets the chunk size with --enable_chunked_prefill here (ignored)",
+                  file=sys.stderr)
+        return args.prefill_chunk
+    if args.max_num_tokens is None:
+        raise EplbInputError("--enable_chunked_prefill needs --max_num_tokens (the token budget per iteration)")
+    if args.prefill_chunk is not None:
+        raise EplbInputError("give either --prefill_chunk or --enable_chunked_prefill --max_num_tokens, not both")
+    return max(1, args.max_num_tokens // args.max_batch_size)
+
+
+def run_bench(args) -> int:
+    from jax_eplb.serving import ThroughputSettings, format_figures, initialize_distributed, read_bench_inputs, \
+        run_throughput
+    from jax_eplb.sharding import ep_mesh
+
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    inputs = read_bench_inputs(args.model, args.dataset, args.ep, model_path=args.model_path, seed=args.seed,
+                               extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len)
+    settings = ThroughputSettings(
+        max_batch_size=args.max_batch_size, warmup=args.warmup, eos_id=args.eos_id,
+        replica_policy=args.replica_policy, transport=args.transport, grouped_matmul=args.grouped_matmul,
+        prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
+        online_planner=args.online_planner, progress=not args.no_progress)
+    for key in inputs.options.ignored_keys:
+        print(f"note: extra option {key!r} has no effect here (ignored)")
+    for note in getattr(inputs.weights, "notes", ()):
+        print(f"note: {note}")
+    mesh = ep_mesh(args.ep, args.emulate_devices)
+    result = run_throughput(inputs.config, inputs.weights, inputs.requests, mesh, settings,
+                            plan=inputs.options.load_balancer, recorder=inputs.recorder,
+                            online_state=args.online_state)
+    result.write(args.output_tokens, args.report_json)
+    print(format_figures(result.figures))
+    return 0
+
+
+def add_prepare_dataset_parser(sub):
+    parser = sub.add_parser("prepare-dataset", help="write a trtllm-bench dataset (synthetic ids or real text)")
+    parser.add_argument("--output", required=True, help="JSON lines file to write")
+    parser.add_argument("--vocab_size", type=int, default=None, help="token id range (default: --model's vocab)")
+    parser.add_argument("--model", default="tiny", help="model config whose vocabulary the ids use")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a tokenizer.json (or a Hugging Face checkpoint directory holding one), for 'text'")
+    parser.add_argument("--seed", type=int, default=0)
+    dist = parser.add_subparsers(dest="distribution", required=True)
+    norm = dist.add_parser("token-norm-dist", help="normally distributed input/output lengths")
+    norm.add_argument("--num-requests", "--num_requests", dest="num_requests", type=int, required=True)
+    norm.add_argument("--input-mean", "--input_mean", dest="input_mean", type=int, required=True)
+    norm.add_argument("--output-mean", "--output_mean", dest="output_mean", type=int, required=True)
+    norm.add_argument("--input-stdev", "--input_stdev", dest="input_stdev", type=float, default=0.0)
+    norm.add_argument("--output-stdev", "--output_stdev", dest="output_stdev", type=float, default=0.0)
+    text = dist.add_parser("text", help="one request per non-empty line of a text file, tokenized with --tokenizer")
+    text.add_argument("--file", required=True, help="text file, one prompt per line")
+    text.add_argument("--output-tokens", "--output_tokens", dest="output_tokens", type=int, required=True)
+    parser.set_defaults(handler=run_prepare_dataset)
+
+
+def run_prepare_dataset(args) -> int:
+    from jax_eplb.serving import prepare_dataset, write_text_dataset
+
+    if args.distribution == "text":
+        if not args.tokenizer:
+            raise EplbInputError("prepare-dataset text needs --tokenizer (a tokenizer.json or a checkpoint directory)")
+        path, count = write_text_dataset(args.output, args.file, args.tokenizer, args.output_tokens)
+        print(f"wrote {count} requests -> {path}")
+        return 0
+    from jax_eplb.model import load_model_config
+
+    vocab = args.vocab_size or load_model_config(args.model).vocab_size
+    path = prepare_dataset(args.output, num_requests=args.num_requests, input_mean=args.input_mean,
+                           output_mean=args.output_mean, input_stdev=args.input_stdev,
+                           output_stdev=args.output_stdev, vocab_size=vocab, seed=args.seed)
+    print(f"wrote {args.num_requests} requests -> {path}")
+    return 0

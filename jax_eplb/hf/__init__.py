@@ -1,0 +1,15 @@
+"""Hugging Face checkpoints: DeepSeek-V3/R1, Qwen3-MoE and Mixtral served as they are.
+
+``config.json`` -> ``ModelConfig`` (``_config`` and one module per architecture:
+``_deepseek_v3``, ``_qwen3_moe``, ``_mixtral``), where each parameter lives in the checkpoint
+(``_layout``), reading safetensors with FP8 dequantization (``_safetensors``), the weight source
+(``_checkpoint``) and random checkpoints of real shapes (``_writer``).
+"""
+
+from jax_eplb.hf._checkpoint import ARCHITECTURES, HuggingFaceCheckpoint, hf_model_config
+from jax_eplb.hf._config import read_config_json
+from jax_eplb.hf._safetensors import SafetensorsCheckpoint, dequantize_blocks, quantize_blocks
+from jax_eplb.hf._writer import create_hf_checkpoint
+
+__all__ = ["HuggingFaceCheckpoint", "hf_model_config", "ARCHITECTURES", "read_config_json", "SafetensorsCheckpoint",
+           "dequantize_blocks", "quantize_blocks", "create_hf_checkpoint"]

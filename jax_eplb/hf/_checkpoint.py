@@ -1,0 +1,155 @@
+"""A Hugging Face checkpoint directory as a weight source: ``config.json`` + safetensors.
+
+``HuggingFaceCheckpoint`` reads the architecture from ``config.json`` (``model_type``), checks
+every tensor the model needs against the config from the safetensors headers alone (names,
+shapes, FP8 scales) before any device work, and then reads tensors through memory-mapped
+``safe_open``: the non-expert parameters once, the routed experts per device shard (each
+process reads only the experts of its own slots, a replicated expert once) and, for online
+rebalancing, single experts on demand (``ExpertSource``): no full host copy of the experts.
+
+Axis legend: Lm MoE layers, E experts, S slots, n rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jax_eplb._errors import EplbInputError
+from jax_eplb.hf import _deepseek_v3, _mixtral, _qwen3_moe
+from jax_eplb.hf._config import ConfigReader, read_config_json
+from jax_eplb.hf._layout import MoELayout, expert, model_params, visit_all
+from jax_eplb.hf._safetensors import SafetensorsCheckpoint, StoredTensor, finish_on_device
+from jax_eplb.model import ModelConfig
+from jax_eplb.moe import ExpertWeights
+from jax_eplb.moe._slots import set_layer_slots, zero_slot_buffers
+from jax_eplb.sharding import over_ranks
+
+ARCHITECTURES = {module.MODEL_TYPE: module for module in (_deepseek_v3, _qwen3_moe, _mixtral)}
+DEFAULT_CACHE_LENGTH = 4096
+
+
+def hf_model_config(directory, *, name: str | None = None, max_seq_len: int | None = None,
+                    dtype: str | None = None) -> tuple[ModelConfig, MoELayout, list[str]]:
+    """(``ModelConfig``, tensor layout, notes) of a checkpoint directory's ``config.json``.
+
+    ``max_seq_len``: the KV-cache length to allocate (default: the model's
+    ``max_position_embeddings``, at most 4096); ``dtype``: compute dtype (default: the checkpoint's,
+    float32 or bfloat16).
+    """
+    raw = read_config_json(directory)
+    source = str(Path(directory) / "config.json")
+    model_type = raw.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise EplbInputError(f"{source}: model_type {model_type!r} is not supported; supported: "
+                             f"{sorted(ARCHITECTURES)}")
+    architecture = ARCHITECTURES[model_type]
+    reader = ConfigReader(raw, source)
+    try:
+        fields, notes = architecture.model_fields(reader)
+    except (KeyError, TypeError, ValueError) as err:
+        raise EplbInputError(f"{source}: malformed field ({type(err).__name__}: {err})") from None
+    reader.check_all_handled(model_type)
+    stored = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
+    fields.update(name=name or model_type, dtype=dtype or ("float32" if stored == "float32" else "bfloat16"),
+                  max_seq_len=max_seq_len or min(fields["max_position_embeddings"], DEFAULT_CACHE_LENGTH))
+    if stored not in ("float32", "bfloat16") and dtype is None:
+        notes.append(f"checkpoint dtype {stored} computed in bfloat16")
+    return ModelConfig(**fields), architecture.LAYOUT, notes
+
+
+class HuggingFaceCheckpoint:
+    """A ``WeightSource`` (and ``ExpertSource``) over a Hugging Face checkpoint directory."""
+
+    def __init__(self, directory, *, name: str | None = None, max_seq_len: int | None = None,
+                 dtype: str | None = None):
+        self.directory = Path(directory)
+        self.config, self.layout, self.notes = hf_model_config(directory, name=name, max_seq_len=max_seq_len,
+                                                               dtype=dtype)
+        quantization = read_config_json(directory).get("quantization_config") or {}
+        block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+        self.tensors = SafetensorsCheckpoint(directory, tuple(block) if block else None)
+
+    def with_config(self, config: ModelConfig) -> "HuggingFaceCheckpoint":
+        """The same checkpoint serving ``config`` (e.g. another cache length)."""
+        other = object.__new__(HuggingFaceCheckpoint)
+        other.__dict__.update(self.__dict__, config=config)
+        return other
+
+    def check(self) -> None:
+        """Every tensor the model needs is present with the shape config.json implies (headers only)."""
+        c = self.config
+
+        def declared(name: str, shape: tuple) -> np.ndarray:
+            self.tensors.check(name, shape)
+            return np.broadcast_to(np.float32(0), shape)
+
+        visit_all(declared, c, self.layout)
+
+    # ------------------------------------------------------------------ WeightSource
+
+    def _require(self, config: ModelConfig) -> None:
+        shape_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "max_seq_len",
+                                                                                          "dtype")]
+        differ = [k for k in shape_fields if getattr(config, k) != getattr(self.config, k)]
+        if differ:
+            raise EplbInputError(f"{self.directory} holds a different model than asked for: {differ} differ")
+
+    def params(self, config: ModelConfig) -> dict:
+        """Every parameter but the routed experts as ``StoredTensor``s (finished on the device)."""
+        self._require(config)
+        return model_params(self.tensors.stored, config, self.layout)
+
+    def slot_experts(self, config: ModelConfig, mesh, slot_to_expert) -> ExpertWeights:
+        """Routed experts ``[Lm, S, ...]``: per layer, each device's slots read as stored (a replicated
+        expert once per process) and finished on the device."""
+        self._require(config)
+        index = np.asarray(slot_to_expert)
+        buffers = zero_slot_buffers(self.expert_shapes(), index.shape, mesh)
+        for layer, decoder_layer in enumerate(config.moe_layer_ids):
+            buffers = set_layer_slots(buffers, self._layer_slots(decoder_layer, index[layer], mesh), layer)
+        return buffers
+
+    def _layer_slots(self, decoder_layer: int, slot_experts: np.ndarray, mesh) -> ExpertWeights:
+        c, sharding = self.config, over_ranks(mesh)
+        stored: dict[int, tuple[StoredTensor, ...]] = {}  # expert -> its three tensors, read once
+
+        def of(expert_id: int) -> tuple[StoredTensor, ...]:
+            if expert_id not in stored:
+                stored[expert_id] = expert(self.tensors.stored, decoder_layer, expert_id, c, self.layout)
+            return stored[expert_id]
+
+        def leaf(i: int) -> jax.Array:
+            first = of(int(slot_experts[0]))[i]
+            value_shape = (len(slot_experts),) + first.value.shape
+            value = jax.make_array_from_callback(
+                value_shape, sharding, lambda idx: np.stack([of(int(e))[i].value for e in slot_experts[idx[0]]]))
+            scale = None
+            if first.scale_inv is not None:
+                scale = jax.make_array_from_callback(
+                    (len(slot_experts),) + first.scale_inv.shape, sharding,
+                    lambda idx: np.stack([of(int(e))[i].scale_inv for e in slot_experts[idx[0]]]))
+            return finish_on_device(value, scale, block=first.block, transpose=first.transpose, dtype=c.jnp_dtype)
+
+        return ExpertWeights(*(leaf(i) for i in range(3)))
+
+    def expert_source(self, config: ModelConfig) -> "HuggingFaceCheckpoint":
+        self._require(config)
+        return self
+
+    # ------------------------------------------------------------------ ExpertSource
+
+    def expert_shapes(self) -> ExpertWeights:
+        c, dt = self.config, self.config.jnp_dtype
+        h, f = c.hidden_size, c.expert_ffn_size
+        return ExpertWeights(jax.ShapeDtypeStruct((h, f), dt), jax.ShapeDtypeStruct((h, f), dt),
+                             jax.ShapeDtypeStruct((f, h), dt))
+
+    def rows(self, layer: int, experts: np.ndarray) -> ExpertWeights:
+        """Experts ``[n]`` of MoE layer ``layer`` (0-based among the MoE layers), dequantized, ``[n, ...]``."""
+        decoder_layer = self.config.moe_layer_ids[layer]
+        weights = [expert(self.tensors.tensor, decoder_layer, int(e), self.config, self.layout) for e in experts]
+        return ExpertWeights(*(np.stack(leaf) for leaf in zip(*weights)))

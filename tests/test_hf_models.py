@@ -1,0 +1,315 @@
+"""Hugging Face checkpoints (tests/fixtures/hf, written by transformers: scripts/make_hf_fixtures.py)
+served on the ep mesh give transformers' own outputs: prefill logits within 1e-4 (relative to the
+largest logit) and identical greedy tokens, for every architecture, ep size, placement, replica
+policy and transport; a new placement swapped in keeps them and recompiles nothing."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_eplb import EplbInputError, build_assignment_tables, default_slot_to_expert, plan_placement
+from jax_eplb._assignment import widest_replicas
+from jax_eplb.hf import HuggingFaceCheckpoint, create_hf_checkpoint, dequantize_blocks, quantize_blocks
+from jax_eplb.model import ModelRunner, build_model
+from jax_eplb.moe import MoEOptions
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
+NAMES = ("deepseek_v3", "deepseek_v3_fp8", "qwen3_moe", "mixtral")
+# (fixture, ep, placement, replica policy, transport): every ep size, placement, policy and transport
+# appears with several architectures.
+CASES = [
+    ("deepseek_v3", 1, "identity", "round_robin", "all_to_all"),
+    ("deepseek_v3", 2, "planned", "load_aware", "all_to_all"),
+    ("deepseek_v3", 4, "planned", "round_robin", "ragged"),
+    ("deepseek_v3", 8, "planned", "round_robin", "all_to_all"),
+    ("deepseek_v3_fp8", 1, "identity", "round_robin", "all_to_all"),
+    ("deepseek_v3_fp8", 8, "planned", "load_aware", "all_to_all"),
+    ("qwen3_moe", 1, "identity", "round_robin", "all_to_all"),
+    ("qwen3_moe", 4, "planned", "load_aware", "all_to_all"),
+    ("qwen3_moe", 8, "planned", "round_robin", "ragged"),
+    ("mixtral", 2, "identity", "round_robin", "all_to_all"),
+    ("mixtral", 4, "planned", "round_robin", "all_to_all"),
+    ("mixtral", 8, "planned", "load_aware", "all_to_all"),
+]
+
+
+def run(runner, reference, ranks):
+    """transformers' prompts through the runner: (prefill logits [P][len, V], greedy tokens [P, 16])."""
+    prompts, lengths = reference["prompts"].astype(np.int32), reference["lengths"]
+    count, width = prompts.shape
+    batch = -(-count // ranks) * ranks  # pad with idle rows to a multiple of ep
+    tokens = np.zeros((batch, width), np.int32)
+    tokens[:count] = prompts
+    rows = np.zeros(batch, np.int64)
+    rows[:count] = lengths
+    out = runner.prefill(tokens, rows, runner.new_cache(batch), return_logits=True)
+    logits = [np.asarray(out.logits[i, :n]) for i, n in enumerate(lengths)]
+    generated = [np.asarray(out.next_token)]
+    positions, active = rows.copy(), rows > 0
+    for _ in range(reference["tokens"].shape[1] - 1):
+        out = runner.decode(np.asarray(out.next_token), positions, active, out.cache)
+        positions += active
+        generated.append(np.asarray(out.next_token))
+    return logits, np.stack(generated, axis=1)[:count]
+
+
+def assert_matches(reference, logits, tokens):
+    for i, got in enumerate(logits):
+        want = reference["logits"][i, :len(got)]
+        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    np.testing.assert_array_equal(tokens, reference["tokens"])
+
+
+def placements(config, ranks, kind):
+    """identity ([Lm, E]) or two different EPLB plans with replicas ([Lm, 2E])."""
+    e, lm = config.num_experts, config.num_moe_layers
+    if kind == "identity":
+        return [np.tile(np.arange(e), (lm, 1))]
+    rng = np.random.default_rng(ranks)
+    return [np.tile(default_slot_to_expert(e, 2 * e, ranks), (lm, 1)),
+            plan_placement(rng.lognormal(0, 1.5, (lm, e)), 2 * e, ranks).slot_to_expert]
+
+
+@pytest.mark.parametrize("name,ranks,kind,policy,transport", CASES)
+def test_outputs_equal_transformers(name, ranks, kind, policy, transport, mesh_of, ragged_emulation):
+    source = HuggingFaceCheckpoint(FIXTURES / name, max_seq_len=32)
+    reference = np.load(FIXTURES / name / "reference.npz")
+    config = source.config
+    plans = placements(config, ranks, kind)
+    width = widest_replicas(config.num_experts, plans[0].shape[1])
+    options = MoEOptions(replica_policy=policy, transport=transport,
+                         ragged_exchange=ragged_emulation if transport == "ragged" else None)
+    model = build_model(config, mesh_of(ranks), build_assignment_tables(plans[0], config.num_experts, width), source,
+                        options=options)
+    runner = ModelRunner(model)
+    assert_matches(reference, *run(runner, reference, ranks))
+    compiled = runner.compilations()
+    for plan in plans[1:]:  # another placement while serving: same outputs, no new program
+        model.set_placement(build_assignment_tables(plan, config.num_experts, width), source)
+        assert_matches(reference, *run(runner, reference, ranks))
+        assert runner.compilations() == compiled
+
+
+def test_fixture_layouts_cover_the_architectures():
+    """What the fixtures exercise (so a regenerated fixture cannot quietly lose it)."""
+    configs = {name: HuggingFaceCheckpoint(FIXTURES / name).config for name in NAMES}
+    assert configs["deepseek_v3"].attention == "mla" and configs["deepseek_v3"].q_lora_rank is not None
+    assert configs["deepseek_v3"].yarn_factor == 40 and configs["deepseek_v3"].dense_layer_ids == [0]
+    assert configs["deepseek_v3_fp8"].q_lora_rank is None and configs["deepseek_v3_fp8"].hidden_size % 128
+    assert HuggingFaceCheckpoint(FIXTURES / "deepseek_v3_fp8").tensors.block_size == (128, 128)
+    assert configs["qwen3_moe"].qk_norm and configs["qwen3_moe"].tie_word_embeddings
+    assert configs["qwen3_moe"].moe_layer_ids == [1, 3] and configs["qwen3_moe"].dense_layer_ids == [0, 2]
+    assert (FIXTURES / "qwen3_moe" / "model.safetensors.index.json").is_file()
+    assert configs["mixtral"].router == "softmax" and configs["mixtral"].dense_layer_ids == []
+
+
+def test_fp8_blocks_dequantize_with_partial_edges():
+    """Hand-worked: a 3x5 weight in 2x2 blocks has a 2x3 scale grid; edge blocks are partial."""
+    weight = np.arange(15, dtype=np.float32).reshape(3, 5)
+    scale = np.array([[1, 2, 3], [10, 20, 30]], np.float32)
+    want = weight * np.array([[1, 1, 2, 2, 3]] * 2 + [[10, 10, 20, 20, 30]], np.float32)
+    np.testing.assert_array_equal(dequantize_blocks(weight, scale, (2, 2)), want)
+    with pytest.raises(EplbInputError, match="weight_scale_inv has shape"):
+        dequantize_blocks(weight, scale[:, :2], (2, 2), "w")
+    rng = np.random.default_rng(0)
+    value = rng.normal(size=(200, 130)).astype(np.float32)
+    fp8, scale_inv = quantize_blocks(value)
+    assert fp8.dtype.name == "float8_e4m3fn" and scale_inv.shape == (2, 2)
+    back = dequantize_blocks(fp8, scale_inv, (128, 128))
+    assert np.abs(back - value).max() <= 0.07 * np.abs(value).max()  # e4m3: 3 mantissa bits
+
+
+def copy_fixture(tmp_path, name="mixtral"):
+    target = tmp_path / name
+    shutil.copytree(FIXTURES / name, target)
+    return target
+
+
+def edit_config(directory, **changes):
+    config = json.loads((directory / "config.json").read_text())
+    config.update(changes)
+    (directory / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"model_type": "llama"}, "not supported; supported: \\['deepseek_v3', 'mixtral', 'qwen3_moe'\\]"),
+    ({"sliding_window": 4096}, "sliding_window=4096 is not supported"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
+    ({"some_new_field": 1}, "not implemented by jax_eplb's mixtral model"),
+    ({"num_local_experts": 0}, "num_local_experts must be an integer >= 1"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}, "rope type 'linear'"),
+    ({"hidden_size": 96}, "has shape"),
+])
+def test_bad_configs_are_one_clear_error(tmp_path, change, match):
+    directory = copy_fixture(tmp_path)
+    edit_config(directory, **change)
+    with pytest.raises(EplbInputError, match=match):
+        HuggingFaceCheckpoint(directory).check()
+
+
+def test_bad_checkpoint_files_are_one_clear_error(tmp_path):
+    directory = copy_fixture(tmp_path)
+    (directory / "config.json").write_text("{not json")
+    with pytest.raises(EplbInputError, match="not valid JSON"):
+        HuggingFaceCheckpoint(directory)
+    (directory / "config.json").unlink()
+    with pytest.raises(EplbInputError, match="no config.json"):
+        HuggingFaceCheckpoint(directory)
+    directory = copy_fixture(tmp_path / "truncated")
+    data = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(EplbInputError, match="model.safetensors"):
+        HuggingFaceCheckpoint(directory).check()
+    sharded = copy_fixture(tmp_path / "sharded", "qwen3_moe")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(EplbInputError, match="lists shard\\(s\\) that do not exist"):
+        HuggingFaceCheckpoint(sharded)
+    missing = copy_fixture(tmp_path / "missing", "qwen3_moe")
+    index = json.loads((missing / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["model.layers.1.mlp.experts.3.up_proj.weight"]
+    (missing / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(EplbInputError, match="experts.3.up_proj.weight' is missing"):
+        HuggingFaceCheckpoint(missing).check()
+
+
+def test_create_checkpoint_in_hf_layout_round_trips(tmp_path, mesh_of):
+    """create-checkpoint --hf_config: a random FP8 checkpoint our loader reads and serves."""
+    path = create_hf_checkpoint(FIXTURES / "deepseek_v3" / "config.json", tmp_path / "ckpt", num_layers=2,
+                                num_experts=8, fp8=True, seed=3, dtype="float32", log=lambda _: None)
+    source = HuggingFaceCheckpoint(path, max_seq_len=16)
+    source.check()
+    config = source.config
+    assert (config.num_layers, config.num_experts, config.moe_layer_ids) == (2, 8, [1])
+    assert any(name.endswith("weight_scale_inv") for name in source.tensors.names())
+    with pytest.raises(EplbInputError, match="already exists"):
+        create_hf_checkpoint(FIXTURES / "deepseek_v3" / "config.json", path, log=lambda _: None)
+    tables = build_assignment_tables(np.tile(np.arange(8), (1, 2)), 8, 9)
+    runner = ModelRunner(build_model(config, mesh_of(2), tables, source))
+    out = runner.prefill(np.array([[1, 2, 3], [4, 5, 0]], np.int32), np.array([3, 2]), runner.new_cache(2))
+    assert np.asarray(out.next_token).shape == (2,) and int(np.asarray(out.rank_load).sum()) == 5 * config.top_k
+
+
+def test_workflow_on_a_checkpoint_through_the_cli(tmp_path, monkeypatch, capsys):
+    """The TensorRT-LLM workflow on a real-architecture checkpoint: record statistics (decoder-layer
+    keys 1, 2), report, generate a plan, serve it statically and online (experts read back from the
+    memory-mapped checkpoint): tokens identical throughout."""
+    from jax_eplb import load_trtllm_dump
+    from jax_eplb.cli import main
+
+    checkpoint = str(FIXTURES / "deepseek_v3")
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("".join(json.dumps({"task_id": i, "input_ids": [(7 * i + j) % 128 for j in range(3 + i % 5)],
+                                           "output_tokens": 6}) + "\n" for i in range(12)))
+    bench = ["bench", "--model", "deepseek-ai/DeepSeek-V3-tiny", "--model_path", checkpoint, "throughput", "--ep", "4",
+             "--emulate_devices", "8", "--dataset", str(dataset), "--no_progress"]
+    monkeypatch.setenv("EXPERT_STATISTIC_ITER_RANGE", "0-100")
+    monkeypatch.setenv("EXPERT_STATISTIC_PATH", str(tmp_path / "stats"))
+    assert main(bench + ["--output_tokens", str(tmp_path / "plain.jsonl")]) == 0
+    monkeypatch.delenv("EXPERT_STATISTIC_ITER_RANGE")
+    assert "MTP layer(s) (index >= 3) skipped" in capsys.readouterr().out
+    stats = load_trtllm_dump(tmp_path / "stats")
+    assert stats.layer_ids == (1, 2) and stats.num_experts == 16
+    assert main(["report", "--expert_statistic_path", str(tmp_path / "stats")]) == 0
+    assert main(["generate", "--expert_statistic_path", str(tmp_path / "stats"), "--ep_size", "4", "--num_slots", "24",
+                 "--output_path", str(tmp_path / "plan.yaml")]) == 0
+    (tmp_path / "static.yaml").write_text(f"moe_load_balancer: {tmp_path / 'plan.yaml'}\n")
+    (tmp_path / "online.yaml").write_text("moe_load_balancer:\n  num_slots: 24\n  layer_updates_per_iter: 1\n")
+    for name in ("static", "online"):
+        assert main(bench + ["--extra_llm_api_options", str(tmp_path / f"{name}.yaml"),
+                             "--output_tokens", str(tmp_path / f"{name}.jsonl")]) == 0
+        assert (tmp_path / f"{name}.jsonl").read_text() == (tmp_path / "plain.jsonl").read_text()
+    assert "slots moved (total)" in capsys.readouterr().out
+
+
+def test_experts_are_read_per_shard_and_once_per_process(mesh_of):
+    """Streaming load: each process reads the experts of its own slots only, a replicated expert once."""
+    source = HuggingFaceCheckpoint(FIXTURES / "mixtral", max_seq_len=32)
+    reads = []
+    original = source.tensors.stored
+    source.tensors.stored = lambda name, shape: (reads.append(name), original(name, shape))[1]
+    config = source.config
+    plan = np.tile(np.concatenate([np.arange(8), np.arange(8)]), (config.num_moe_layers, 1))  # every expert twice
+    experts = source.slot_experts(config, mesh_of(4), plan)
+    want = [f"model.layers.{l}.block_sparse_moe.experts.{e}.{w}.weight" for l in range(config.num_moe_layers)
+            for e in range(8) for w in ("w1", "w3", "w2")]
+    assert sorted(reads) == sorted(want)  # every expert once, though each sits in two slots on two ranks
+    np.testing.assert_array_equal(np.asarray(experts.gate[1, 8]), np.asarray(experts.gate[1, 0]))
+
+
+def test_text_prompts_use_the_checkpoint_tokenizer(tmp_path):
+    """A dataset's ``prompt`` text is tokenized with the checkpoint's tokenizer.json; prepare-dataset
+    turns a text file into a dataset with the same ids."""
+    from tokenizers import Tokenizer
+
+    from jax_eplb.cli import main
+    from jax_eplb.serving import load_dataset, read_bench_inputs
+
+    checkpoint = FIXTURES / "qwen3_moe"
+    tokenizer = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+    text = "the lazy dog moves hot experts"
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"task_id": "a", "prompt": text, "output_tokens": 4}) + "\n")
+    inputs = read_bench_inputs("qwen", str(dataset), 2, model_path=str(checkpoint), environ={})
+    assert inputs.requests[0].input_ids == tuple(tokenizer.encode(text).ids)
+    assert 0 not in inputs.requests[0].input_ids  # every word is in the vocabulary (id 0 is unknown)
+    assert inputs.config.max_seq_len == 16  # the longest request (6 + 4), rounded up to 16
+    (tmp_path / "prompts.txt").write_text(f"{text}\n\nthe quick brown fox\n")
+    assert main(["prepare-dataset", "--output", str(tmp_path / "t.jsonl"), "--tokenizer", str(checkpoint), "text",
+                 "--file", str(tmp_path / "prompts.txt"), "--output-tokens", "4"]) == 0
+    requests = load_dataset(tmp_path / "t.jsonl", 128, 64)
+    assert [r.input_ids for r in requests] == [tuple(tokenizer.encode(t).ids) for t in (text, "the quick brown fox")]
+
+
+def deepseek_yarn_frequencies(dim, base, factor, original, beta_fast, beta_slow):
+    """DeepSeek-V3's ``precompute_freqs_cis`` frequencies, transcribed with plain math/numpy."""
+    import math
+
+    def correction_dim(rotations):
+        return dim * (math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base)))
+
+    low = int(np.clip(np.round(correction_dim(beta_fast)), 0, dim - 1))
+    high = int(np.clip(np.round(correction_dim(beta_slow)), 0, dim - 1))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    smooth = 1 - np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low + 1e-3), 0, 1)
+    return freqs * (smooth + (1 - smooth) / factor)
+
+
+@pytest.mark.parametrize("dim,original", [(64, 4096), (16, 64), (32, 1000)])
+def test_yarn_follows_deepseek(dim, original):
+    """YaRN frequencies and softmax scale as DeepSeek's inference code computes them (where transformers
+    rounds the correction range with floor/ceil and has no 0.001 in the ramp, e.g. dim 16 from 64)."""
+    import dataclasses
+
+    from jax_eplb.model import ModelConfig
+    from jax_eplb.model._rope import inv_frequencies, softmax_scale
+
+    base = HuggingFaceCheckpoint(FIXTURES / "deepseek_v3").config
+    config = dataclasses.replace(base, qk_rope_head_dim=dim, head_dim=dim, yarn_original_max_position=original)
+    assert isinstance(config, ModelConfig)
+    want = deepseek_yarn_frequencies(dim, 10000.0, 40.0, original, 32, 1)
+    np.testing.assert_allclose(np.asarray(inv_frequencies(config, dim)), want, rtol=2e-6)
+    mscale = 0.1 * 1.0 * np.log(40.0) + 1.0
+    assert softmax_scale(config, 192) == pytest.approx(192 ** -0.5 * mscale ** 2)
+    short = dataclasses.replace(config, max_position_embeddings=original, max_seq_len=32)  # not extended: plain
+    np.testing.assert_allclose(np.asarray(inv_frequencies(short, dim)), 10000.0 ** (-np.arange(dim // 2) / (dim // 2)),
+                               rtol=1e-6)
+    assert softmax_scale(short, 192) == pytest.approx(192 ** -0.5)
+
+
+def test_plan_for_another_expert_count_is_refused_before_work(tmp_path, capsys):
+    from jax_eplb.cli import main
+
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("initial_global_assignments:\n" + "".join(f"  {l}: {list(range(8)) * 2}\n" for l in (1, 2))
+                    + "num_slots: 16\n")
+    (tmp_path / "extra.yaml").write_text(f"moe_load_balancer: {plan}\n")
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text(json.dumps({"task_id": 0, "input_ids": [1, 2], "output_tokens": 2}) + "\n")
+    assert main(["bench", "--model", "m", "--model_path", str(FIXTURES / "deepseek_v3"), "throughput", "--ep", "2",
+                 "--emulate_devices", "8", "--dataset", str(dataset), "--extra_llm_api_options",
+                 str(tmp_path / "extra.yaml"), "--output_tokens", str(tmp_path / "out.jsonl")]) == 2
+    assert "places 8 distinct experts" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
