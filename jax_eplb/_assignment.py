@@ -2,6 +2,9 @@
 
 Axis legend: L MoE layers, E experts, S global slots (rank r owns slots [r*S/R, (r+1)*S/R)),
 R ranks, M max replicas of one expert.
+
+A slot holding ``UNUSED_SLOT`` (-1, vLLM's convention) serves nothing: no expert lists it, no
+token is sent to it (a failed rank's slots, or spare capacity).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import numpy as np
 
 from jax_eplb._errors import EplbInputError
 
+UNUSED_SLOT = -1
+
 
 class AssignmentTables(NamedTuple):
     """int32 tables derived from ``slot_to_expert``; ready for ``jax.device_put``.
 
-    slot_to_expert: ``[L, S]`` expert held by each global slot.
+    slot_to_expert: ``[L, S]`` expert held by each global slot (``UNUSED_SLOT``: none).
     replica_count:  ``[L, E]`` number of slots holding each expert (>= 1).
     expert_slots:   ``[L, E, M]`` global slot ids of each expert's replicas, ascending, -1 padded.
     """
@@ -72,7 +77,7 @@ def check_slot_geometry(num_experts: int, num_slots: int, ep_size: int) -> None:
 def build_assignment_tables(slot_to_expert, num_experts: int, max_replicas: int | None = None) -> AssignmentTables:
     """Derives the tables from ``slot_to_expert`` ``[L, S]`` (or ``[S]``, treated as one layer).
 
-    Raises EplbInputError if an id is out of range or an expert has no replica.
+    Raises EplbInputError if an id is out of range (``UNUSED_SLOT`` allowed) or an expert has no replica.
     ``max_replicas`` pads M to a fixed size (so tables of several plans share one shape and a
     jitted step does not recompile); by default M = max replica count (at least 1).
     """
@@ -84,14 +89,16 @@ def build_assignment_tables(slot_to_expert, num_experts: int, max_replicas: int 
     if not np.issubdtype(slot_to_expert.dtype, np.integer):
         raise EplbInputError(f"slot_to_expert must hold integers, got {slot_to_expert.dtype}")
     num_layers, num_slots = slot_to_expert.shape
-    bad = (slot_to_expert < 0) | (slot_to_expert >= num_experts)
+    bad = (slot_to_expert < UNUSED_SLOT) | (slot_to_expert >= num_experts)
     if bad.any():
         layer, slot = np.argwhere(bad)[0]
         raise EplbInputError(
             f"layer row {layer}: slot {slot} holds expert {slot_to_expert[layer, slot]}, "
-            f"expected 0..{num_experts - 1}")
+            f"expected 0..{num_experts - 1} (or {UNUSED_SLOT}: unused)")
+    used = slot_to_expert != UNUSED_SLOT
+    rows = np.broadcast_to(np.arange(num_layers)[:, None], slot_to_expert.shape)
     replica_count = np.zeros((num_layers, num_experts), np.int32)
-    np.add.at(replica_count, (np.arange(num_layers)[:, None], slot_to_expert), 1)
+    np.add.at(replica_count, (rows[used], slot_to_expert[used]), 1)
     if (replica_count == 0).any():
         layer, expert = np.argwhere(replica_count == 0)[0]
         raise EplbInputError(f"layer row {layer}: expert {expert} has no slot")
@@ -99,11 +106,14 @@ def build_assignment_tables(slot_to_expert, num_experts: int, max_replicas: int 
     width = needed if max_replicas is None else int(max_replicas)
     if width < needed:
         raise EplbInputError(f"max_replicas={width} but an expert has {needed} replicas")
-    # Stable sort by expert keeps slot ids ascending within each expert's run.
-    order = np.argsort(slot_to_expert, axis=1, kind="stable")  # [L, S] slot ids grouped by expert
+    # Stable sort by expert (unused slots last) keeps slot ids ascending within each expert's run.
+    sort_key = np.where(used, slot_to_expert, num_experts)
+    order = np.argsort(sort_key, axis=1, kind="stable")  # [L, S] slot ids grouped by expert
     run_start = np.cumsum(replica_count, axis=1) - replica_count  # [L, E]
-    sorted_expert = np.take_along_axis(slot_to_expert, order, axis=1)
-    rank_in_run = np.arange(num_slots)[None, :] - np.take_along_axis(run_start, sorted_expert, axis=1)
+    sorted_expert = np.take_along_axis(sort_key, order, axis=1)
+    serving = sorted_expert < num_experts
+    rank_in_run = np.arange(num_slots)[None, :] - np.take_along_axis(
+        run_start, np.minimum(sorted_expert, num_experts - 1), axis=1)
     expert_slots = np.full((num_layers, num_experts, width), -1, np.int32)
-    expert_slots[np.arange(num_layers)[:, None], sorted_expert, rank_in_run] = order
+    expert_slots[rows[serving], sorted_expert[serving], rank_in_run[serving]] = order[serving]
     return AssignmentTables(slot_to_expert.astype(np.int32), replica_count, expert_slots)

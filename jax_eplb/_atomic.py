@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader never sees a half-written file, a failed write leaves none."""
+"""Atomic writes: a reader never sees a half-written file or directory, a failed write leaves none.
+Files get the permissions the umask allows (as ``open`` would), not ``mkstemp``'s 0600."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -22,10 +24,42 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yields a new temporary directory beside ``path``; on success it is renamed to ``path`` (which
+    must not exist or be empty), so the directory appears complete or not at all. Whatever was
+    written inside gets the umask's permissions (some writers, safetensors' among them, make 0600)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        yield staging
+        mask = _umask()
+        for root, dirs, files in os.walk(staging):
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        os.chmod(staging, 0o777 & ~mask)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

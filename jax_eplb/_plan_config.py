@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import yaml
 
-from jax_eplb._assignment import (AssignmentTables, build_assignment_tables, check_slot_geometry,
+from jax_eplb._assignment import (UNUSED_SLOT, AssignmentTables, build_assignment_tables, check_slot_geometry,
                                   default_slot_to_expert)
 from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
+from jax_eplb._yaml import load_yaml
 
 _KEYS = ("num_slots", "initial_global_assignments", "layer_updates_per_iter")
 
@@ -32,7 +32,8 @@ class MoeLoadBalancerConfig:
 
     Attributes:
       num_slots: total slots S (None: one per expert).
-      initial_global_assignments: ``{layer_id: [S] expert ids}``, or None for the default layout.
+      initial_global_assignments: ``{layer_id: [S] expert ids}``, or None for the default layout; -1
+        marks a slot that serves nothing (vLLM's convention; TensorRT-LLM's loader has no such entry).
       layer_updates_per_iter: 0 for a static plan; k > 0 re-places k layers per iteration.
       source: where the config came from, used in error messages.
     """
@@ -86,16 +87,7 @@ class MoeLoadBalancerConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "MoeLoadBalancerConfig":
-        source = Path(path)
-        try:
-            raw = yaml.safe_load(source.read_text())
-        except FileNotFoundError:
-            raise EplbInputError(f"{source}: file does not exist") from None
-        except yaml.YAMLError as err:
-            where = getattr(err, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where is not None else ""
-            raise EplbInputError(f"{source}: malformed YAML{line}: {getattr(err, 'problem', err)}") from None
-        return cls.from_dict(raw, str(source))
+        return cls.from_dict(load_yaml(path, "plan"), str(path))
 
     # ------------------------------------------------------------------ checking / tables
 
@@ -121,7 +113,7 @@ class MoeLoadBalancerConfig:
             raise EplbInputError(
                 f"{self.source}: initial_global_assignments has layer(s) {extra} that are not MoE "
                 f"layers of this model ({layer_ids[0]}..{layer_ids[-1]})")
-        planned = {int(e) for layer in layer_ids for e in self.initial_global_assignments[layer]}
+        planned = {int(e) for layer in layer_ids for e in self.initial_global_assignments[layer]} - {UNUSED_SLOT}
         if planned and max(planned) < num_experts - 1 and len(planned) < num_experts:
             raise EplbInputError(f"{self.source}: the plan places {len(planned)} distinct experts (ids up to "
                                  f"{max(planned)}) but the model has {num_experts} experts; was it made for "
@@ -132,12 +124,12 @@ class MoeLoadBalancerConfig:
             if experts.shape != (num_slots,):
                 raise EplbInputError(
                     f"{self.source}: layer {layer}: {experts.shape[0]} slots, expected num_slots={num_slots}")
-            bad = (experts < 0) | (experts >= num_experts)
+            bad = (experts < UNUSED_SLOT) | (experts >= num_experts)
             if bad.any():
                 slot = int(np.argmax(bad))
                 raise EplbInputError(
                     f"{self.source}: layer {layer}: slot {slot} holds expert {experts[slot]}, "
-                    f"expected 0..{num_experts - 1}")
+                    f"expected 0..{num_experts - 1} (or {UNUSED_SLOT}: unused)")
             absent = np.setdiff1d(np.arange(num_experts), experts)
             if absent.size:
                 raise EplbInputError(

@@ -20,10 +20,11 @@ class LoadReport(NamedTuple):
     columns: dict
 
     def to_table(self, title: str = "Load statistics:") -> str:
-        """pandas-style table, as TensorRT-LLM's script prints it."""
+        """pandas-style table, as TensorRT-LLM's script prints it (6 decimals, trailing zeros that
+        every value of a column has trimmed, as pandas does)."""
         names = [str(n) for n in self.row_names]
         index_width = max(len(n) for n in names)
-        cells = {c: [f"{v:.6f}" for v in vals] for c, vals in self.columns.items()}
+        cells = {c: _pandas_column(vals) for c, vals in self.columns.items()}
         widths = {c: max(len(c), *(len(x) for x in cells[c])) for c in cells}
         header = " " * index_width + "".join(f"  {c:>{widths[c]}}" for c in cells)
         lines = [title, header]
@@ -34,6 +35,13 @@ class LoadReport(NamedTuple):
     def to_json(self) -> str:
         rows = {str(n): {c: float(v[i]) for c, v in self.columns.items()} for i, n in enumerate(self.row_names)}
         return json.dumps(rows, indent=2)
+
+
+def _pandas_column(values) -> list[str]:
+    texts = [f"{v:.6f}" for v in values]
+    trim = min(len(t) - len(t.rstrip("0")) for t in texts)
+    trim = min(trim, 5)  # keep one decimal, as pandas prints 220.0
+    return [t[:len(t) - trim] if trim else t for t in texts]
 
 
 def load_report(stats: ExpertLoadStats, ep_size: int | None = None, per_expert: bool = False,
@@ -53,7 +61,7 @@ def load_report(stats: ExpertLoadStats, ep_size: int | None = None, per_expert: 
         slot_to_expert = projection.slot_to_expert(stats.layer_ids, stats.num_experts, ep_size)
         counts = project_onto_plan(counts, slot_to_expert)
     loads = counts if per_expert else rank_loads_from_counts(counts, ep_size)
-    metrics = load_metrics(loads)
+    metrics = load_metrics(loads, float32=True)  # TensorRT-LLM's arithmetic
     columns = {"mean": metrics.mean, "std": metrics.std, "imbalance-ratio": metrics.imbalance}
     if lower_bound_slots is not None:
         flat = stats.counts.reshape(-1, stats.num_experts)  # [I*L, E]

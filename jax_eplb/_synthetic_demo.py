@@ -14,7 +14,7 @@ from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
 from jax_eplb._plan_config import MoeLoadBalancerConfig, plan_config_from_slots
 from jax_eplb.planning import plan_placement
 from jax_eplb._report import load_report
-from jax_eplb._stats import load_trtllm_dump, save_trtllm_dump
+from jax_eplb._trtllm_dump import load_trtllm_dump, save_trtllm_dump
 from jax_eplb._synthetic import synthetic_rank_counts
 
 
@@ -60,10 +60,10 @@ def run_synthetic_demo(output_dir: str | Path, settings: DemoSettings = DemoSett
     total_before = rank_loads_from_counts(held_out.total(), s.ep_size)
     total_after = rank_loads_from_counts(project_onto_plan(held_out.total()[None], slot_to_expert)[0], s.ep_size)
     heatmap = out / "load_heatmap.png"
-    save_heatmap(heatmap, total_before / total_before.mean(1, keepdims=True),
-                 total_after / total_after.mean(1, keepdims=True), layer_ids)
     imbalance_before = before.columns["imbalance-ratio"][-1]
     imbalance_after = after.columns["imbalance-ratio"][-1]
+    save_heatmap(heatmap, total_before / total_before.mean(1, keepdims=True),
+                 total_after / total_after.mean(1, keepdims=True), layer_ids, (imbalance_before, imbalance_after))
     log(f"[3/3] average imbalance {imbalance_before:.3f} -> {imbalance_after:.3f} "
         f"({imbalance_before / max(imbalance_after, 1e-12):.1f}x lower); heatmap -> {heatmap}")
     return {"imbalance_before": float(imbalance_before), "imbalance_after": float(imbalance_after),

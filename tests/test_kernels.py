@@ -31,7 +31,7 @@ def python_round_robin(ids, slot_to_expert, num_experts, rank_offset, block):
     return np.array(out).reshape(np.asarray(ids).shape)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(st.integers(1, 300), st.integers(1, 8), st.integers(1, 40), st.integers(0, 2**31 - 1))
 def test_histogram_pallas_equals_reference(tokens, k, num_bins, seed):
     ids = np.random.default_rng(seed).integers(-2, num_bins + 3, size=(tokens, k))
@@ -77,7 +77,7 @@ def test_histogram_programs_fill_the_gpu_on_small_inputs():
         HistogramBlockSizes(method="atomic")
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.integers(2, 12), st.integers(0, 6), st.integers(1, 200), st.integers(1, 4), st.integers(0, 5),
        st.sampled_from([32, 64]), st.integers(0, 2**31 - 1))
 def test_round_robin_routing_matches_rule(num_experts, extra, tokens, k, rank_offset, block, seed):
@@ -253,7 +253,7 @@ def numpy_tile_grouped_matmul(x, w, tile_group, used_tiles):
     return out
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.integers(1, 6), st.sampled_from([8, 16]), st.integers(1, 4), st.sampled_from([16, 32]),
        st.sampled_from([16, 48]), st.data())
 def test_tile_grouped_matmul_pallas_equals_numpy(num_tiles, tile, groups, k, n, data):

@@ -43,7 +43,7 @@ def test_same_tokens_under_every_ep_size_and_placement(small):
     config = small.config()
     rng = np.random.default_rng(0)
     runs = [small.generate(small.build(config, ranks, small.random_placement(config, slots, rng)), steps=6)
-            for ranks, slots in ((1, 16), (2, 16), (4, 32), (8, 32))]
+            for ranks, slots in ((1, 16), (2, 16), (8, 32))]
     assert all(r == runs[0] for r in runs[1:])
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_eplb import build_assignment_tables, plan_placement
+from jax_eplb import build_assignment_tables, mask_failed_ranks, plan_placement
 from jax_eplb.moe import (EPMoEBlock, ExpertWeights, MoEConfig, MoEOptions, RouterWeights, all_to_all_moe,
                           chunk_sizes, dispatch_plan, ep_moe_forward, load_aware_slots, round_robin_slots,
                           slot_weights_from_logical)
@@ -54,8 +54,8 @@ def assert_close(out, ref):
     assert err < 1e-5, err
 
 
-@pytest.mark.parametrize("ranks", [1, 2, 4, 8])
-@pytest.mark.parametrize("kind", ["identity", "random", "planned"])
+@pytest.mark.parametrize("ranks,kind", [(1, "identity"), (2, "random"), (4, "planned"), (4, "identity"),
+                                        (8, "random"), (8, "planned")])
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
 def test_matches_dense_reference(ranks, kind, policy, mesh_of, dense_moe):
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
@@ -68,6 +68,24 @@ def test_matches_dense_reference(ranks, kind, policy, mesh_of, dense_moe):
                             grouped_matmul=matmul)
     assert_close(out, dense_moe(config, router, logical, x))
     assert int(counts.sum()) == 32 * 2  # every entry served, none dropped
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
+def test_failed_rank_slots_serve_nothing(policy, mesh_of, dense_moe):
+    """Unused slots (-1): a re-plan onto the serving ranks and TensorRT-LLM's mask-only drop of a rank."""
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
+    logical, router = make_weights(3)
+    x = jax.random.normal(jax.random.key(5), (32, H))
+    load = np.random.default_rng(3).lognormal(0, 1, size=(1, E))
+    replanned = plan_placement(load, 16, 4, failed_ranks=[1]).slot_to_expert[0]
+    # mask-only: every expert on rank 2 has a replica elsewhere in this layout
+    in_force = np.array([0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3, 4, 5, 6, 7])
+    masked = mask_failed_ranks(in_force, 4, [2])[0]
+    for slot_to_expert, failed in ((replanned, 1), (masked, 2)):
+        out, counts = run_block(mesh_of(4), config, logical, router, x, slot_to_expert, policy, None)
+        assert_close(out, dense_moe(config, router, logical, x))
+        per_rank = np.asarray(counts).sum(0).reshape(4, -1).sum(1)
+        assert per_rank[failed] == 0 and per_rank.sum() == 32 * 2, per_rank
 
 
 @pytest.mark.parametrize("ranks", [2, 8])

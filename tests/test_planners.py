@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from jax_eplb import (EplbInputError, deepseek_rebalance, lower_bound, plan_placement, trtllm_plan,
-                      trtllm_replication)
+from jax_eplb import (ALGORITHMS, UNUSED_SLOT, EplbInputError, MoeLoadBalancerConfig, build_assignment_tables,
+                      deepseek_rebalance, duplicate_count, lower_bound, mask_failed_ranks, plan_placement,
+                      project_onto_plan, trtllm_plan, trtllm_replication)
 from jax_eplb._metrics import rank_loads
 
 
@@ -51,6 +52,38 @@ def peak(load, plan, ep_size):
 ])
 def test_trtllm_replication_published_cases(load, num_slots, expected):
     assert trtllm_replication(np.array([load]), num_slots)[0].tolist() == expected
+
+
+def test_trtllm_loads_are_float32_as_in_its_cpp():
+    """TensorRT-LLM passes float load factors: 16777217 rounds to 16777216, the two experts tie and
+    the extra replica goes to the larger id (double arithmetic would pick expert 0)."""
+    assert trtllm_plan(np.array([[16777217, 16777216]]), 3, 3).tolist() == [[0, 1, 1]]
+
+
+def test_deepseek_equals_eplb_py_outputs():
+    """deepseek-ai/EPLB's own outputs (recorded by scripts/record_peer_outputs.py) on tie-heavy loads,
+    global and hierarchical: equal plans needs eplb.py's float32 arithmetic and torch's sort order."""
+    import json
+    from pathlib import Path
+
+    cases = json.loads((Path(__file__).parent / "fixtures" / "peers" / "deepseek_eplb.json").read_text())
+    assert len(cases) == 17
+    for case in cases:
+        plan = deepseek_rebalance(np.array(case["weight"]), case["num_replicas"], case["num_groups"],
+                                  case["num_nodes"], case["num_gpus"])
+        assert plan.phy2log.tolist() == case["phy2log"]
+        assert plan.logcnt.tolist() == case["logcnt"]
+
+
+def test_torch_sort_order_on_ties():
+    """torch.sort(descending=True).indices recorded on CPU: not index order for more than 16 values."""
+    from jax_eplb.planning._introsort import torch_descending_order
+
+    values = np.array([[1.0, 2.0] * 16])
+    assert torch_descending_order(values)[0].tolist() == [1, 31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 9, 3, 7, 11, 5,
+                                                           6, 0, 30, 2, 28, 26, 4, 24, 22, 20, 18, 8, 16, 14, 10, 12]
+    short = np.array([[3.0, 1.0, 3.0, 2.0, 1.0]])  # up to 16 values: insertion sort, ties in index order
+    assert torch_descending_order(short)[0].tolist() == [0, 2, 3, 1, 4]
 
 
 def test_deepseek_readme_example():
@@ -163,3 +196,88 @@ def test_bad_arguments():
         plan_placement(np.array([[1.0, np.nan]]), 2, 1)
     with pytest.raises(EplbInputError, match="algorithm"):
         plan_placement(np.ones((1, 4)), 4, 2, "magic")
+
+
+# ----------------------------------------------------------------- failed ranks, unused slots
+
+
+def _serving_slots_reference(plan_row, load_row, ep_size, failed):
+    """Plain reference: per-rank loads under even splits, ignoring slots that hold -1."""
+    replicas = {e: sum(1 for s in plan_row if s == e) for e in range(len(load_row))}
+    per_rank = len(plan_row) // ep_size
+    loads = [sum(load_row[s] / replicas[s] for s in plan_row[r * per_rank:(r + 1) * per_rank] if s >= 0)
+             for r in range(ep_size)]
+    serving = [loads[r] for r in range(ep_size) if r not in failed]
+    mean = sum(serving) / len(serving)
+    return loads, (max(serving) / mean - 1.0) if mean > 0 else 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(loads_strategy, st.data())
+def test_plans_around_failed_ranks(case, data):
+    loads, ep_size, extra = case
+    load = np.array(loads, dtype=float)
+    num_experts = load.shape[1]
+    num_slots = _geometry(num_experts, ep_size, extra)
+    per_rank = num_slots // ep_size
+    failed = data.draw(st.lists(st.integers(0, ep_size - 1), unique=True, max_size=ep_size - 1))
+    algorithm = data.draw(st.sampled_from(ALGORITHMS))
+    if (ep_size - len(failed)) * per_rank < num_experts:
+        with pytest.raises(EplbInputError, match="fewer than"):
+            plan_placement(load, num_slots, ep_size, algorithm, failed_ranks=failed)
+        return
+    previous = data.draw(st.sampled_from([None, plan_placement(load[:, ::-1], num_slots, ep_size).slot_to_expert]))
+    plan = plan_placement(load, num_slots, ep_size, algorithm, failed_ranks=failed, previous=previous)
+    by_rank = plan.slot_to_expert.reshape(load.shape[0], ep_size, per_rank)
+    for layer in range(load.shape[0]):
+        assert np.all(by_rank[layer, failed] == UNUSED_SLOT)
+        serving = np.delete(by_rank[layer], failed, axis=0)
+        assert sorted(set(serving.ravel().tolist())) == list(range(num_experts))
+        loads_ref, imbalance_ref = _serving_slots_reference(plan.slot_to_expert[layer].tolist(),
+                                                            load[layer].tolist(), ep_size, failed)
+        np.testing.assert_allclose(plan.rank_load[layer], loads_ref, rtol=1e-9, atol=1e-9)
+        assert plan.imbalance[layer] == pytest.approx(imbalance_ref, abs=1e-9)
+    if previous is not None:
+        assert np.array_equal(plan.slots_moved, (plan.slot_to_expert != previous).sum(1))
+    tables = plan.tables(num_experts)
+    assert np.array_equal(tables.replica_count.sum(1), (plan.slot_to_expert >= 0).sum(1))
+    # mask-only from the plan: nothing else moves; an expert whose last replica was on the rank is an error
+    if len(failed) + 1 < ep_size:
+        rank = next(r for r in range(ep_size) if r not in failed)
+        row = plan.slot_to_expert.copy()
+        sole = [e for e in range(num_experts) if set(np.flatnonzero(row[0] == e) // per_rank) == {rank}]
+        if sole:
+            with pytest.raises(EplbInputError, match=f"expert\\(s\\) \\[{sole[0]}"):
+                mask_failed_ranks(row[:1], ep_size, [rank])
+        else:
+            masked = mask_failed_ranks(row[:1], ep_size, [rank])
+            assert np.all(masked.reshape(ep_size, per_rank)[rank] == UNUSED_SLOT)
+            assert np.array_equal(np.delete(masked.reshape(ep_size, per_rank), rank, 0),
+                                  np.delete(row[0].reshape(ep_size, per_rank), rank, 0))
+
+
+def test_unused_slots_hand_worked(tmp_path):
+    tables = build_assignment_tables(np.array([[-1, 0, 1, 0]]), 2)
+    assert tables.replica_count.tolist() == [[2, 1]]
+    assert tables.expert_slots.tolist() == [[[1, 3], [2, -1]]]
+    np.testing.assert_array_equal(project_onto_plan(np.array([[[6.0, 5.0]]]), np.array([[-1, 0, 1, 0]])),
+                                  [[[0.0, 3.0, 5.0, 3.0]]])
+    assert duplicate_count(np.array([[-1, -1, 0, 1]]), 2).tolist() == [0]   # two unused slots are no duplicate
+    assert mask_failed_ranks([[0, 1, 2, 0, 3, 1]], 3, [0]).tolist() == [[-1, -1, 2, 0, 3, 1]]
+    with pytest.raises(EplbInputError, match=r"layer row 0: expert\(s\) \[2\].*failed rank\(s\) \[1\]"):
+        mask_failed_ranks([[0, 1, 2, 0, 3, 1]], 3, [1])
+    with pytest.raises(EplbInputError, match="every rank"):
+        mask_failed_ranks([[0, 1]], 2, [0, 1])
+    with pytest.raises(EplbInputError, match="not ranks"):
+        plan_placement(np.ones((1, 4)), 4, 2, failed_ranks=[2])
+    with pytest.raises(EplbInputError, match="has no slot"):
+        build_assignment_tables(np.array([[-1, 0, 0, 0]]), 2)
+    with pytest.raises(EplbInputError, match="expected 0..1"):
+        build_assignment_tables(np.array([[-2, 0, 1, 0]]), 2)
+    # in the YAML plan (vLLM's -1); an expert only on unused slots is named
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("num_slots: 4\ninitial_global_assignments:\n  0: [-1, 0, 1, 0]\n")
+    assert MoeLoadBalancerConfig.from_yaml(plan).slot_to_expert([0], 2, 2).tolist() == [[-1, 0, 1, 0]]
+    plan.write_text("num_slots: 4\ninitial_global_assignments:\n  0: [-1, 0, 2, 0]\n")
+    with pytest.raises(EplbInputError, match=r"expert\(s\) \[1\] have no replica"):
+        MoeLoadBalancerConfig.from_yaml(plan).slot_to_expert([0], 3, 2)

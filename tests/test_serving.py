@@ -149,6 +149,18 @@ def test_throughput_records_statistics_in_graph(tmp_path, small):
     assert figures["output_tokens"] == sum(r["output_tokens"] for r in rows) and figures["iterations"] > 4
     lines = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert {l["task_id"]: l["output_ids"] for l in lines} == result.tokens
+    # Ctrl-C mid-window: what was recorded is written whole, marked partial
+    recorder = StatisticsRecorder(tmp_path / "cut", 0, 6, config.moe_layer_ids, config.top_k)
+
+    def interrupt(iteration, model):
+        if iteration == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        serve(small, requests_of(rows), 4, max_batch_size=8, recorder=recorder, before_iteration=interrupt)
+    cut = load_trtllm_dump(tmp_path / "cut")
+    assert cut.partial and (cut.iter_start, cut.num_iters) == (0, 3)
+    assert json.loads((tmp_path / "cut" / "meta_info.json").read_text())["partial"] is True
 
 
 def test_throughput_rejects_bad_input_before_work(tmp_path, small_yaml, capsys):
@@ -207,10 +219,24 @@ def test_online_runner_keeps_tokens_and_records_slots(tmp_path, small):
     saved = ocp.StandardCheckpointer().restore(state.absolute())  # the second run's final state
     np.testing.assert_array_equal(np.asarray(saved["slot_to_expert"]), second.slot_to_expert)
     assert np.asarray(saved["statistics"]).shape == (2, 16)
+    # a state saved for 24 slots is refused under a 32-slot plan, before any work
+    wider = MoeLoadBalancerConfig.from_dict({"num_slots": 32, "layer_updates_per_iter": 1})
+    with pytest.raises(EplbInputError, match="saved for 2 MoE layers, 16 experts, 24 slots.*32 slots"):
+        run_throughput(config, SeededWeights(0), requests, small_mesh(4), plan=wider, online_state=str(state),
+                       log=lambda line: pytest.fail(f"work started: {line}"))
+    (tmp_path / "not_state").mkdir()
+    with pytest.raises(EplbInputError, match="not an online balancer state"):
+        run_throughput(config, SeededWeights(0), requests, small_mesh(4), plan=wider,
+                       online_state=str(tmp_path / "not_state"))
 
 
-def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path):
+def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path, monkeypatch):
     """The README's main job on the embedded default model (smaller dataset)."""
+    import jax_eplb.serving._workflow as workflow
+
+    titled = []
+    real_heatmap = workflow.save_heatmap
+    monkeypatch.setattr(workflow, "save_heatmap", lambda *a, **k: titled.append(a[4]) or real_heatmap(*a, **k))
     summary = run_model_workflow(tmp_path, WorkflowSettings(num_requests=128, max_batch_size=128, output_len=16,
                                                             progress=False, compare_load_aware=True),
                                  log=lambda _: None)
@@ -222,6 +248,8 @@ def test_workflow_drops_imbalance_and_keeps_tokens(tmp_path):
     report = load_report(load_trtllm_dump(tmp_path / "expert_statistic_eplb"), ep_size=8)
     assert report.columns["imbalance-ratio"][-1] == pytest.approx(summary["imbalance_after"])
     assert (tmp_path / "load_heatmap.png").stat().st_size > 1000
+    # the heatmap's titles give the printed (per-iteration) imbalance, not the window-summed one
+    assert titled == [(summary["imbalance_before"], summary["imbalance_after"])]
 
 
 def test_checkpoint_flow_through_the_cli(tmp_path, small_yaml, capsys):

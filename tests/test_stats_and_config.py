@@ -18,8 +18,12 @@ def _rank_counts(seed=0, ranks=3, iters=4, layers=2, experts=6):
 def test_trtllm_dump_round_trip_sums_ranks(tmp_path):
     counts = _rank_counts()
     save_trtllm_dump(tmp_path, counts, layer_ids=[3, 5], iter_start=10, num_experts_per_token=2)
-    assert json.loads((tmp_path / "meta_info.json").read_text()) == {"num_experts": 6, "num_experts_per_token": 2}
+    # TensorRT-LLM's two keys, plus the ones its scripts derive (and overwrite) from the rank files
+    assert json.loads((tmp_path / "meta_info.json").read_text()) == {
+        "num_experts": 6, "num_experts_per_token": 2, "ep_size": 3, "iter_start": 10, "iter_stop": 14,
+        "layers": [3, 5]}
     stats = load_trtllm_dump(tmp_path)
+    assert not stats.partial
     assert stats.layer_ids == (3, 5) and stats.iter_start == 10 and stats.ep_size == 3
     np.testing.assert_array_equal(stats.counts, counts.sum(axis=0))
     window = stats.window(11, 13)
@@ -62,6 +66,82 @@ def test_trtllm_dump_bad_input(tmp_path):
               bad / "rank0.safetensors")
     with pytest.raises(EplbInputError, match="layer 4"):
         load_statistics(bad)
+
+
+def _resave(path, rank, tensors):
+    from safetensors.numpy import save_file
+
+    save_file(tensors, path / f"rank{rank}.safetensors")
+
+
+def test_trtllm_dump_is_checked_as_a_whole(tmp_path):
+    counts = _rank_counts(ranks=3, iters=2, layers=2)
+    dump = tmp_path / "dump"
+    save_trtllm_dump(dump, counts, layer_ids=[3, 5], iter_start=0, num_experts_per_token=2)
+    with pytest.raises(EplbInputError, match="--ep_size is 4"):
+        load_statistics(dump, ep_size=4)
+    assert load_statistics(dump, ep_size=3).ep_size == 3
+    # a rank file gone: named as missing, not "cannot be split evenly"
+    (dump / "rank1.safetensors").unlink()
+    with pytest.raises(EplbInputError, match=r"rank1.safetensors.*missing.*incomplete"):
+        load_statistics(dump)
+    # the last rank file gone: only the metadata can tell
+    _resave(dump, 1, {"0_3": counts[1, 0, 0], "0_5": counts[1, 0, 1], "1_3": counts[1, 1, 0],
+                      "1_5": counts[1, 1, 1]})
+    (dump / "rank2.safetensors").unlink()
+    with pytest.raises(EplbInputError, match="ep_size=3.*hold 2"):
+        load_statistics(dump)
+    # rank files of different runs (another iteration window)
+    _resave(dump, 2, {"5_3": counts[2, 0, 0], "5_5": counts[2, 0, 1]})
+    with pytest.raises(EplbInputError, match="rank2.safetensors: holds other iterations"):
+        load_statistics(dump)
+    # metadata from another window
+    meta = json.loads((dump / "meta_info.json").read_text())
+    _resave(dump, 2, {"0_3": counts[2, 0, 0], "0_5": counts[2, 0, 1], "1_3": counts[2, 1, 0],
+                      "1_5": counts[2, 1, 1]})
+    (dump / "meta_info.json").write_text(json.dumps({**meta, "iter_stop": 7}))
+    with pytest.raises(EplbInputError, match="iter_stop=7"):
+        load_statistics(dump)
+    # TensorRT-LLM's own dumps carry only the two keys: nothing else to check against
+    (dump / "meta_info.json").write_text(json.dumps({"num_experts": 6, "num_experts_per_token": 2}))
+    np.testing.assert_array_equal(load_statistics(dump).counts, counts.sum(axis=0))
+
+
+def test_trtllm_dump_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    counts = _rank_counts(ranks=4, iters=1, layers=1)
+    real_save = safetensors.numpy.save_file
+    written = []
+
+    def failing_save(tensors, filename, *args, **kwargs):
+        if len(written) == 2:
+            raise OSError("disk full")
+        written.append(filename)
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_trtllm_dump(tmp_path / "dump", counts, [0], 0, 2)
+    assert list(tmp_path.iterdir()) == []   # neither the dump nor its staging directory
+    monkeypatch.setattr(safetensors.numpy, "save_file", real_save)
+    save_trtllm_dump(tmp_path / "dump", counts, [0], 0, 2, partial=True)
+    assert load_statistics(tmp_path / "dump").partial
+    with pytest.raises(EplbInputError, match="already exists"):
+        save_trtllm_dump(tmp_path / "dump", counts, [0], 0, 2)
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_trtllm_dump(tmp_path / "dump", _rank_counts(ranks=1, iters=1, layers=1), [0], 0, 2)
+        plan_config_from_slots(np.array([[0, 1, 2, 3, 4, 5]]), [0]).to_yaml(tmp_path / "plan.yaml")
+    finally:
+        os.umask(old)
+    for path in [tmp_path / "dump", tmp_path / "dump" / "rank0.safetensors", tmp_path / "plan.yaml"]:
+        assert path.stat().st_mode & 0o044 == 0o044, path   # group and others can read
 
 
 def test_sglang_json_drops_dense_layers(tmp_path):

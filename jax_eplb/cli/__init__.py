@@ -20,8 +20,15 @@ from jax_eplb.cli._statistics import add_generate_parser, add_report_parser
 __all__ = ["main", "build_parser", "prefill_chunk"]
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """A usage error is one line (which flag, what is wrong) and exit 2, as every other input error."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jax-eplb", description="Expert-parallel load balancing for JAX MoE models")
+    parser = _OneLineErrors(prog="jax-eplb", description="Expert-parallel load balancing for JAX MoE models")
     sub = parser.add_subparsers(dest="command", required=True)
     add_report_parser(sub)
     add_generate_parser(sub)
@@ -33,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error (already printed on one line)
+        return done.code if isinstance(done.code, int) else 2
     try:
         return args.handler(args)
     except EplbInputError as err:

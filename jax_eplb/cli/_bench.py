@@ -5,13 +5,17 @@ from __future__ import annotations
 import sys
 
 from jax_eplb._errors import EplbInputError
+from jax_eplb.cli._checks import at_least, output_file
 
 
 def add_bench_parser(sub):
     parser = sub.add_parser("bench", help="run a model over a dataset (mirrors trtllm-bench)")
-    parser.add_argument("--model", required=True, help="model config YAML or shipped name (tiny, deepseek_v3_slice)")
+    parser.add_argument("--model", required=True,
+                        help="model config YAML or shipped name (tiny, deepseek_v3_slice); with a Hugging Face "
+                             "--model_path only a label (e.g. deepseek-ai/DeepSeek-R1)")
     parser.add_argument("--model_path", default=None,
-                        help="orbax checkpoint directory (default: seeded random weights)")
+                        help="Hugging Face checkpoint directory (config.json + safetensors: deepseek_v3, qwen3_moe, "
+                             "mixtral) or an orbax checkpoint from create-checkpoint (default: seeded random weights)")
     parser.add_argument("--seed", type=int, default=0, help="random-weight seed when no --model_path")
     parser.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator host:port")
     parser.add_argument("--num_processes", type=int, default=None)
@@ -51,8 +55,32 @@ def add_bench_parser(sub):
                           "exists, save them there at exit (a restarted server keeps its placement)")
     thr.add_argument("--output_tokens", default=None, help="write the generated ids per task (JSON lines)")
     thr.add_argument("--report_json", default=None, help="write all figures as JSON")
-    thr.add_argument("--no_progress", action="store_true")
+    thr.add_argument("--no_progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
+    # trtllm-bench flags of the EPLB workflow, so its command lines run unchanged.
+    thr.add_argument("--tp", type=int, default=None, help="trtllm-bench: must equal --ep (attention DP, as here)")
+    thr.add_argument("--backend", default=None, help="trtllm-bench: pytorch (the only meaning here)")
+    thr.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=None,
+                     help="trtllm-bench: accepted, no effect (the KV cache is sized by --max_seq_len and the batch)")
     parser.set_defaults(handler=run_bench)
+
+
+def _trtllm_bench_flags(args) -> list[str]:
+    """Checks trtllm-bench's flags; returns notes about them."""
+    notes = []
+    if args.tp is not None and args.tp != args.ep:
+        raise EplbInputError(f"--tp {args.tp} must equal --ep {args.ep}: attention is data-parallel over the ep "
+                             f"ranks here (TensorRT-LLM's enable_attention_dp)")
+    if args.tp is not None:
+        notes.append(f"--tp {args.tp}: attention data-parallel over the {args.ep} ep ranks")
+    if args.backend is not None and args.backend not in ("pytorch", "_autodeploy"):
+        raise EplbInputError(f"--backend {args.backend!r}: jax_eplb runs one backend (pytorch's place in "
+                             f"trtllm-bench); got an unknown one")
+    if args.kv_cache_free_gpu_mem_fraction is not None:
+        if not 0 < args.kv_cache_free_gpu_mem_fraction <= 1:
+            raise EplbInputError(f"--kv_cache_free_gpu_mem_fraction must be in (0, 1], got "
+                                 f"{args.kv_cache_free_gpu_mem_fraction}")
+        notes.append("--kv_cache_free_gpu_mem_fraction has no effect (the KV cache is --max_seq_len x batch rows)")
+    return notes
 
 
 def prefill_chunk(args) -> int | None:
@@ -74,6 +102,12 @@ def run_bench(args) -> int:
         run_throughput
     from jax_eplb.sharding import ep_mesh
 
+    for flag, minimum in (("ep", 1), ("max_batch_size", 1), ("warmup", 0), ("emulate_devices", 1),
+                          ("max_num_tokens", 1)):
+        at_least(getattr(args, flag), minimum, f"--{flag}")
+    notes = _trtllm_bench_flags(args)
+    output_file(args.output_tokens, "--output_tokens")
+    output_file(args.report_json, "--report_json")
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     inputs = read_bench_inputs(args.model, args.dataset, args.ep, model_path=args.model_path, seed=args.seed,
                                extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len)
@@ -81,9 +115,13 @@ def run_bench(args) -> int:
         max_batch_size=args.max_batch_size, warmup=args.warmup, eos_id=args.eos_id,
         replica_policy=args.replica_policy, transport=args.transport, grouped_matmul=args.grouped_matmul,
         prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
-        online_planner=args.online_planner, progress=not args.no_progress)
+        online_planner=args.online_planner, progress=not args.no_progress and sys.stderr.isatty())
+    for note in notes:
+        print(f"note: {note}")
     for key in inputs.options.ignored_keys:
         print(f"note: extra option {key!r} has no effect here (ignored)")
+    for note in inputs.options.notes:
+        print(f"note: {note}")
     for note in getattr(inputs.weights, "notes", ()):
         print(f"note: {note}")
     mesh = ep_mesh(args.ep, args.emulate_devices)
@@ -119,6 +157,9 @@ def add_prepare_dataset_parser(sub):
 def run_prepare_dataset(args) -> int:
     from jax_eplb.serving import prepare_dataset, write_text_dataset
 
+    output_file(args.output, "--output")
+    at_least(args.vocab_size, 1, "--vocab_size")
+
     if args.distribution == "text":
         if not args.tokenizer:
             raise EplbInputError("prepare-dataset text needs --tokenizer (a tokenizer.json or a checkpoint directory)")
@@ -127,7 +168,7 @@ def run_prepare_dataset(args) -> int:
         return 0
     from jax_eplb.model import load_model_config
 
-    vocab = args.vocab_size or load_model_config(args.model).vocab_size
+    vocab = args.vocab_size if args.vocab_size is not None else load_model_config(args.model).vocab_size
     path = prepare_dataset(args.output, num_requests=args.num_requests, input_mean=args.input_mean,
                            output_mean=args.output_mean, input_stdev=args.input_stdev,
                            output_stdev=args.output_stdev, vocab_size=vocab, seed=args.seed)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from jax_eplb.cli._checks import output_folder
+
 
 def add_demo_parser(sub):
     parser = sub.add_parser("demo", help="run the whole EPLB workflow on the embedded default model")
@@ -21,6 +23,7 @@ def add_demo_parser(sub):
 
 
 def run_demo(args) -> int:
+    output_folder(args.output_dir, "--output_dir")
     if args.synthetic:
         from jax_eplb._synthetic_demo import DemoSettings, run_synthetic_demo
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from jax_eplb._errors import EplbInputError
+from jax_eplb.cli._checks import at_least, output_file
 
 
 def _add_window_flags(parser):
@@ -30,22 +31,68 @@ def add_report_parser(sub):
 
 
 def run_report(args) -> int:
-    from jax_eplb._plan_config import MoeLoadBalancerConfig
     from jax_eplb._report import load_report
-    from jax_eplb._stats import load_statistics
 
-    stats = load_statistics(args.expert_statistic_path, ep_size=args.ep_size).window(args.iter_start, args.iter_stop)
-    projection = None
+    at_least(args.ep_size, 1, "--ep_size")
+    at_least(args.num_slots, 1, "--num_slots")
+    projection, ep_size = None, args.ep_size
     if args.projection_eplb_config_path:
-        projection = MoeLoadBalancerConfig.from_yaml(args.projection_eplb_config_path)
+        projection, ep_size = _projection(args.projection_eplb_config_path, args.ep_size)
+    stats = _statistics(args, ep_size=None if projection is not None else args.ep_size)
+    if projection is None:
+        ep_size = _recorded_ranks(stats, args.ep_size, args.per_expert)
+    else:
+        ep_size = ep_size or stats.ep_size
+        num_slots = projection.resolved_num_slots(stats.num_experts)
+        if ep_size is None or num_slots % ep_size:
+            raise EplbInputError(f"{args.projection_eplb_config_path}: {num_slots} slots do not split over "
+                                 f"{ep_size or 'unknown'} ranks; give the plan's ep_size (a key of the projection "
+                                 f"config, or --ep_size)")
     num_slots = None
     if args.lower_bound:
         num_slots = args.num_slots or (projection.resolved_num_slots(stats.num_experts) if projection
                                        else stats.num_experts)
-    report = load_report(stats, ep_size=args.ep_size, per_expert=args.per_expert,
+    report = load_report(stats, ep_size=ep_size, per_expert=args.per_expert,
                          projection=projection, lower_bound_slots=num_slots)
     print(report.to_json() if args.format == "json" else report.to_table())
     return 0
+
+
+def _statistics(args, ep_size=None):
+    import sys
+
+    from jax_eplb._stat_files import load_statistics
+
+    stats = load_statistics(args.expert_statistic_path, ep_size=ep_size).window(args.iter_start, args.iter_stop)
+    if stats.partial:
+        print(f"note: {args.expert_statistic_path} is from an interrupted run (meta_info.json: partial)",
+              file=sys.stderr)
+    return stats
+
+
+def _recorded_ranks(stats, ep_size: int | None, per_expert: bool) -> int:
+    """The rank split of recorded statistics: the recording's (TensorRT-LLM dumps); SGLang's
+    ``logical_count`` carries none, so ``--ep_size`` must say it."""
+    if ep_size is None and stats.ep_size is None and not per_expert:
+        raise EplbInputError("these statistics carry no rank split (SGLang logical_count, NumPy): give --ep_size")
+    return ep_size or stats.ep_size or 1
+
+
+def _projection(path, ep_size: int | None):
+    """TensorRT-LLM's projection config: a plan plus its ``ep_size``."""
+    from jax_eplb._plan_config import MoeLoadBalancerConfig
+    from jax_eplb._yaml import load_yaml
+
+    raw = load_yaml(path, "projection config")
+    if not isinstance(raw, dict):
+        raise EplbInputError(f"{path}: expected a mapping with num_slots, ep_size, initial_global_assignments")
+    raw = dict(raw)
+    planned = raw.pop("ep_size", None)
+    if planned is not None and (not isinstance(planned, int) or isinstance(planned, bool) or planned < 1):
+        raise EplbInputError(f"{path}: ep_size must be a positive integer, got {planned!r}")
+    if planned is not None and ep_size is not None and planned != ep_size:
+        raise EplbInputError(f"{path} says ep_size {planned} but --ep_size is {ep_size}")
+    return MoeLoadBalancerConfig.from_dict(raw, str(path)), planned or ep_size
 
 
 def add_generate_parser(sub):
@@ -65,33 +112,58 @@ def add_generate_parser(sub):
                         help="plan in force: keep experts in place where that costs no balance")
     parser.add_argument("--migration_tolerance", type=float, default=0.0,
                         help="with --previous_config: accept this relative rise of max rank load to move fewer slots")
+    parser.add_argument("--failed_ranks", type=int, nargs="+", default=(), metavar="RANK",
+                        help="ranks that serve nothing: plan onto the others (their slots get -1)")
+    parser.add_argument("--mask_only", action="store_true",
+                        help="with --previous_config and --failed_ranks: TensorRT-LLM's mask-only reconfiguration "
+                             "(drop the failed ranks' slots; nothing else moves)")
     parser.set_defaults(handler=run_generate)
 
 
 def run_generate(args) -> int:
     from jax_eplb._plan_config import MoeLoadBalancerConfig, plan_config_from_slots
-    from jax_eplb.planning import lower_bound, plan_placement
-    from jax_eplb._stats import load_statistics
+    from jax_eplb.planning import PlacementPlan, lower_bound, mask_failed_ranks, plan_placement
 
-    stats = load_statistics(args.expert_statistic_path).window(args.iter_start, args.iter_stop)
-    ep_size = args.ep_size or stats.ep_size or 1
+    for flag, minimum in (("ep_size", 1), ("num_slots", 1), ("num_groups", 1), ("num_nodes", 1),
+                          ("layer_updates_per_iter", 0)):
+        at_least(getattr(args, flag), minimum, f"--{flag}")
+    if args.failed_ranks and args.layer_updates_per_iter:
+        raise EplbInputError("--failed_ranks makes a static plan (online updates would fill the failed ranks' "
+                             "slots); use --layer_updates_per_iter 0")
+    if args.migration_tolerance < 0:
+        raise EplbInputError(f"--migration_tolerance must be >= 0, got {args.migration_tolerance}")
+    output_file(args.output_path, "--output_path")
+    stats = _statistics(args)
+    ep_size = args.ep_size or _recorded_ranks(stats, None, False)
     num_slots = args.num_slots or stats.num_experts
-    if args.layer_updates_per_iter < 0:
-        raise EplbInputError(f"--layer_updates_per_iter must be >= 0, got {args.layer_updates_per_iter}")
     previous = None
     if args.previous_config:
         previous = MoeLoadBalancerConfig.from_yaml(args.previous_config).slot_to_expert(
             stats.layer_ids, stats.num_experts, ep_size)
     load = stats.total()
     start = time.perf_counter()
-    plan = plan_placement(load, num_slots, ep_size, args.algorithm, num_groups=args.num_groups,
-                          num_nodes=args.num_nodes, previous=previous,
-                          migration_tolerance=args.migration_tolerance)
+    if args.mask_only:
+        if previous is None or not args.failed_ranks:
+            raise EplbInputError("--mask_only needs --previous_config (the plan in force) and --failed_ranks")
+        plan = PlacementPlan.of(mask_failed_ranks(previous, ep_size, args.failed_ranks), load, ep_size, previous)
+    else:
+        plan = plan_placement(load, num_slots, ep_size, args.algorithm, num_groups=args.num_groups,
+                              num_nodes=args.num_nodes, previous=previous,
+                              migration_tolerance=args.migration_tolerance, failed_ranks=args.failed_ranks)
     elapsed = time.perf_counter() - start
     plan_config_from_slots(plan.slot_to_expert, stats.layer_ids, args.layer_updates_per_iter).to_yaml(args.output_path)
-    bound = lower_bound(load, num_slots, ep_size).imbalance
-    print(f"{args.algorithm} plan: {stats.num_layers} layers, {stats.num_experts} experts -> {num_slots} slots "
-          f"on {ep_size} ranks, planned in {elapsed * 1e3:.1f} ms")
+    num_slots = plan.slot_to_expert.shape[1]
+    serving = ep_size - len(args.failed_ranks)
+    bound = lower_bound(load, num_slots // ep_size * serving, serving).imbalance
+    _print_plan(args, stats, plan, bound, num_slots, ep_size, elapsed)
+    return 0
+
+
+def _print_plan(args, stats, plan, bound, num_slots: int, ep_size: int, elapsed: float) -> None:
+    failed = f" ({sorted(args.failed_ranks)} failed: their slots -1)" if args.failed_ranks else ""
+    name = "mask-only" if args.mask_only else args.algorithm
+    print(f"{name} plan: {stats.num_layers} layers, {stats.num_experts} experts -> {num_slots} slots "
+          f"on {ep_size} ranks{failed}, planned in {elapsed * 1e3:.1f} ms")
     print(f"imbalance over the window's total load: mean {plan.imbalance.mean():.4f}, worst "
           f"{plan.imbalance.max():.4f} (lower bound mean {bound.mean():.4f}); "
           f"replicas sharing a rank with a copy of themselves: {int(plan.duplicates.sum())}")
@@ -99,4 +171,3 @@ def run_generate(args) -> int:
         print(f"slots moved from {args.previous_config}: {int(plan.slots_moved.sum())} of "
               f"{plan.slot_to_expert.size} ({plan.slots_moved.mean():.1f} per layer)")
     print(f"wrote {args.output_path}")
-    return 0

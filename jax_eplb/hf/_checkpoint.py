@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jax_eplb._assignment import UNUSED_SLOT
 from jax_eplb._errors import EplbInputError
 from jax_eplb.hf import _deepseek_v3, _mixtral, _qwen3_moe
 from jax_eplb.hf._config import ConfigReader, read_config_json
@@ -123,15 +124,19 @@ class HuggingFaceCheckpoint:
             return stored[expert_id]
 
         def leaf(i: int) -> jax.Array:
-            first = of(int(slot_experts[0]))[i]
-            value_shape = (len(slot_experts),) + first.value.shape
+            first = of(int(slot_experts[slot_experts != UNUSED_SLOT][0]))[i]
+
+            def stacked(part: str, idx) -> np.ndarray:  # a slot serving nothing holds zeros
+                return np.stack([getattr(of(int(e))[i], part) if e != UNUSED_SLOT
+                                 else np.zeros(getattr(first, part).shape, getattr(first, part).dtype)
+                                 for e in slot_experts[idx[0]]])
+
             value = jax.make_array_from_callback(
-                value_shape, sharding, lambda idx: np.stack([of(int(e))[i].value for e in slot_experts[idx[0]]]))
+                (len(slot_experts),) + first.value.shape, sharding, lambda idx: stacked("value", idx))
             scale = None
             if first.scale_inv is not None:
                 scale = jax.make_array_from_callback(
-                    (len(slot_experts),) + first.scale_inv.shape, sharding,
-                    lambda idx: np.stack([of(int(e))[i].scale_inv for e in slot_experts[idx[0]]]))
+                    (len(slot_experts),) + first.scale_inv.shape, sharding, lambda idx: stacked("scale_inv", idx))
             return finish_on_device(value, scale, block=first.block, transpose=first.transpose, dtype=c.jnp_dtype)
 
         return ExpertWeights(*(leaf(i) for i in range(3)))

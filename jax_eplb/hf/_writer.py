@@ -9,13 +9,13 @@ DeepSeek-V3 stores its linear layers, and written as safetensors shards with an 
 from __future__ import annotations
 
 import json
-import shutil
 import zlib
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 
+from jax_eplb._atomic import atomic_directory
 from jax_eplb._errors import EplbInputError
 from jax_eplb.hf._config import read_config_json
 from jax_eplb.hf._layout import visit_all
@@ -47,15 +47,12 @@ def create_hf_checkpoint(hf_config, output, *, num_layers: int | None = None, nu
     if output.exists():
         raise EplbInputError(f"{output} already exists; choose a new directory")
     raw = _shrunk(read_config_json(hf_config), hf_config, num_layers, num_experts, vocab_size, fp8, dtype)
-    staging = output.with_name(output.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    config, layout, _ = hf_model_config(staging)
-    writer = _ShardWriter(staging, np.random.default_rng(seed), fp8, dtype)
-    visit_all(writer.tensor, config, layout)
-    writer.close()
-    staging.rename(output)
+    with atomic_directory(output) as staging:
+        (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+        config, layout, _ = hf_model_config(staging)
+        writer = _ShardWriter(staging, np.random.default_rng(seed), fp8, dtype)
+        visit_all(writer.tensor, config, layout)
+        writer.close()
     log(f"wrote {config.name} checkpoint: {config.num_layers} layers ({config.num_moe_layers} MoE, "
         f"{config.num_experts} experts){', FP8' if fp8 else ''}, {writer.total / 2**30:.2f} GiB -> {output}")
     return output

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 import yaml
 from jax.sharding import SingleDeviceSharding
 
+from jax_eplb._atomic import atomic_directory
 from jax_eplb._errors import EplbInputError
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._weights import SeededWeights, logical_weights, split_logical_experts
@@ -39,10 +40,11 @@ def save_checkpoint(path, config: ModelConfig, params: dict) -> Path:
     _, experts = split_logical_experts(params)
     if experts.gate.shape[1] != config.num_experts:
         raise ValueError(f"save logical experts [Lm, {config.num_experts}, ...], got {experts.gate.shape}")
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / WEIGHTS_DIR, params)
-    checkpointer.wait_until_finished()
-    (path / CONFIG_FILE).write_text(yaml.safe_dump({"model": dataclasses.asdict(config)}, sort_keys=False))
+    with atomic_directory(path) as staging:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / WEIGHTS_DIR, params)
+        checkpointer.wait_until_finished()
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump({"model": dataclasses.asdict(config)}, sort_keys=False))
     return path
 
 

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-import yaml
-
 from jax_eplb._errors import EplbInputError
+from jax_eplb._yaml import load_yaml
 from jax_eplb.moe import MoEConfig
 
 ATTENTIONS = ("gqa", "mla")
@@ -177,22 +176,14 @@ class ModelConfig:
         missing = sorted(required - set(body))
         if missing:
             raise EplbInputError(f"{source}: missing model key(s) {missing}")
-        return cls(**body)
+        try:
+            return cls(**body)
+        except EplbInputError as err:  # name the file, not only the model
+            raise EplbInputError(f"{source}: {err}") from None
 
     @classmethod
     def from_yaml(cls, path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise EplbInputError(f"model config {path} does not exist or is not a file")
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except UnicodeDecodeError:
-            raise EplbInputError(f"{path}: not a text (YAML) file") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise EplbInputError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from None
-        return cls.from_dict(raw, str(path))
+        return cls.from_dict(load_yaml(path, "model config"), str(path))
 
 
 _HINTS = typing.get_type_hints(ModelConfig)

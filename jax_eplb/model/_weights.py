@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_eplb._assignment import AssignmentTables
+from jax_eplb._assignment import UNUSED_SLOT, AssignmentTables
 from jax_eplb._errors import EplbInputError
 from jax_eplb._synthetic import expert_popularity
 from jax_eplb.model._config import ModelConfig
@@ -163,7 +163,9 @@ def expert_weights(config: ModelConfig, seed: int, slot_to_expert: jax.Array) ->
                              _normal(k[2], (c.expert_ffn_size, c.hidden_size), c.init_std, dt))
 
     layers = jnp.arange(slot_to_expert.shape[0])[:, None] * jnp.ones_like(slot_to_expert)
-    return jax.vmap(jax.vmap(one))(layers, slot_to_expert)
+    weights = jax.vmap(jax.vmap(one))(layers, slot_to_expert)
+    serving = (slot_to_expert != UNUSED_SLOT)[..., None, None]  # a slot serving nothing holds zeros
+    return ExpertWeights(*(jnp.where(serving, w, jnp.zeros((), w.dtype)) for w in weights))
 
 
 def logical_experts(config: ModelConfig, seed: int) -> ExpertWeights:

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_eplb._assignment import UNUSED_SLOT
 from jax_eplb.moe._types import ExpertWeights
 from jax_eplb.sharding import over_ranks, stacked_over_ranks
 
@@ -74,6 +75,9 @@ def _layer_slots(source: ExpertSource, layer: int, slot_experts: np.ndarray, mes
     def rows_of(experts: np.ndarray) -> ExpertWeights:
         missing = np.unique([e for e in experts if int(e) not in read]).astype(np.int64)
         if missing.size:
+            if UNUSED_SLOT in missing:  # a slot serving nothing holds zeros
+                read[UNUSED_SLOT] = ExpertWeights(*(np.zeros(s.shape, s.dtype) for s in shapes))
+                missing = missing[missing != UNUSED_SLOT]
             for e, *leaves in zip(missing, *source.rows(layer, missing)):
                 read[int(e)] = ExpertWeights(*leaves)
         return ExpertWeights(*(np.stack(leaf) for leaf in zip(*(read[int(e)] for e in experts))))

@@ -33,6 +33,7 @@ from jax_eplb.planning import plan_placement
 from jax_eplb.sharding import replicated
 from jax_eplb.online._schedule import OnlineSchedule
 from jax_eplb.online._slot_writer import SlotWriter
+from jax_eplb.online._state import check_saved_state
 
 DECAY = 0.95
 
@@ -226,12 +227,11 @@ class OnlineBalancer:
         """Loads saved statistics and re-lays the model's experts under the saved plan."""
         import orbax.checkpoint as ocp
 
+        check_saved_state(path, *self.statistics.shape, self.slot_to_expert.shape[1])
         target = {"statistics": jax.ShapeDtypeStruct(self.statistics.shape, jnp.float32, sharding=self._replicated),
                   "slot_to_expert": np.zeros_like(self.slot_to_expert)}
         restored = ocp.StandardCheckpointer().restore(Path(path).absolute(), target)
         slot_to_expert = np.asarray(restored["slot_to_expert"])
-        if slot_to_expert.shape != self.slot_to_expert.shape:
-            raise ValueError(f"saved plan has shape {slot_to_expert.shape}, model has {self.slot_to_expert.shape}")
         self.model.set_placement(self._tables(slot_to_expert), self.source)
         self.slot_to_expert = slot_to_expert.copy()
         self.statistics = restored["statistics"]

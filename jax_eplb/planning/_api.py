@@ -5,14 +5,15 @@ Axis legend: L layers, E experts, S slots, R ranks.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from jax_eplb._assignment import AssignmentTables, build_assignment_tables, check_slot_geometry
+from jax_eplb._assignment import UNUSED_SLOT, AssignmentTables, build_assignment_tables, check_slot_geometry
 from jax_eplb.planning._balanced import balanced_plan
 from jax_eplb.planning._baselines import deepseek_plan, trtllm_plan
 from jax_eplb._errors import EplbInputError
+from jax_eplb.planning._failed_ranks import serving_columns, serving_ranks, spread_to_ranks
 from jax_eplb.planning._migration import align_to_previous, slots_moved
 from jax_eplb._metrics import duplicate_count, rank_loads
 
@@ -22,7 +23,8 @@ ALGORITHMS = ("balanced", "trtllm", "deepseek")
 class PlacementPlan(NamedTuple):
     """A plan for L layers.
 
-    slot_to_expert: ``[L, S]`` int32 expert of each global slot (rank r owns S/R consecutive slots).
+    slot_to_expert: ``[L, S]`` int32 expert of each global slot (rank r owns S/R consecutive slots;
+      ``UNUSED_SLOT`` on failed ranks).
     rank_load: ``[L, R]`` load each rank carries under the planning loads.
     duplicates: ``[L]`` replicas sharing a rank with another replica of the same expert.
     slots_moved: ``[L]`` slots changed relative to the previous plan (None without one).
@@ -35,18 +37,29 @@ class PlacementPlan(NamedTuple):
 
     @property
     def imbalance(self) -> np.ndarray:
-        """``[L]`` max/mean rank load - 1 under the planning loads (0 for unloaded layers)."""
-        mean = self.rank_load.mean(axis=1)
+        """``[L]`` max/mean rank load - 1 under the planning loads (0 for unloaded layers), over the
+        ranks that serve (a failed rank, every slot unused, is left out)."""
+        layers, ranks = self.rank_load.shape
+        serving = (self.slot_to_expert.reshape(layers, ranks, -1) != UNUSED_SLOT).any(axis=2)
+        mean = np.where(serving, self.rank_load, 0.0).sum(axis=1) / np.maximum(serving.sum(axis=1), 1)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(mean > 0, self.rank_load.max(axis=1) / mean - 1.0, 0.0)
 
     def tables(self, num_experts: int, max_replicas: int | None = None) -> AssignmentTables:
         return build_assignment_tables(self.slot_to_expert, num_experts, max_replicas)
 
+    @classmethod
+    def of(cls, slot_to_expert, load, ep_size: int, previous=None) -> "PlacementPlan":
+        """A given ``[L, S]`` placement's figures under ``load`` ``[L, E]`` (and moves from ``previous``)."""
+        plan = np.asarray(slot_to_expert).astype(np.int32)
+        load = np.asarray(load, dtype=np.float64)
+        moved = None if previous is None else slots_moved(plan, previous)
+        return cls(plan, rank_loads(load, plan, ep_size), duplicate_count(plan, ep_size), moved)
+
 
 def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balanced", *,
                    num_groups: int = 1, num_nodes: int = 1, previous=None,
-                   migration_tolerance: float = 0.0) -> PlacementPlan:
+                   migration_tolerance: float = 0.0, failed_ranks: Sequence[int] = ()) -> PlacementPlan:
     """Plans all layers at once.
 
     Args:
@@ -57,6 +70,8 @@ def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balance
         num_nodes > 1, global otherwise).
       previous: ``[L, S]`` plan in force; the new plan keeps experts in place where that costs
         no balance (beyond ``migration_tolerance``, relative) and reports slots moved.
+      failed_ranks: ranks that serve nothing: the plan uses only the other ranks' slots (the failed
+        ranks' slots hold ``UNUSED_SLOT``); ``rank_load`` is 0 and ``imbalance`` ignores them.
     """
     load = np.asarray(load, dtype=np.float64)
     if load.ndim == 1:
@@ -67,21 +82,37 @@ def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balance
         raise EplbInputError("load must be finite and non-negative")
     num_experts = load.shape[1]
     check_slot_geometry(num_experts, num_slots, ep_size)
-    if algorithm == "balanced":
-        plan = balanced_plan(load, num_slots, ep_size)
-    elif algorithm == "trtllm":
-        plan = trtllm_plan(load, num_slots, ep_size)
-    elif algorithm == "deepseek":
-        plan = deepseek_plan(load, num_slots, ep_size, num_groups, num_nodes)
-    else:
+    if algorithm not in ALGORITHMS:
         raise EplbInputError(f"unknown algorithm {algorithm!r}; expected one of {ALGORITHMS}")
-    moved = None
+    ranks = serving_ranks(ep_size, failed_ranks)
+    serving_slots = num_slots // ep_size * len(ranks)
+    if serving_slots < num_experts:
+        raise EplbInputError(f"the {len(ranks)} serving ranks have {serving_slots} slots, fewer than the "
+                             f"{num_experts} experts")
     if previous is not None:
         previous = np.asarray(previous)
-        if previous.shape != plan.shape:
-            raise EplbInputError(f"previous plan has shape {previous.shape}, expected {plan.shape}")
+        if previous.shape != (load.shape[0], num_slots):
+            raise EplbInputError(f"previous plan has shape {previous.shape}, expected {(load.shape[0], num_slots)}")
         build_assignment_tables(previous, num_experts)  # validates ids and coverage
-        plan = align_to_previous(load, plan, previous, ep_size, migration_tolerance)
-        moved = slots_moved(plan, previous)
-    plan = plan.astype(np.int32)
-    return PlacementPlan(plan, rank_loads(load, plan, ep_size), duplicate_count(plan, ep_size), moved)
+    plan = _plan_layers(load, serving_slots, len(ranks), algorithm, num_groups, num_nodes)
+    if previous is not None:
+        plan = _aligned(load, plan, serving_columns(previous, ep_size, ranks), len(ranks), migration_tolerance)
+    return PlacementPlan.of(spread_to_ranks(plan, ep_size, ranks), load, ep_size, previous)
+
+
+def _plan_layers(load, num_slots: int, ep_size: int, algorithm: str, num_groups: int, num_nodes: int) -> np.ndarray:
+    if algorithm == "balanced":
+        return balanced_plan(load, num_slots, ep_size)
+    if algorithm == "trtllm":
+        return trtllm_plan(load, num_slots, ep_size)
+    return deepseek_plan(load, num_slots, ep_size, num_groups, num_nodes)
+
+
+def _aligned(load, plan: np.ndarray, previous: np.ndarray, ep_size: int, tolerance: float) -> np.ndarray:
+    """``plan`` aligned to ``previous`` (both ``[L, S']`` on the serving ranks); layers where the previous
+    plan has unused slots there keep the fresh plan."""
+    usable = (previous != UNUSED_SLOT).all(axis=1)
+    out = plan.copy()
+    if usable.any():
+        out[usable] = align_to_previous(load[usable], plan[usable], previous[usable], ep_size, tolerance)
+    return out

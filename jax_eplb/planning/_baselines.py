@@ -11,7 +11,8 @@ from typing import NamedTuple
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb.planning._packing import Packing, descending_order, greedy_pack, pack_replicas
+from jax_eplb.planning._introsort import torch_descending_order
+from jax_eplb.planning._packing import Packing, greedy_pack, pack_replicas
 from jax_eplb.planning._replication import greedy_replication, trtllm_replication
 
 
@@ -19,9 +20,11 @@ def trtllm_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
     """TensorRT-LLM's placement: ``[L, E]`` loads -> ``[L, S]`` slot_to_expert.
 
     Replicas (load/count each) are visited by size descending, expert id ascending; each goes
-    to the least-loaded rank with a free slot (ties: lower rank).
+    to the least-loaded rank with a free slot (ties: lower rank). As TensorRT-LLM's C++
+    ``doReplication`` / ``doPlacement``: load factors are ``float`` (float32), sizes and rank
+    loads ``double``.
     """
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load, dtype=np.float32).astype(np.float64)
     return pack_replicas(load, trtllm_replication(load, num_slots), ep_size)
 
 
@@ -41,13 +44,14 @@ def _balanced_packing(weight: np.ndarray, num_packs: int) -> Packing:
     if num_items // num_packs == 1:
         return Packing(np.broadcast_to(np.arange(num_items), weight.shape).copy(),
                        np.zeros(weight.shape, np.int64))
-    return greedy_pack(weight, descending_order(weight), num_packs)
+    # eplb.py: weight.float().sort(descending=True) (torch's order on ties), float32 pack sums.
+    return greedy_pack(weight, torch_descending_order(weight), num_packs, dtype=np.float32)
 
 
 def _replicate(weight: np.ndarray, num_phy: int):
     """phy2log [B, num_phy], phy_rank [B, num_phy], logcnt [B, n]."""
     num_rows, num_log = weight.shape
-    greedy = greedy_replication(weight, num_phy, prefer_larger_id=False)
+    greedy = greedy_replication(weight, num_phy, prefer_larger_id=False, dtype=np.float32)
     extra = greedy.order  # [B, X]
     phy2log = np.concatenate([np.broadcast_to(np.arange(num_log), (num_rows, num_log)), extra], axis=1)
     earlier = np.tril(np.ones((extra.shape[1], extra.shape[1]), bool), k=-1)  # [X, X], j' < j
@@ -71,7 +75,9 @@ def _hierarchical(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: 
     take = lambda a, idx: np.take_along_axis(a, idx, axis=1)
 
     # 1. expert groups -> nodes.
-    tokens_per_group = weight.reshape(num_layers, num_groups, group_size).sum(axis=2)
+    # torch sums float32 on CPU in double and rounds once
+    tokens_per_group = weight.reshape(num_layers, num_groups, group_size).sum(axis=2, dtype=np.float64)
+    tokens_per_group = tokens_per_group.astype(np.float32)
     group_packing = _balanced_packing(tokens_per_group, num_nodes)
     group_start = (group_packing.pack * groups_per_node + group_packing.rank_in_pack) * group_size
     log2mlog = (group_start[:, :, None] + np.arange(group_size)).reshape(num_layers, num_log)
@@ -80,7 +86,7 @@ def _hierarchical(weight: np.ndarray, num_phy: int, num_groups: int, num_nodes: 
     tokens_per_mlog = take(weight, mlog2log).reshape(num_layers * num_nodes, num_log // num_nodes)
     phy2mlog, phy_rank, mlogcnt = _replicate(tokens_per_mlog, num_phy // num_nodes)
     # 3. node's replicas -> its GPUs.
-    tokens_per_phy = take(tokens_per_mlog / mlogcnt, phy2mlog)
+    tokens_per_phy = take(tokens_per_mlog / mlogcnt.astype(np.float32), phy2mlog)
     gpu_packing = _balanced_packing(tokens_per_phy, num_gpus // num_nodes)
     pphy2phy = _inverse(gpu_packing.pack * phy_per_gpu + gpu_packing.rank_in_pack)
     pphy2mlog = take(phy2mlog, pphy2phy)
@@ -100,7 +106,7 @@ def deepseek_rebalance(weight: np.ndarray, num_replicas: int, num_groups: int = 
       weight: ``[L, E]`` loads.
       num_replicas: S physical experts; a multiple of num_gpus.
     """
-    weight = np.asarray(weight, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float32)  # eplb.py: weight.float()
     num_layers, num_log = weight.shape
     if num_replicas < num_log or num_replicas % num_gpus:
         raise EplbInputError(

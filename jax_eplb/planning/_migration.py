@@ -89,7 +89,8 @@ def align_to_previous(load: np.ndarray, plan: np.ndarray, previous: np.ndarray, 
     plan, previous = np.asarray(plan), np.asarray(previous)
     budget = rank_loads(load, plan, ep_size).max(axis=1) * (1.0 + tolerance) + 1e-12
     warm = warm_start(load, plan, previous, ep_size)
-    keep_old = rank_loads(load, previous, ep_size).max(axis=1) <= budget
+    covers_all = np.array([np.unique(row).size == load.shape[1] for row in previous])  # (failed ranks dropped)
+    keep_old = covers_all & (rank_loads(load, previous, ep_size).max(axis=1) <= budget)
     use_warm = rank_loads(load, warm, ep_size).max(axis=1) <= budget
     out = np.empty_like(plan)
     for layer in range(plan.shape[0]):

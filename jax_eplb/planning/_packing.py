@@ -17,7 +17,7 @@ class Packing(NamedTuple):
     rank_in_pack: np.ndarray
 
 
-def greedy_pack(item_size: np.ndarray, item_order: np.ndarray, num_packs: int) -> Packing:
+def greedy_pack(item_size: np.ndarray, item_order: np.ndarray, num_packs: int, dtype=np.float64) -> Packing:
     """Visits items in ``item_order`` and puts each on the lightest pack that has room.
 
     Every pack takes exactly N / P items; ties go to the lower pack index; a pack's positions
@@ -26,12 +26,13 @@ def greedy_pack(item_size: np.ndarray, item_order: np.ndarray, num_packs: int) -
     Args:
       item_size: ``[B, N]`` item sizes.
       item_order: ``[B, N]`` item indices in visiting order.
+      dtype: arithmetic of the pack loads (float32 reproduces DeepSeek EPLB's torch float32 sums).
     """
-    item_size = np.asarray(item_size, dtype=np.float64)
+    item_size = np.asarray(item_size, dtype=dtype)
     num_rows, num_items = item_size.shape
     per_pack = num_items // num_packs
     rows = np.arange(num_rows)
-    pack_load = np.zeros((num_rows, num_packs))
+    pack_load = np.zeros((num_rows, num_packs), dtype)
     pack_fill = np.zeros((num_rows, num_packs), np.int64)
     pack = np.zeros((num_rows, num_items), np.int64)
     rank_in_pack = np.zeros((num_rows, num_items), np.int64)
@@ -47,7 +48,8 @@ def greedy_pack(item_size: np.ndarray, item_order: np.ndarray, num_packs: int) -
 
 def descending_order(size: np.ndarray) -> np.ndarray:
     """``[B, N]`` indices sorting each row by size descending; ties keep index order."""
-    return np.argsort(-np.asarray(size, dtype=np.float64), axis=1, kind="stable")
+    size = np.asarray(size)
+    return np.argsort(-size.astype(np.result_type(size.dtype, np.float32)), axis=1, kind="stable")
 
 
 def expand_replicas(replica_count: np.ndarray) -> np.ndarray:

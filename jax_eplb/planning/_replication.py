@@ -17,7 +17,7 @@ class GreedyReplication(NamedTuple):
     order: np.ndarray
 
 
-def greedy_replication(load: np.ndarray, num_slots: int, prefer_larger_id: bool) -> GreedyReplication:
+def greedy_replication(load: np.ndarray, num_slots: int, prefer_larger_id: bool, dtype=np.float64) -> GreedyReplication:
     """Gives each extra slot to the expert with the largest ``load / replica_count``.
 
     Starts at one replica each. ``prefer_larger_id`` breaks ties towards the larger expert id
@@ -26,15 +26,16 @@ def greedy_replication(load: np.ndarray, num_slots: int, prefer_larger_id: bool)
 
     Args:
       load: ``[L, E]`` non-negative loads.
+      dtype: arithmetic of ``load / count`` (float32 reproduces DeepSeek EPLB's torch float32).
     """
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load, dtype=dtype)
     num_layers, num_experts = load.shape
     count = np.ones((num_layers, num_experts), np.int64)
     rows = np.arange(num_layers)
     extra = num_slots - num_experts
     order = np.zeros((num_layers, extra), np.int64)
     for step in range(extra):
-        ratio = load / count
+        ratio = load / count.astype(dtype)
         if prefer_larger_id:
             chosen = num_experts - 1 - np.argmax(ratio[:, ::-1], axis=1)
         else:
@@ -48,9 +49,10 @@ def trtllm_replication(load: np.ndarray, num_slots: int) -> np.ndarray:
     """TensorRT-LLM's replica counts ``[L, E]``, its special cases included.
 
     num_slots == E: one each. A layer with zero total load: ``S//E + (e < S%E)``.
-    Otherwise greedy with ties towards the larger expert id.
+    Otherwise greedy with ties towards the larger expert id. Loads are rounded to float32 first
+    (TensorRT-LLM passes ``float`` load factors) and divided in double, as its C++ does.
     """
-    load = np.asarray(load, dtype=np.float64)
+    load = np.asarray(load, dtype=np.float32).astype(np.float64)
     num_layers, num_experts = load.shape
     count = greedy_replication(load, num_slots, prefer_larger_id=True).replica_count
     zero = load.sum(axis=1) == 0

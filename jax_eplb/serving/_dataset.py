@@ -15,6 +15,7 @@ import numpy as np
 
 from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
+from jax_eplb._files import read_text_file
 
 
 class Request(NamedTuple):
@@ -28,12 +29,7 @@ def load_dataset(path, vocab_size: int, max_seq_len: int, tokenizer=None) -> lis
 
     ``tokenizer``: a ``tokenizers.Tokenizer`` for ``prompt`` text (None: UTF-8 bytes)."""
     path = Path(path)
-    if not path.is_file():
-        raise EplbInputError(f"dataset {path} does not exist or is not a file")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError:
-        raise EplbInputError(f"dataset {path} is not a text (JSON lines) file") from None
+    text = read_text_file(path, "dataset", "JSON lines")
     requests, seen = [], set()
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -86,6 +82,10 @@ def token_norm_dist(*, num_requests: int, input_mean: int, output_mean: int, inp
     """Synthetic token ids with normally distributed lengths (trtllm-bench's ``token-norm-dist``)."""
     if num_requests < 1 or input_mean < 1 or output_mean < 1:
         raise EplbInputError("num_requests, input_mean and output_mean must be >= 1")
+    if not (input_stdev >= 0 and output_stdev >= 0):  # NaN too
+        raise EplbInputError(f"input_stdev and output_stdev must be >= 0, got {input_stdev}, {output_stdev}")
+    if vocab_size < 1:
+        raise EplbInputError(f"vocab_size must be >= 1, got {vocab_size}")
     rng = np.random.default_rng(seed)
     inputs = _lengths(rng, num_requests, input_mean, input_stdev)
     outputs = _lengths(rng, num_requests, output_mean, output_stdev)
@@ -113,13 +113,9 @@ def write_text_dataset(path, text_file, tokenizer, output_tokens: int) -> tuple[
     if output_tokens < 1:
         raise EplbInputError(f"--output-tokens must be >= 1, got {output_tokens}")
     source = Path(text_file)
-    if not source.is_file():
-        raise EplbInputError(f"text file {source} does not exist or is not a file")
+    lines = [line.strip() for line in read_text_file(source, "text file", "prompts").splitlines() if line.strip()]
     try:
         encoder = Tokenizer.from_file(str(tokenizer_path))
-        lines = [line.strip() for line in source.read_text().splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise EplbInputError(f"{source} is not a text file") from None
     except Exception as err:  # noqa: BLE001 - tokenizers raises plain Exceptions for bad files
         raise EplbInputError(f"{tokenizer_path}: not a readable tokenizer ({err})") from None
     if not lines:

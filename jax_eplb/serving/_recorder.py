@@ -20,7 +20,8 @@ import jax
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb._stats import ExpertLoadStats, save_trtllm_dump
+from jax_eplb._stats import ExpertLoadStats
+from jax_eplb._trtllm_dump import save_trtllm_dump
 
 RANGE_VARIABLE = "EXPERT_STATISTIC_ITER_RANGE"
 PATH_VARIABLE = "EXPERT_STATISTIC_PATH"
@@ -78,9 +79,9 @@ class StatisticsRecorder:
         return ExpertLoadStats(stacked.sum(axis=2), self.layer_ids, self.iterations[0], self.top_k,
                                ep_size=stacked.shape[2])
 
-    def flush(self) -> Path | None:
-        """Writes what was recorded (once); returns the directory, or None if nothing was (or there
-        is no path)."""
+    def flush(self, partial: bool = False) -> Path | None:
+        """Writes what was recorded (once), whole or not at all; ``partial`` marks a run that was
+        interrupted. Returns the directory, or None if nothing was written (or there is no path)."""
         if self.written or not self._counts or self.path is None:
             return None
         iterations = self.iterations
@@ -88,6 +89,7 @@ class StatisticsRecorder:
         if jax.process_index() != 0:  # multi-host: counts are all-gathered; process 0 writes every rank file
             self.written = True
             return self.path
-        save_trtllm_dump(self.path, stacked.transpose(2, 0, 1, 3), self.layer_ids, iterations[0], self.top_k)
+        save_trtllm_dump(self.path, stacked.transpose(2, 0, 1, 3), self.layer_ids, iterations[0], self.top_k,
+                         partial=partial)
         self.written = True
         return self.path

@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from jax_eplb._assignment import AssignmentTables, build_assignment_tables, default_slot_to_expert, widest_replicas
+from jax_eplb._assignment import (UNUSED_SLOT, AssignmentTables, build_assignment_tables, default_slot_to_expert,
+                                  widest_replicas)
 from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
 from jax_eplb._plan_config import MoeLoadBalancerConfig
@@ -101,13 +102,23 @@ def placement_tables(config: ModelConfig, plan: MoeLoadBalancerConfig | None, ep
                                    widest_replicas(config.num_experts, slot_to_expert.shape[1]))
 
 
-def _check(settings: ThroughputSettings, requests: Sequence[Request], mesh, plan, online_state) -> None:
+def _check(config: ModelConfig, settings: ThroughputSettings, requests: Sequence[Request], mesh, plan,
+           online_state) -> None:
     if not 0 <= settings.warmup < len(requests):
         raise EplbInputError(f"--warmup must be in [0, {len(requests)}) (requests in the dataset), "
                              f"got {settings.warmup}")
     online = plan is not None and plan.layer_updates_per_iter > 0
     if online_state and not online:
         raise EplbInputError("--online_state needs an online moe_load_balancer (layer_updates_per_iter > 0)")
+    if online and plan.initial_global_assignments and any(
+            UNUSED_SLOT in row for row in plan.initial_global_assignments.values()):
+        raise EplbInputError("a plan with unused slots (-1) is static: online updates (layer_updates_per_iter > 0) "
+                             "would fill them")
+    if online_state and Path(online_state).exists():
+        from jax_eplb.online import check_saved_state
+
+        check_saved_state(online_state, config.num_moe_layers, config.num_experts,
+                          plan.resolved_num_slots(config.num_experts))
     if settings.transport == "ragged":
         require_gpu(mesh, "--transport ragged", " (XLA:CPU has no ragged_all_to_all); use all_to_all")
     if settings.grouped_matmul == "pallas":
@@ -129,7 +140,7 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
         (benchmarks use it to change the workload mid-run).
     Every input is checked before any device work.
     """
-    _check(settings, requests, mesh, plan, online_state)
+    _check(config, settings, requests, mesh, plan, online_state)
     tables = placement_tables(config, plan, num_ranks(mesh))
     online = plan is not None and plan.layer_updates_per_iter > 0
     record = () if recorder is None else (("slot",) if plan is not None else ("expert",))
@@ -146,6 +157,7 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
         f"prefill {chunk}; weights + compile {time.perf_counter() - start:.1f} s")
     loop = _ServingLoop(runner, settings, batch, chunk, recorder, balancer, before_iteration)
     timed = requests[settings.warmup:]
+    interrupted = True  # until the run completes (Ctrl-C, an error): the dump is marked partial
     try:
         if settings.warmup:
             loop.serve(requests[:settings.warmup], timed=False)
@@ -157,8 +169,9 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
             if online_state:
                 balancer.save_state(online_state)  # replaces the older state once complete
                 log(f"online balancer state saved to {online_state}")
+        interrupted = False
     finally:
-        statistics_path = _flush(recorder, log)
+        statistics_path = _flush(recorder, log, interrupted)
     tokens = {r.task_id: finished[r.task_id] for r in timed}  # request order
     figures = {"model": config.name, "ep": num_ranks(mesh), "num_slots": runner.model.num_slots,
                "platform": platform(mesh), "load_balancer": "static plan" if plan is not None else "none",
@@ -182,12 +195,14 @@ def _online_balancer(model, weights: WeightSource, plan, settings: ThroughputSet
     return balancer
 
 
-def _flush(recorder: StatisticsRecorder | None, log) -> str | None:
+def _flush(recorder: StatisticsRecorder | None, log, interrupted: bool = False) -> str | None:
     if recorder is None:
         return None
-    path = recorder.flush()
+    path = recorder.flush(partial=interrupted)
     if recorder.written:
-        log(f"expert statistics of iterations {recorder.iterations[0]}-{recorder.iterations[-1]} -> {recorder.path}")
+        note = " (partial: the run was interrupted; meta_info.json says so)" if interrupted else ""
+        log(f"expert statistics of iterations {recorder.iterations[0]}-{recorder.iterations[-1]}{note} -> "
+            f"{recorder.path}")
     else:
         log(f"warning: no iteration fell in [{recorder.start}, {recorder.stop}); no statistics written")
     return str(path) if path else None

@@ -25,7 +25,7 @@ from jax_eplb._heatmap import save_heatmap
 from jax_eplb._metrics import rank_loads_from_counts
 from jax_eplb._plan_config import plan_config_from_slots
 from jax_eplb._report import load_report
-from jax_eplb._stats import load_trtllm_dump
+from jax_eplb._trtllm_dump import load_trtllm_dump
 from jax_eplb.planning import plan_placement
 from jax_eplb.serving._dataset import load_dataset, prepare_dataset
 from jax_eplb.serving._figures import format_figures
@@ -65,10 +65,14 @@ class _Bench:
     def __init__(self, s: WorkflowSettings, out: Path, log):
         self.s, self.out, self.log = s, out, log
         self.config, self.weights = model_source(s.model, seed=s.seed)
-        dataset = prepare_dataset(out / "dataset.jsonl", num_requests=s.num_requests, input_mean=s.input_len,
+        self.mesh = ep_mesh(s.ep, s.emulate_devices)
+        self.requests = ()
+
+    def write_dataset(self) -> None:
+        s = self.s
+        dataset = prepare_dataset(self.out / "dataset.jsonl", num_requests=s.num_requests, input_mean=s.input_len,
                                   output_mean=s.output_len, vocab_size=self.config.vocab_size, seed=s.seed)
         self.requests = load_dataset(dataset, self.config.vocab_size, self.config.max_seq_len)
-        self.mesh = ep_mesh(s.ep, s.emulate_devices)
 
     def __call__(self, tag: str, plan=None, replica_policy: str | None = None):
         stats_dir = self.out / f"expert_statistic_{tag}"
@@ -88,9 +92,10 @@ class _Bench:
 def run_model_workflow(output_dir, settings: WorkflowSettings = WorkflowSettings(),
                        log: Callable[[str], None] = print) -> dict:
     s, out = settings, Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     bench = _Bench(s, out, log)
     check_slot_geometry(bench.config.num_experts, s.num_slots, s.ep)  # before the first run, not after it
+    out.mkdir(parents=True, exist_ok=True)
+    bench.write_dataset()
     window = f"{RANGE_VARIABLE}={s.iter_range[0]}-{s.iter_range[1]}"
     log(f"[1/5] EP{s.ep} without EPLB, recording expert statistics ({window})")
     plain, stats_plain = bench("no_eplb")
@@ -128,7 +133,7 @@ def _summarise(s, out, plain, balanced, report_plain, report_balanced, stats_pla
     identical = plain.tokens == balanced.tokens
     heatmap = out / "load_heatmap.png"
     save_heatmap(heatmap, _rank_load_share(stats_plain, s.ep), _rank_load_share(stats_balanced, s.ep),
-                 stats_plain.layer_ids, after_title=f"with EPLB ({s.num_slots} slots)")
+                 stats_plain.layer_ids, (before, after), after_title=f"with EPLB ({s.num_slots} slots)")
     log(f"average imbalance {before:.3f} -> {after:.3f} ({before / max(after, 1e-12):.1f}x lower); "
         f"in-graph {plain.figures['mean_imbalance']:.3f} -> {balanced.figures['mean_imbalance']:.3f}; "
         f"generated tokens identical: {identical}; heatmap -> {heatmap}")
