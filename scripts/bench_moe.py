@@ -9,7 +9,10 @@ those frequencies. Prints per-rank received entries, realized imbalance (max/mea
 step time (median of repeats, host clock) per configuration. On CPU the layer is scaled down
 and the devices are emulated (``--emulate_devices``), so times compare configurations only.
 A second table times one rank's grouped SwiGLU (the same methods) against a dense matmul of
-the same useful FLOPs, in TFLOP/s. A configuration that fails is reported and skipped.
+the same useful FLOPs, in TFLOP/s; a third the load-aware split alone (bench_split.py: the
+vectorised passes vs the sequential water-filling they replaced) at this geometry and at
+DeepSeek-V3's EP36/288, next to the layer step above. A configuration that fails is reported
+and skipped.
 
   python scripts/bench_moe.py [--ep 8] [--tokens 2048] [--hidden 256] [--ffn 128]
 """
@@ -114,6 +117,9 @@ def main():
                           f"{per_rank.max() / per_rank.mean() - 1:>9.3f} {per_rank.max():>9} {ms:>8.1f} "
                           f"{baseline[key] / ms:>9.2f}x", flush=True)
     grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=matmuls)
+    from bench_split import split_table
+
+    split_table(load, [(R, args.slots_per_rank * R), (36, 288)], max(args.tokens // R, 1), k)
 
 
 def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods):

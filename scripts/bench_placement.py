@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Placement quality, migration cost and planner time: identity vs trtllm vs deepseek vs balanced.
+"""Placement quality, migration cost and planner time: identity vs trtllm vs deepseek vs balanced
+vs flow.
 
 Loads: the real DeepSeek-V3 statistics in ../shared/data/deepseek-v3-sglang (skipped if
 absent) and synthetic log-normal loads. For each EP geometry prints, per algorithm, the mean
@@ -7,7 +8,15 @@ and worst (over layers and files) max/mean rank load, the lower bound, replicas 
 with a copy, slots moved between consecutive files' plans (fresh vs --previous_config), and the
 median planner time per file.
 
+Then the per-iteration table (real loads): each iteration's max/mean - 1 of the rank loads,
+averaged over iterations, layers and files. Iterations come from the noise model
+counts ~ Multinomial(R x 256 x 8, Dirichlet(20000 p)); plans are made from one draw (train),
+judged on another (test) under the equal split over replicas (TensorRT-LLM's round robin), our
+load_aware split, and the per-iteration LP optimum of the split for that plan (on a subsample
+of layers and iterations, next to load_aware on the same subsample).
+
   python scripts/bench_placement.py [--data DIR] [--repeats 3] [--geometries 32/288,144/288]
+                                    [--iteration_geometries 36/288] [--skip_totals]
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import numpy as np
 from jax_eplb import default_slot_to_expert, load_sglang_json, lower_bound, plan_placement
 from jax_eplb._metrics import duplicate_count, rank_loads
 from jax_eplb._synthetic import expert_popularity
+from bench_iterations import per_iteration_set
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 ALGOS = {
@@ -30,6 +40,7 @@ ALGOS = {
     "deepseek": dict(algorithm="deepseek"),
     "deepseek-hier": dict(algorithm="deepseek", num_groups=8, num_nodes=4),
     "balanced": dict(algorithm="balanced"),
+    "flow": dict(algorithm="flow"),
 }
 
 
@@ -83,16 +94,21 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--geometries", default="32/288,64/320,96/288,144/288")
     parser.add_argument("--synthetic_sets", type=int, default=4)
+    parser.add_argument("--iteration_geometries", default="32/288,36/288,64/320,144/288")
+    parser.add_argument("--skip_totals", action="store_true", help="only the per-iteration table")
     args = parser.parse_args()
     geometries = [tuple(int(x) for x in g.split("/")) for g in args.geometries.split(",")]
     files = sorted(args.data.glob("*.json")) if args.data.is_dir() else []
-    if files:
-        bench_set(f"DeepSeek-V3 (SGLang) loads from {args.data.name}", [load_sglang_json(f).total() for f in files],
-                  geometries, args.repeats)
-    else:
+    loads = [load_sglang_json(f).total() for f in files]
+    if not files:
         print(f"(real data not found at {args.data}; skipped)")
-    synthetic = [expert_popularity(58, 256, seed=s) * 1e6 for s in range(args.synthetic_sets)]
-    bench_set("synthetic log-normal loads (sigma 0.8)", synthetic, geometries, args.repeats)
+    elif not args.skip_totals:
+        bench_set(f"DeepSeek-V3 (SGLang) loads from {args.data.name}", loads, geometries, args.repeats)
+    if not args.skip_totals:
+        synthetic = [expert_popularity(58, 256, seed=s) * 1e6 for s in range(args.synthetic_sets)]
+        bench_set("synthetic log-normal loads (sigma 0.8)", synthetic, geometries, args.repeats)
+    if files:
+        per_iteration_set(loads, [tuple(int(x) for x in g.split("/")) for g in args.iteration_geometries.split(",")])
 
 
 if __name__ == "__main__":

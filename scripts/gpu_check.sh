@@ -47,7 +47,8 @@ step tests 150 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py -
 # 2. Histogram kernels vs XLA, in-device (issue: >= 50% copy bandwidth at 8.4M ids).
 step kernels 120 python3 scripts/bench_kernels.py --reps 100 --json "$OUT/bench_kernels.json"
 # 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots; at ep=1 both transports are local, so the
-#    ragged one only): ragged_dot vs the Pallas tile-grouped matmul, TFLOP/s vs dense, step times.
+#    ragged one only): ragged_dot vs the Pallas tile-grouped matmul, TFLOP/s vs dense, step times; then the
+#    load-aware split alone on the GPU (vectorised passes vs the old sequential pour) at EP36/288.
 DATA_ARG=(); [[ -f "$DATA" ]] && DATA_ARG=(--data "$DATA")
 step moe 150 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
     --experts 256 --top_k 8 --slots_per_rank 288 --repeats 3 --matmul_rows 2048 8192 16384 \
@@ -65,7 +66,7 @@ echo "== summary ($(($(date +%s) - START))s) =="
 cat "$OUT/gpu.txt"
 grep -E "passed|failed|error" "$OUT/tests.txt" | tail -2
 grep -E "pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
-grep -E "^ *(no EPLB|balanced)|^ *[0-9]+( +([0-9.]+|nan))+$|TFLOP" "$OUT/moe.txt"
+grep -E "^ *(no EPLB|balanced)|^ *[0-9]+( +([0-9.]+|nan))+$|TFLOP|sequential|vectorised" "$OUT/moe.txt"
 grep -E "^ *[0-9]+ +(host|device) " "$OUT/rebalance.txt"
 grep -E "^(no EPLB|EPLB)" "$OUT/inference.txt"
 grep -hE "uses XLA for it|FAILED" "$OUT"/*.txt | sort -u | cut -c1-200

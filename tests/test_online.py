@@ -177,3 +177,25 @@ def test_state_survives_a_restart(small, tmp_path):
     np.testing.assert_array_equal(restarted.model.tables().expert_slots, runner.model.tables().expert_slots)
     np.testing.assert_allclose(np.asarray(fresh.statistics), np.asarray(balancer.statistics))
     assert generate(small, restarted, None, 4) == before
+
+
+def test_flow_planner_online_plans_for_one_iteration(small, monkeypatch):
+    """``flow`` online: the noise model gets one iteration's entries (statistics undone of the decay)
+    and the plan it returns is applied like any other."""
+    import jax_eplb.online._balancer as balancer_module
+
+    config = small.config()
+    model = small.build(config, 2, small.identity_plus(config, 8), record=("expert_total",)).model
+    balancer = OnlineBalancer(model, source_of(config), 2, overlap=False, algorithm="flow")
+    seen = []
+    real = balancer_module.plan_placement
+    monkeypatch.setattr(balancer_module, "plan_placement",
+                        lambda *a, **k: seen.append(k["entries_per_iteration"]) or real(*a, **k))
+    counts = np.random.default_rng(0).integers(0, 40, (2, 16))  # the same step three times
+    for _ in range(3):
+        balancer.observe(jnp.asarray(counts, jnp.int32))
+    report = balancer.before_step(0)
+    np.testing.assert_allclose(seen[0], counts.sum(axis=1), rtol=1e-5)
+    assert report.layers_applied == (0, 1)
+    np.testing.assert_array_equal(model.tables().slot_to_expert, balancer.slot_to_expert)
+    assert all(set(row) == set(range(16)) for row in balancer.slot_to_expert)

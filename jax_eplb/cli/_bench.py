@@ -47,9 +47,10 @@ def add_bench_parser(sub):
     thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas"), default="auto",
                      help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, or the Pallas tile-grouped "
                           "kernel (GPU); auto: padded on CPU, ragged_dot on GPU")
-    thr.add_argument("--online_planner", choices=("migration_aware", "trtllm"), default="migration_aware",
-                     help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, or "
-                          "TensorRT-LLM's greedy re-planned from scratch")
+    thr.add_argument("--online_planner", choices=("migration_aware", "flow", "trtllm"), default="migration_aware",
+                     help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, the flow "
+                          "planner (per-iteration load; with --replica_policy load_aware), or TensorRT-LLM's greedy "
+                          "re-planned from scratch")
     thr.add_argument("--online_state", default=None,
                      help="online mode: restore decayed statistics and placement from this directory if it "
                           "exists, save them there at exit (a restarted server keeps its placement)")

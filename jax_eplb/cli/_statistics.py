@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from jax_eplb._errors import EplbInputError
 from jax_eplb.cli._checks import at_least, output_file
 
@@ -105,7 +107,12 @@ def add_generate_parser(sub):
                         help="0: static plan; k > 0: online, k layers re-placed per iteration")
     parser.add_argument("--num_experts_per_token", type=int, default=None,
                         help="accepted for compatibility; read from the statistics")
-    parser.add_argument("--algorithm", choices=("balanced", "trtllm", "deepseek"), default="balanced")
+    parser.add_argument("--algorithm", choices=("balanced", "flow", "trtllm", "deepseek"), default="balanced",
+                        help="balanced: for the window's total; flow: for each iteration's load under load_aware "
+                             "(uses the recorded iterations, or the noise model)")
+    parser.add_argument("--decode_tokens_per_rank", type=int, default=256,
+                        help="flow, with fewer than 8 recorded iterations (e.g. SGLang totals): the noise model's "
+                             "tokens per rank per iteration")
     parser.add_argument("--num_groups", type=int, default=1, help="expert groups (deepseek hierarchical)")
     parser.add_argument("--num_nodes", type=int, default=1, help="nodes (deepseek hierarchical)")
     parser.add_argument("--previous_config", default=None,
@@ -125,7 +132,7 @@ def run_generate(args) -> int:
     from jax_eplb.planning import PlacementPlan, lower_bound, mask_failed_ranks, plan_placement
 
     for flag, minimum in (("ep_size", 1), ("num_slots", 1), ("num_groups", 1), ("num_nodes", 1),
-                          ("layer_updates_per_iter", 0)):
+                          ("layer_updates_per_iter", 0), ("decode_tokens_per_rank", 1)):
         at_least(getattr(args, flag), minimum, f"--{flag}")
     if args.failed_ranks and args.layer_updates_per_iter:
         raise EplbInputError("--failed_ranks makes a static plan (online updates would fill the failed ranks' "
@@ -149,14 +156,38 @@ def run_generate(args) -> int:
     else:
         plan = plan_placement(load, num_slots, ep_size, args.algorithm, num_groups=args.num_groups,
                               num_nodes=args.num_nodes, previous=previous,
-                              migration_tolerance=args.migration_tolerance, failed_ranks=args.failed_ranks)
+                              migration_tolerance=args.migration_tolerance, failed_ranks=args.failed_ranks,
+                              samples=(samples := _flow_samples(args, stats, ep_size)))
     elapsed = time.perf_counter() - start
+    if args.algorithm == "flow" and not args.mask_only:
+        from jax_eplb.planning import per_iteration_imbalance
+
+        print(f"per-iteration imbalance on those iterations under load_aware: mean "
+              f"{per_iteration_imbalance(plan.slot_to_expert, samples, ep_size).mean():.4f}")
     plan_config_from_slots(plan.slot_to_expert, stats.layer_ids, args.layer_updates_per_iter).to_yaml(args.output_path)
     num_slots = plan.slot_to_expert.shape[1]
     serving = ep_size - len(args.failed_ranks)
     bound = lower_bound(load, num_slots // ep_size * serving, serving).imbalance
     _print_plan(args, stats, plan, bound, num_slots, ep_size, elapsed)
     return 0
+
+
+def _flow_samples(args, stats, ep_size: int):
+    """``flow``: up to 16 recorded iterations (evenly spaced) when there are at least 8, else the
+    noise model's iterations around the window's total. None for the other algorithms."""
+    from jax_eplb.planning import sample_iterations
+
+    if args.algorithm != "flow":
+        return None
+    if stats.num_iters >= 8:
+        picked = np.unique(np.linspace(0, stats.num_iters - 1, 16).round().astype(int))
+        print(f"flow: planning for {picked.size} of the {stats.num_iters} recorded iterations")
+        return stats.counts[picked]
+    top_k = stats.num_experts_per_token or args.num_experts_per_token or 8
+    serving = ep_size - len(args.failed_ranks)
+    print(f"flow: {stats.num_iters} recorded iteration(s): planning for the noise model's iterations "
+          f"({args.decode_tokens_per_rank} tokens per rank x top-{top_k} on {serving} ranks)")
+    return sample_iterations(stats.total(), serving * args.decode_tokens_per_rank * top_k)
 
 
 def _print_plan(args, stats, plan, bound, num_slots: int, ep_size: int, elapsed: float) -> None:

@@ -11,7 +11,7 @@ from jax_eplb.moe._dispatch import DispatchPlan, RaggedOffsets, all_to_all_moe, 
 from jax_eplb.moe._experts import expert_compute
 from jax_eplb.moe._forward import chunk_sizes, ep_moe_forward
 from jax_eplb.moe._mlp import MLP, swiglu
-from jax_eplb.moe._replica_choice import load_aware_slots, replica_quotas, round_robin_slots
+from jax_eplb.moe._replica_choice import load_aware_slots, replica_quotas, replica_shares, round_robin_slots
 from jax_eplb.moe._slots import ExpertSource, HostExperts, as_expert_source, slot_weights_from_logical
 from jax_eplb.moe._routers import Routing, deepseek_topk, route, softmax_topk
 from jax_eplb.moe._types import (GROUPED_MATMULS, POLICIES, RECORD_MODES, TRANSPORTS, ExpertWeights, MoEConfig,
@@ -26,7 +26,7 @@ __all__ = [
     "ExpertSource", "HostExperts", "as_expert_source", "slot_weights_from_logical",
     # the pure pieces, in flow order
     "Routing", "route", "softmax_topk", "deepseek_topk",
-    "round_robin_slots", "load_aware_slots", "replica_quotas",
+    "round_robin_slots", "load_aware_slots", "replica_quotas", "replica_shares",
     "DispatchPlan", "dispatch_plan", "RaggedOffsets", "ragged_offsets", "all_to_all_moe", "expert_compute",
     "chunk_sizes", "ep_moe_forward",
 ]

@@ -5,7 +5,8 @@ Axis legend: T local tokens, K top-k, E experts, M max replicas, S slots, R rank
 * ``round_robin``: TensorRT-LLM's rule (kernels' route_to_slots), rank offset = EP rank.
 * ``load_aware``: the all-gathered per-rank expert counts of this batch decide, identically on
   every rank, how many entries of each expert each replica takes (water-filling: every
-  expert's entries go preferably to its replicas on the least-loaded ranks); an entry's global
+  expert's entries go preferably to its replicas on the least-loaded ranks; a few passes over
+  all replicated experts at once, so no long chain of dependent steps); an entry's global
   index within its expert (lower ranks first, then local order) picks its replica. The batch
   keeps the round-robin choice instead if that happens to give a lower max rank load, so
   load_aware is never worse than round_robin.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_eplb.planning._split import SPLIT_PASSES
 from jax_eplb_kernels import SlotRouting, routing_histogram, route_to_slots
 from jax_eplb_kernels.slot_routing.reference import replica_occurrence
 
@@ -27,55 +29,80 @@ def round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, 
                           with_histogram=with_histogram, implementation=implementation)
 
 
-def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks, sweeps: int = 2):
-    """``[E, M]`` entries each replica should take so that rank loads come out even.
+def replica_shares(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks,
+                   passes: int = SPLIT_PASSES):
+    """``[E, M]`` entries (fractional) each replica should take so that rank loads come out even.
 
     Args:
       expert_counts: ``[E]`` global entries per expert this batch.
-    Experts with one replica are fixed load; each replicated expert (at most S - E of them), in
-    turn, pours its entries into its replicas' ranks lowest-first (water-filling), ``sweeps``
-    times over.
+    Experts with one replica are fixed load. From the even split, every replicated expert (at
+    most S - E of them) re-pours its entries into its replicas' ranks lowest-first (water-filling
+    against the others' current shares; its replicas on one rank fill that rank together), all at
+    once, ``passes`` times; a step is ``2 / (n + 1)`` with n the most replicated experts on one of
+    its ranks, so simultaneous pours do not overshoot. ``planning.split_rank_loads`` is the same
+    computation in NumPy (the flow planner's objective).
     """
     num_experts, max_replicas = expert_slots.shape
     counts = expert_counts.astype(jnp.float32)
     valid = expert_slots >= 0  # [E, M]
     replica_rank = jnp.where(valid, expert_slots // slots_per_rank, 0)  # [E, M]
-    even = jnp.where(valid, counts[:, None] / jnp.maximum(replica_count, 1)[:, None], 0.0)  # start: even split
-    rank_load = jnp.zeros((num_ranks,), jnp.float32).at[replica_rank.reshape(-1)].add(even.reshape(-1))
+    even = jnp.where(valid, counts[:, None] / jnp.maximum(replica_count, 1)[:, None], 0.0)  # [E, M]
+    # Only replicated experts have a choice, and at most S - E experts are replicated.
+    candidates = min(num_experts, max(slots_per_rank * num_ranks - num_experts, 0))
+    if candidates == 0 or passes == 0:
+        return even
+    chosen = jnp.argsort(replica_count <= 1, stable=True)[:candidates]  # [X] replicated experts first
+    rank_x, valid_x, counts_x = replica_rank[chosen], valid[chosen], counts[chosen]  # [X, M], [X]
+    fixed = (jnp.zeros((num_ranks,), jnp.float32).at[replica_rank.reshape(-1)].add(even.reshape(-1))
+             .at[rank_x.reshape(-1)].add(-even[chosen].reshape(-1)))  # [R] load of the others
+    # One expert's replicas on one rank fill it together: each counts 1/(their number) of the rank.
+    same_rank = (valid_x[:, :, None] & valid_x[:, None, :]
+                 & (rank_x[:, :, None] == rank_x[:, None, :])).astype(jnp.float32)  # [X, M, M]
+    weight = jnp.where(valid_x, 1.0 / jnp.maximum(same_rank.sum(axis=2), 1.0), 0.0)  # [X, M]
+    moving = jnp.where((replica_count[chosen] > 1)[:, None], weight, 0.0)
+    experts_on = jnp.zeros((num_ranks,), jnp.float32).at[rank_x.reshape(-1)].add(moving.reshape(-1))  # [R]
+    crowd = jnp.max(jnp.where(moving > 0, experts_on[rank_x], 0.0), axis=1)  # [X]
+    step = (2.0 / (jnp.maximum(jnp.round(crowd), 1.0) + 1.0))[:, None]  # [X, 1]
 
-    def pour(e, carry):
-        quota, rank_load = carry
-        mine = quota[e]  # [M]
-        rank_load = rank_load.at[replica_rank[e]].add(-mine)
-        base = jnp.where(valid[e], rank_load[replica_rank[e]], jnp.inf)  # [M]
-        # water level L with sum(max(0, L - base)) = counts[e], over sorted bases.
-        order = jnp.sort(base)
-        finite = jnp.isfinite(order)
-        prefix = jnp.cumsum(jnp.where(finite, order, 0.0))
-        j = jnp.arange(1, max_replicas + 1, dtype=jnp.float32)
-        level = (counts[e] + prefix) / j  # level if the first j replicas are filled
-        ok = finite & (level >= order)  # valid j form a prefix; the level falls as j grows
-        level = jnp.min(jnp.where(ok, level, jnp.inf))
-        new = jnp.where(valid[e], jnp.maximum(level - base, 0.0), 0.0)
-        rank_load = rank_load.at[replica_rank[e]].add(new)
-        return quota.at[e].set(new), rank_load
+    on_rank = jax.nn.one_hot(rank_x.reshape(-1), num_ranks, dtype=jnp.float32) * valid_x.reshape(-1, 1)  # [X*M, R]
 
-    # Only replicated experts have a choice (pouring a single-replica expert is a no-op), and
-    # at most S - E experts are replicated: loop over those instead of all E.
-    num_slots = slots_per_rank * num_ranks
-    candidates = min(num_experts, max(num_slots - num_experts, 0))
-    replicated = jnp.argsort(replica_count <= 1, stable=True)[:candidates]  # replicated experts first
+    def one_pass(_, share):  # share [X, M]; rank sums and gathers as small matmuls (no scatter)
+        rank_load = fixed + share.reshape(-1) @ on_rank
+        own = jnp.einsum("xmn,xn->xm", same_rank, share)  # the expert's own load on that rank
+        base = jnp.where(valid_x, (on_rank @ rank_load).reshape(share.shape) - own, jnp.inf)
+        return share + step * (_water_fill(counts_x, base, weight) - share)
 
-    def sweep(_, carry):
-        return jax.lax.fori_loop(0, candidates, lambda i, c: pour(replicated[i], c), carry)
+    return even.at[chosen].set(jax.lax.fori_loop(0, passes, one_pass, even[chosen]))
 
-    quota = jax.lax.fori_loop(0, sweeps, sweep, (even, rank_load))[0] if candidates else even
-    # Integer quotas summing exactly to each expert's count (largest remainders first).
-    floor = jnp.floor(quota)
-    remainder = jnp.where(valid, quota - floor, -1.0)
-    missing = (counts - floor.sum(axis=1)).astype(jnp.int32)  # [E]
-    rank_of_remainder = jnp.argsort(jnp.argsort(-remainder, axis=1), axis=1)
-    return (floor + (rank_of_remainder < missing[:, None])).astype(jnp.int32)
+
+def _water_fill(amount, base, weight):
+    """``amount`` ``[X]`` poured onto levels ``base`` ``[X, M]`` (inf: no replica) lowest-first -> ``[X, M]``;
+    ``weight`` ``[X, M]``: 1 / the replicas sharing that level (the same rank), which fill it together.
+
+    The level when exactly the replicas at or below ``base[m]`` are filled is
+    ``(amount + weighted sum of those bases) / their weight``. Over the bases in rising order these
+    levels fall while the next base is below the level and rise after, so the water level is the
+    smallest of them (a pairwise comparison instead of a sort: M is small; no under-water test
+    that rounding could fail for every m)."""
+    finite = jnp.isfinite(base)
+    level_base = jnp.where(finite, base, 0.0)
+    below = (base[:, None, :] <= base[:, :, None]) & finite[:, None, :]  # [X, M(m), M(m')]: base[m'] <= base[m]
+    total = jnp.sum(jnp.where(below, (weight * level_base)[:, None, :], 0.0), axis=2)
+    width = jnp.sum(jnp.where(below, weight[:, None, :], 0.0), axis=2)
+    level = (amount[:, None] + total) / jnp.maximum(width, 1e-30)  # [X, M]
+    level = jnp.min(jnp.where(finite, level, jnp.inf), axis=1)
+    return jnp.where(finite, jnp.maximum(level[:, None] - level_base, 0.0) * weight, 0.0)
+
+
+def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks,
+                   passes: int = SPLIT_PASSES):
+    """``[E, M]`` integer entries per replica: ``replica_shares`` rounded so that each expert's
+    quotas sum exactly to its count (each within one of its share: the rounded running sum)."""
+    quota = replica_shares(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks, passes)
+    running = jnp.round(jnp.cumsum(quota, axis=1))  # [E, M]; the last valid one is the count
+    running = jnp.minimum(running, expert_counts.astype(jnp.float32)[:, None])
+    quotas = jnp.diff(running, axis=1, prepend=0.0)
+    return jnp.where(expert_slots >= 0, quotas, 0).astype(jnp.int32)
 
 
 def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, axis_name: str,

@@ -13,6 +13,9 @@ Per iteration:
   if need be; in one process a plan is applied as soon as it is done.
 * Plans are migration-aware: experts stay in their slots where that costs no balance, so an
   update moves few slots (TensorRT-LLM and DeepSeek re-plan from scratch).
+* ``algorithm="flow"`` plans for each iteration's load under the load-aware split: the layer's
+  iterations are drawn by the noise model around its decayed statistics, with the entries of
+  one iteration = statistics total / (1 + decay + ... + decay^(n-1)) after n observed steps.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ class OnlineBalancer:
         ``expert_source(config)``, or arrays ``[Lm, E, ...]``): where rewritten slots come from
         when no device holds a copy.
       layer_updates_per_iter: k > 0 layers re-placed per iteration.
+      algorithm: the planner (``plan_placement``'s): ``balanced`` (default), ``flow`` (for each
+        iteration's load; pair it with the ``load_aware`` replica policy), ``trtllm``, ``deepseek``.
       migration_aware: False re-plans every due layer from scratch (TensorRT-LLM's behaviour;
         for comparison).
       overlap: plan on a host thread (applied at the next iteration after it finishes); False
@@ -116,6 +121,7 @@ class OnlineBalancer:
         self._replicated = replicated(model.mesh)
         self.statistics = jax.device_put(jnp.zeros((config.num_moe_layers, config.num_experts), jnp.float32),
                                          self._replicated)
+        self._steps_observed = np.zeros(config.num_moe_layers)  # [Lm] steps in the statistics since a reset
         self.writer = SlotWriter(model.mesh, device_copies)
         # compile the rebalance programs now, not mid-serving
         model.set_slot_experts(self.writer.warm_up(model.slot_experts()))
@@ -129,6 +135,7 @@ class OnlineBalancer:
     def observe(self, expert_totals) -> None:
         """Folds one step's ``[Lm, E]`` expert totals into the decayed statistics (device only)."""
         self.statistics = _decay_update(self.statistics, expert_totals, jnp.float32(self.decay))
+        self._steps_observed += 1
 
     def before_step(self, iteration: int) -> UpdateReport:
         applied: list[UpdateReport] = []  # one per plan applied now (iteration -1, layers_planned ())
@@ -142,10 +149,12 @@ class OnlineBalancer:
         if due:
             loads = np.asarray(self.statistics[np.asarray(due)])  # [k, E]: one small transfer
             previous = self.slot_to_expert[list(due)]
+            steps = np.maximum(self._steps_observed[list(due)], 1)
+            entries = loads.sum(axis=1) * (1 - self.decay) / (1 - self.decay ** steps)  # [k] per iteration
             if self._pool is not None:
-                self._pending.append(self._pool.submit(self._plan, due, loads, previous))
+                self._pending.append(self._pool.submit(self._plan, due, loads, previous, entries))
             else:
-                applied.append(self._apply(self._plan(due, loads, previous)))
+                applied.append(self._apply(self._plan(due, loads, previous, entries)))
         report = UpdateReport(iteration, tuple(due), tuple(l for a in applied for l in a.layers_applied),
                               *(sum(getattr(a, field) for a in applied) for field in UpdateReport._fields[3:]))
         self.reports.append(report)
@@ -159,18 +168,22 @@ class OnlineBalancer:
 
     # ------------------------------------------------------------------ planning and applying
 
-    def _plan(self, layers, loads, previous) -> _Planned:
+    def _plan(self, layers, loads, previous, entries) -> _Planned:
         """New placements for ``layers``; a layer whose current placement is within
-        ``migration_tolerance`` of the new plan's max rank load keeps it (moves nothing)."""
+        ``migration_tolerance`` of the new plan's max rank load keeps it (moves nothing; ``flow``
+        judges that by the per-iteration load itself). ``entries``: ``[k]`` entries per iteration."""
         start = time.perf_counter()
         model = self.model
         if not np.any(loads):
             return _Planned(tuple(layers), previous, time.perf_counter() - start)
         if not self.migration_aware:
-            plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm)
+            plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm,
+                                  entries_per_iteration=entries)
             return _Planned(tuple(layers), plan.slot_to_expert, time.perf_counter() - start)
         plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm, previous=previous,
-                              migration_tolerance=self.tolerance)
+                              migration_tolerance=self.tolerance, entries_per_iteration=entries)
+        if self.algorithm == "flow":
+            return _Planned(tuple(layers), plan.slot_to_expert, time.perf_counter() - start)
         current_peak = rank_loads_from_counts(project_onto_plan(loads[None], previous)[0], model.num_ranks).max(axis=1)
         keep = current_peak <= plan.rank_load.max(axis=1) * (1 + self.tolerance)
         chosen = np.where(keep[:, None], previous, plan.slot_to_expert)
@@ -189,6 +202,7 @@ class OnlineBalancer:
         mask = np.zeros(self.slot_to_expert.shape[0], bool)
         mask[list(planned.layers)] = True
         self.statistics = _reset_layers(self.statistics, jax.device_put(mask, self._replicated))
+        self._steps_observed[mask] = 0
         return UpdateReport(-1, (), tuple(planned.layers), sum(m.slots_moved for m in moves),
                             sum(m.bytes_moved for m in moves), planned.seconds, time.perf_counter() - start,
                             sum(m.slots_from_devices for m in moves))
@@ -235,3 +249,4 @@ class OnlineBalancer:
         self.model.set_placement(self._tables(slot_to_expert), self.source)
         self.slot_to_expert = slot_to_expert.copy()
         self.statistics = restored["statistics"]
+        self._steps_observed[:] = np.inf  # the saved statistics: taken as a long (steady) window

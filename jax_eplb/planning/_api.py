@@ -13,11 +13,12 @@ from jax_eplb._assignment import UNUSED_SLOT, AssignmentTables, build_assignment
 from jax_eplb.planning._balanced import balanced_plan
 from jax_eplb.planning._baselines import deepseek_plan, trtllm_plan
 from jax_eplb._errors import EplbInputError
+from jax_eplb.planning._flow import DECODE_TOKENS_PER_RANK, flow_plan, sample_iterations
 from jax_eplb.planning._failed_ranks import serving_columns, serving_ranks, spread_to_ranks
 from jax_eplb.planning._migration import align_to_previous, slots_moved
 from jax_eplb._metrics import duplicate_count, rank_loads
 
-ALGORITHMS = ("balanced", "trtllm", "deepseek")
+ALGORITHMS = ("balanced", "flow", "trtllm", "deepseek")
 
 
 class PlacementPlan(NamedTuple):
@@ -58,28 +59,26 @@ class PlacementPlan(NamedTuple):
 
 
 def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balanced", *,
-                   num_groups: int = 1, num_nodes: int = 1, previous=None,
-                   migration_tolerance: float = 0.0, failed_ranks: Sequence[int] = ()) -> PlacementPlan:
+                   num_groups: int = 1, num_nodes: int = 1, previous=None, migration_tolerance: float = 0.0,
+                   failed_ranks: Sequence[int] = (), samples=None, entries_per_iteration=None) -> PlacementPlan:
     """Plans all layers at once.
 
     Args:
       load: ``[L, E]`` (or ``[E]``) non-negative expert loads, e.g. counts summed over a window.
       num_slots: S >= E, divisible by ep_size.
-      algorithm: ``balanced`` (ours), ``trtllm`` (TensorRT-LLM's greedy, exactly) or
+      algorithm: ``balanced`` (ours, for the window's total), ``flow`` (ours, for each iteration's
+        load under the load-aware split), ``trtllm`` (TensorRT-LLM's greedy, exactly) or
         ``deepseek`` (DeepSeek EPLB; hierarchical when num_groups % num_nodes == 0 and
         num_nodes > 1, global otherwise).
       previous: ``[L, S]`` plan in force; the new plan keeps experts in place where that costs
         no balance (beyond ``migration_tolerance``, relative) and reports slots moved.
       failed_ranks: ranks that serve nothing: the plan uses only the other ranks' slots (the failed
         ranks' slots hold ``UNUSED_SLOT``); ``rank_load`` is 0 and ``imbalance`` ignores them.
+      samples: ``flow``: per-iteration counts ``[K, L, E]`` to plan for (recorded iterations);
+        default: drawn by the noise model around ``load`` with ``entries_per_iteration`` (token,
+        expert) entries per iteration (``[L]`` or one number; default 256 tokens per rank x 8).
     """
-    load = np.asarray(load, dtype=np.float64)
-    if load.ndim == 1:
-        load = load[None]
-    if load.ndim != 2 or load.shape[1] == 0:
-        raise EplbInputError(f"load must be [layers, experts], got shape {load.shape}")
-    if not np.all(np.isfinite(load)) or np.any(load < 0):
-        raise EplbInputError("load must be finite and non-negative")
+    load = _checked(load, "load")
     num_experts = load.shape[1]
     check_slot_geometry(num_experts, num_slots, ep_size)
     if algorithm not in ALGORITHMS:
@@ -89,15 +88,44 @@ def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balance
     if serving_slots < num_experts:
         raise EplbInputError(f"the {len(ranks)} serving ranks have {serving_slots} slots, fewer than the "
                              f"{num_experts} experts")
+    serving_previous = None
     if previous is not None:
         previous = np.asarray(previous)
         if previous.shape != (load.shape[0], num_slots):
             raise EplbInputError(f"previous plan has shape {previous.shape}, expected {(load.shape[0], num_slots)}")
         build_assignment_tables(previous, num_experts)  # validates ids and coverage
-    plan = _plan_layers(load, serving_slots, len(ranks), algorithm, num_groups, num_nodes)
-    if previous is not None:
-        plan = _aligned(load, plan, serving_columns(previous, ep_size, ranks), len(ranks), migration_tolerance)
+        serving_previous = serving_columns(previous, ep_size, ranks)
+    if algorithm == "flow":
+        samples = _flow_samples(load, samples, entries_per_iteration, len(ranks))
+        plan = flow_plan(load, samples, serving_slots, len(ranks), serving_previous, migration_tolerance)
+    else:
+        plan = _plan_layers(load, serving_slots, len(ranks), algorithm, num_groups, num_nodes)
+        if previous is not None:
+            plan = _aligned(load, plan, serving_previous, len(ranks), migration_tolerance)
     return PlacementPlan.of(spread_to_ranks(plan, ep_size, ranks), load, ep_size, previous)
+
+
+def _checked(load, name: str) -> np.ndarray:
+    load = np.asarray(load, dtype=np.float64)
+    if load.ndim == 1:
+        load = load[None]
+    if load.ndim != 2 or load.shape[1] == 0:
+        raise EplbInputError(f"{name} must be [layers, experts], got shape {load.shape}")
+    if not np.all(np.isfinite(load)) or np.any(load < 0):
+        raise EplbInputError(f"{name} must be finite and non-negative")
+    return load
+
+
+def _flow_samples(load, samples, entries_per_iteration, serving_ranks: int) -> np.ndarray:
+    if samples is None:
+        entries = serving_ranks * DECODE_TOKENS_PER_RANK * 8 if entries_per_iteration is None else entries_per_iteration
+        return sample_iterations(load, entries)
+    samples = np.asarray(samples, dtype=np.float64)
+    if samples.ndim != 3 or samples.shape[1:] != load.shape or samples.shape[0] == 0:
+        raise EplbInputError(f"samples must be [iterations, {load.shape[0]}, {load.shape[1]}], got {samples.shape}")
+    if not np.all(np.isfinite(samples)) or np.any(samples < 0):
+        raise EplbInputError("samples must be finite and non-negative")
+    return samples
 
 
 def _plan_layers(load, num_slots: int, ep_size: int, algorithm: str, num_groups: int, num_nodes: int) -> np.ndarray:

@@ -20,7 +20,9 @@ def slots_moved(plan: np.ndarray, previous: np.ndarray) -> np.ndarray:
     return (np.asarray(plan) != np.asarray(previous)).sum(axis=1)
 
 
-def _align_layer(plan: np.ndarray, previous: np.ndarray, ep_size: int, num_experts: int) -> np.ndarray:
+def align_ranks(plan: np.ndarray, previous: np.ndarray, ep_size: int, num_experts: int) -> np.ndarray:
+    """``plan`` ``[S]`` with its ranks renamed (most experts in common, Hungarian) and, inside a rank,
+    experts that stay kept in their old slots: the same placement up to labels, fewest slots moved."""
     new_bins = plan.reshape(ep_size, -1)
     old_bins = previous.reshape(ep_size, -1)
     per_rank = new_bins.shape[1]
@@ -94,7 +96,7 @@ def align_to_previous(load: np.ndarray, plan: np.ndarray, previous: np.ndarray, 
     use_warm = rank_loads(load, warm, ep_size).max(axis=1) <= budget
     out = np.empty_like(plan)
     for layer in range(plan.shape[0]):
-        aligned = _align_layer(plan[layer], previous[layer], ep_size, load.shape[1])
+        aligned = align_ranks(plan[layer], previous[layer], ep_size, load.shape[1])
         options = [aligned] + ([warm[layer]] if use_warm[layer] else [])
         options += [previous[layer]] if keep_old[layer] else []
         out[layer] = min(options, key=lambda o: int((o != previous[layer]).sum()))

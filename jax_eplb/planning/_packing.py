@@ -1,10 +1,11 @@
 """Packing replicas onto ranks: the greedy capacity-constrained packer shared by the planners.
 
-Pure numpy, vectorised over rows (layers). Axis legend: B rows, N items, P packs (ranks).
+Pure NumPy and a heap per row (layer). Axis legend: B rows, N items, P packs (ranks).
 """
 
 from __future__ import annotations
 
+import heapq
 from typing import NamedTuple
 
 import numpy as np
@@ -31,18 +32,20 @@ def greedy_pack(item_size: np.ndarray, item_order: np.ndarray, num_packs: int, d
     item_size = np.asarray(item_size, dtype=dtype)
     num_rows, num_items = item_size.shape
     per_pack = num_items // num_packs
-    rows = np.arange(num_rows)
-    pack_load = np.zeros((num_rows, num_packs), dtype)
-    pack_fill = np.zeros((num_rows, num_packs), np.int64)
     pack = np.zeros((num_rows, num_items), np.int64)
     rank_in_pack = np.zeros((num_rows, num_items), np.int64)
-    for step in range(num_items):
-        item = item_order[:, step]
-        chosen = np.argmin(np.where(pack_fill < per_pack, pack_load, np.inf), axis=1)
-        pack[rows, item] = chosen
-        rank_in_pack[rows, item] = pack_fill[rows, chosen]
-        pack_load[rows, chosen] += item_size[rows, item]
-        pack_fill[rows, chosen] += 1
+    for row in range(num_rows):
+        # (load, pack) heap of the packs with room: the lightest first, the lower index on ties.
+        # Loads are NumPy scalars of ``dtype``, so the sums round exactly as a vectorised version would.
+        open_packs = [(dtype(0), p) for p in range(num_packs)]
+        fill = [0] * num_packs
+        sizes = item_size[row]
+        for item in item_order[row].tolist():
+            level, chosen = heapq.heappop(open_packs)
+            pack[row, item], rank_in_pack[row, item] = chosen, fill[chosen]
+            fill[chosen] += 1
+            if fill[chosen] < per_pack:
+                heapq.heappush(open_packs, (level + sizes[item], chosen))
     return Packing(pack, rank_in_pack)
 
 

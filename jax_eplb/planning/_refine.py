@@ -13,16 +13,18 @@ import numpy as np
 
 
 def refine_by_swaps(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int,
-                    max_steps: int = 2000) -> np.ndarray:
+                    max_steps: int = 2000, movable: np.ndarray | None = None) -> np.ndarray:
     """Improves ``[B, S]`` plans; the max rank load of each row never increases.
 
     Duplicates (two replicas of one expert on one rank) are swapped away first where that does
     not raise the row's max rank load; then the heaviest rank is relieved while some swap
-    lowers it without lifting its partner to its old load.
+    lowers it without lifting its partner to its old load. ``movable`` ``[B, S]`` (default all):
+    only these slots take part in swaps (the others keep their expert).
     """
     load = np.asarray(load, dtype=np.float64)
     bins = np.array(slot_to_expert, dtype=np.int64).reshape(slot_to_expert.shape[0], ep_size, -1)
     num_rows, num_ranks, per_rank = bins.shape
+    movable = np.ones(bins.shape, bool) if movable is None else np.asarray(movable, bool).reshape(bins.shape)
     if num_ranks == 1:
         return bins.reshape(num_rows, -1)
     count = np.zeros(load.shape, np.int64)
@@ -35,7 +37,7 @@ def refine_by_swaps(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int,
         rows = np.nonzero(active)[0]
         if rows.size == 0:
             break
-        src, best, found, fixing = _best_swaps(bins[rows], size_of[rows], may_fix[rows], tol[rows])
+        src, best, found, fixing = _best_swaps(bins[rows], size_of[rows], may_fix[rows], tol[rows], movable[rows])
         # Rows with no move: a fixing row falls back to relieving the heaviest rank, else stops.
         may_fix[rows[~found & fixing]] = False
         active[rows[~found & ~fixing]] = False
@@ -50,7 +52,7 @@ def refine_by_swaps(load: np.ndarray, slot_to_expert: np.ndarray, ep_size: int,
     return bins.reshape(num_rows, -1)
 
 
-def _best_swaps(b: np.ndarray, size_of: np.ndarray, may_fix: np.ndarray, tol: np.ndarray):
+def _best_swaps(b: np.ndarray, size_of: np.ndarray, may_fix: np.ndarray, tol: np.ndarray, movable: np.ndarray):
     """For ``[A, R, m]`` rank bins: the source rank of each row, its best swap (flat index
     ``[A]`` into ``[m, R*m]``), whether one was found, and whether the row is fixing duplicates."""
     rows, num_ranks, per_rank = b.shape
@@ -64,7 +66,7 @@ def _best_swaps(b: np.ndarray, size_of: np.ndarray, may_fix: np.ndarray, tol: np
     fixing = dup_rank.any(axis=1) & may_fix  # [A]
     src = np.where(fixing, np.argmax(dup_rank, axis=1), np.argmax(rank_load, axis=1))
     src_items, src_size, src_load = b[cur, src], size[cur, src], rank_load[cur, src]  # [A, m]...
-    src_ok = np.where(fixing[:, None], dup_item[cur, src], True)  # [A, m]
+    src_ok = np.where(fixing[:, None], dup_item[cur, src], True) & movable[cur, src]  # [A, m]
     tgt_items = b.reshape(rows, -1)  # [A, R*m]
     tgt_size = size.reshape(rows, -1)
     tgt_load = rank_load[:, target_rank]
@@ -75,6 +77,7 @@ def _best_swaps(b: np.ndarray, size_of: np.ndarray, may_fix: np.ndarray, tol: np
     src_in_rank = (src_items[:, :, None, None] == b[:, None, :, :]).any(axis=3)  # [A, m, R]
     valid = ((target_rank[None, None, :] != src[:, None, None])
              & src_ok[:, :, None]
+             & movable.reshape(rows, -1)[:, None, :]
              & ~tgt_in_src[:, None, :]
              & ~src_in_rank[:, :, target_rank])
     limit = np.where(fixing, rank_load.max(axis=1) + tol, src_load - tol)

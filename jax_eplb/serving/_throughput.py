@@ -35,7 +35,7 @@ from jax_eplb.serving._figures import ThroughputFigures, online_summary
 from jax_eplb.serving._recorder import StatisticsRecorder
 from jax_eplb.sharding import num_ranks, platform, require_gpu
 
-ONLINE_PLANNERS = ("migration_aware", "trtllm")
+ONLINE_PLANNERS = ("migration_aware", "flow", "trtllm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +50,8 @@ class ThroughputSettings:
     grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | auto (padded on CPU, ragged_dot on GPU)
     prefill_chunk: int | None = None  # chunked prefill: prompt tokens per row and iteration (None: whole prompts)
     moe_max_num_tokens: int | None = None  # TensorRT-LLM's MoE chunking
-    online_planner: str = "migration_aware"  # or "trtllm": TensorRT-LLM's greedy, re-planned from scratch
+    # migration_aware (balanced, keeps slots), flow (per-iteration load, keeps slots) or trtllm (from scratch)
+    online_planner: str = "migration_aware"
     progress: bool = True
 
     def __post_init__(self):
@@ -186,9 +187,9 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
 def _online_balancer(model, weights: WeightSource, plan, settings: ThroughputSettings, online_state, log):
     from jax_eplb.online import OnlineBalancer
 
-    trtllm = settings.online_planner == "trtllm"
+    algorithm = {"migration_aware": "balanced"}.get(settings.online_planner, settings.online_planner)
     balancer = OnlineBalancer(model, weights.expert_source(model.config), plan.layer_updates_per_iter,
-                              algorithm="trtllm" if trtllm else "balanced", migration_aware=not trtllm)
+                              algorithm=algorithm, migration_aware=algorithm != "trtllm")
     if online_state and Path(online_state).exists():
         balancer.restore_state(online_state)
         log(f"online balancer state (statistics + placement) restored from {online_state}")
