@@ -46,12 +46,15 @@ def resolve_implementation(implementation: str, probe: Callable[[], bool] | None
         logger.debug("routing kernels: backend %s has no Pallas GPU path; using the XLA reference",
                      jax.default_backend())
         return "xla"
-    if probe is None or _probe_passes(probe, probe_key):
+    if probe is None or probe_passes(probe, probe_key):
         return "pallas"
     return "xla"
 
 
-def _probe_passes(probe: Callable[[], bool], key: Hashable) -> bool:
+def probe_passes(probe: Callable[[], bool], key: Hashable, subject: str = "Pallas kernel",
+                 fallback: str = "XLA") -> bool:
+    """Whether ``probe()`` returned True, run once per ``key`` (cached) on a fresh thread; a probe
+    that raises counts as failed. A failure is logged once: '<subject> <key> ...; uses <fallback>'."""
     if key not in _probe_results:
         try:
             # On a fresh thread: no trace of the caller's (jit, shard_map, scan) is active there, so
@@ -59,12 +62,12 @@ def _probe_passes(probe: Callable[[], bool], key: Hashable) -> bool:
             with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
                 ok = bool(pool.submit(probe).result())
             if not ok:
-                logger.warning("Pallas kernel %s gave results different from the XLA reference on this "
-                               "device; 'auto' uses XLA for it", key)
+                logger.warning("%s %s gave results different from the reference on this device; 'auto' uses "
+                               "%s for it", subject, key, fallback)
         except Exception as error:  # noqa: BLE001 - any compile/run failure means: use the reference
             ok = False
-            logger.warning("Pallas kernel %s failed on this device (%s: %s); 'auto' uses XLA for it", key,
-                           type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "")
+            logger.warning("%s %s failed on this device (%s: %s); 'auto' uses %s for it", subject, key,
+                           type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", fallback)
         _probe_results[key] = ok
     return _probe_results[key]
 

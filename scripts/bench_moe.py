@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """EP MoE layer step: no EPLB vs a balanced plan, round_robin vs load_aware replica choice,
-all_to_all vs ragged transport (GPU only), ragged_dot vs tile-grouped matmul (padded on CPU,
-the Pallas kernel on GPU).
+all_to_all vs ragged transport (GPU only), entry vs token dispatch, ragged_dot vs tile-grouped
+matmul (padded on CPU, the Pallas kernel on GPU), and the bytes each exchange moves per rank.
 
 Routing skew comes from real DeepSeek-V3 per-expert loads (../shared/data, one MoE layer;
 synthetic log-normal popularity if absent): the router's bias makes tokens pick experts with
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import os
 import statistics
 import sys
@@ -45,6 +46,7 @@ def main():
                         help="rows for the grouped-vs-dense matmul table")
     parser.add_argument("--transports", nargs="+", default=None,
                         help="default: all_to_all and ragged on GPU, all_to_all on CPU")
+    parser.add_argument("--dispatches", nargs="+", default=["entry", "token"], help="dispatch modes")
     parser.add_argument("--matmuls", nargs="+", default=None,
                         help="grouped matmuls; default: ragged_dot and pallas on GPU, ragged_dot and padded on CPU")
     parser.add_argument("--data", type=Path,
@@ -90,8 +92,8 @@ def main():
     transports = args.transports or (["all_to_all", "ragged"] if on_gpu else ["all_to_all"])
     # padded gathers a weight copy per tile (CPU only); pallas reads them in place (compiled: GPU only)
     matmuls = args.matmuls or (["ragged_dot", "pallas"] if on_gpu else ["ragged_dot", "padded"])
-    print(f"{'placement':>10} {'policy':>12} {'transport':>10} {'matmul':>10} {'slots':>6} {'imbalance':>9} "
-          f"{'max/rank':>9} {'ms/step':>8} {'vs no-EPLB':>10}")
+    print(f"{'placement':>10} {'policy':>12} {'transport':>10} {'dispatch':>8} {'matmul':>10} {'slots':>6} "
+          f"{'imbalance':>9} {'max/rank':>9} {'ms/step':>8} {'vs no-EPLB':>10}")
     baseline = {}
     for name, slot_to_expert in plans.items():
         tables = build_assignment_tables(slot_to_expert, E)
@@ -99,27 +101,43 @@ def main():
         xs = jax.device_put(x, NamedSharding(mesh, P("ep")))
         rc, es = jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0])
         for policy in ("round_robin", "load_aware"):
-            for transport in transports:
-                for matmul in matmuls:
-                    options = MoEOptions(replica_policy=policy, transport=transport, grouped_matmul=matmul)
-                    fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, options=options))
-                    try:
-                        result = fn(router, slots, xs, rc, es)
-                        ms = 1e3 * _time(lambda: fn(router, slots, xs, rc, es).out, args.repeats)
-                    except Exception as error:  # noqa: BLE001 - reported, the other configurations still run
-                        print(f"{name:>10} {policy:>12} {transport:>10} {matmul:>10} FAILED: "
-                              f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
-                        continue
-                    key = (policy, transport, matmul)
-                    baseline.setdefault(key, ms)  # the first placement is "no EPLB"
-                    per_rank = np.asarray(result.rank_load)
-                    print(f"{name:>10} {policy:>12} {transport:>10} {matmul:>10} {len(slot_to_expert):>6} "
-                          f"{per_rank.max() / per_rank.mean() - 1:>9.3f} {per_rank.max():>9} {ms:>8.1f} "
-                          f"{baseline[key] / ms:>9.2f}x", flush=True)
+            for transport, dispatch, matmul in itertools.product(transports, args.dispatches, matmuls):
+                options = MoEOptions(replica_policy=policy, transport=transport, grouped_matmul=matmul,
+                                     dispatch=dispatch)
+                fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, options=options))
+                label = f"{name:>10} {policy:>12} {transport:>10} {dispatch:>8} {matmul:>10}"
+                try:
+                    result = fn(router, slots, xs, rc, es)
+                    ms = 1e3 * _time(lambda: fn(router, slots, xs, rc, es).out, args.repeats)
+                except Exception as error:  # noqa: BLE001 - reported, the other configurations still run
+                    print(f"{label} FAILED: {type(error).__name__}: "
+                          f"{str(error).splitlines()[0][:200] if str(error) else ''}")
+                    continue
+                key = (policy, transport, dispatch, matmul)
+                baseline.setdefault(key, ms)  # the first placement is "no EPLB"
+                per_rank = np.asarray(result.rank_load)
+                print(f"{label} {len(slot_to_expert):>6} {per_rank.max() / per_rank.mean() - 1:>9.3f} "
+                      f"{per_rank.max():>9} {ms:>8.1f} {baseline[key] / ms:>9.2f}x", flush=True)
+        _traffic_of_batch(jax, jnp, np, config, router, x, tables, slot_to_expert, R, name, dtype)
     grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=matmuls)
     from bench_split import split_table
 
     split_table(load, [(R, args.slots_per_rank * R), (36, 288)], max(args.tokens // R, 1), k)
+
+
+def _traffic_of_batch(jax, jnp, np, config, router, x, tables, slot_to_expert, R, name, dtype):
+    """The exchange's bytes for this batch's round-robin routing under ``slot_to_expert`` (bench_traffic.py)."""
+    from bench_traffic import traffic_table
+
+    from jax_eplb.moe import round_robin_slots, route
+
+    expert_ids = np.asarray(route(config, router, x.astype(jnp.float32)).expert_ids).reshape(R, -1, config.top_k)
+    rc, es = jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0])
+    slot_ids = np.stack([np.asarray(round_robin_slots(jnp.asarray(ids), rc, es, len(slot_to_expert), rank,
+                                                      implementation="xla").slot_ids)
+                         for rank, ids in enumerate(expert_ids)])
+    traffic_table(slot_ids, len(slot_to_expert) // R, x.shape[1], jnp.dtype(dtype).itemsize,
+                  title=f" ({name}, this batch, round_robin routing)")
 
 
 def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods):

@@ -2,8 +2,9 @@
 """The load-aware split on the critical path: the vectorised passes (``moe.replica_quotas``) vs the
 sequential water-filling it replaced (one replicated expert after another, two sweeps: kept here
 as the baseline, without its final rounding, so slightly favoured), in-graph time per split
-(64 splits in one jitted ``lax.map``, so call overhead is amortised; one device), with the max/mean - 1 of the rank loads each
-gives on a batch drawn from real DeepSeek-V3 loads and the LP optimum of the split for that plan.
+(64 splits in one jitted ``lax.map``, so call overhead is amortised; one device), with the
+max/mean - 1 of the rank loads each gives on a batch drawn from real DeepSeek-V3 loads and the LP
+optimum of the split for that plan.
 
 bench_moe.py prints this table next to its whole MoE layer step; run alone:
 

@@ -49,10 +49,12 @@ step kernels 120 python3 scripts/bench_kernels.py --reps 100 --json "$OUT/bench_
 # 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots; at ep=1 both transports are local, so the
 #    ragged one only): ragged_dot vs the Pallas tile-grouped matmul, TFLOP/s vs dense, step times; then the
 #    load-aware split alone on the GPU (vectorised passes vs the old sequential pour) at EP36/288.
+#    Both dispatch modes (token: once per rank, combined there; entry); the auto transport's probe is
+#    checked by the GPU tests of step 1.
 DATA_ARG=(); [[ -f "$DATA" ]] && DATA_ARG=(--data "$DATA")
-step moe 150 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
+step moe 200 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
     --experts 256 --top_k 8 --slots_per_rank 288 --repeats 3 --matmul_rows 2048 8192 16384 \
-    --transports ragged --matmuls ragged_dot pallas "${DATA_ARG[@]}"
+    --transports ragged --dispatches token entry --matmuls ragged_dot pallas "${DATA_ARG[@]}"
 # 4. Online rebalance: rewriting changed slots (88 MB each) from host memory vs from device copies
 #    (at ep=1 all local), vs one host-to-device transfer of the same bytes.
 step rebalance 75 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 8 16
@@ -69,5 +71,5 @@ grep -E "pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
 grep -E "^ *(no EPLB|balanced)|^ *[0-9]+( +([0-9.]+|nan))+$|TFLOP|sequential|vectorised" "$OUT/moe.txt"
 grep -E "^ *[0-9]+ +(host|device) " "$OUT/rebalance.txt"
 grep -E "^(no EPLB|EPLB)" "$OUT/inference.txt"
-grep -hE "uses XLA for it|FAILED" "$OUT"/*.txt | sort -u | cut -c1-200
+grep -hE "uses (XLA|all_to_all) for it|FAILED" "$OUT"/*.txt | sort -u | cut -c1-200
 grep -hE "^\[[a-z]+\] (exit|skipped)" "$OUT"/*.txt

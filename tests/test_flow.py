@@ -1,5 +1,6 @@
 """The load-aware split (runtime and its NumPy model) against the LP optimum, and the flow planner."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,6 +74,13 @@ def test_split_close_to_lp_optimum_on_random_plans():
     assert np.mean(excess) < 0.01 and np.max(excess) < 0.1
 
 
+@jax.jit
+def _jitted_split(counts, replica_count, expert_slots):
+    """The runtime's shares and quotas at the twin test's fixed geometry (3 ranks x 3 slots)."""
+    return (replica_shares(counts, replica_count, expert_slots, 3, 3),
+            replica_quotas(counts, replica_count, expert_slots, 3, 3))
+
+
 @settings(max_examples=12, deadline=None)
 @given(st.data())
 def test_runtime_split_equals_numpy_model_and_rounds_exactly(data):
@@ -85,7 +93,7 @@ def test_runtime_split_equals_numpy_model_and_rounds_exactly(data):
     tables = build_assignment_tables(plan, num_experts)
     args = (jnp.asarray(counts), jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]),
             per_rank, ep_size)
-    shares, quotas = np.asarray(replica_shares(*args)), np.asarray(replica_quotas(*args))
+    shares, quotas = (np.asarray(a) for a in _jitted_split(*args[:3]))
     slots = tables.expert_slots[0]
     runtime = np.zeros(ep_size)
     np.add.at(runtime, slots[slots >= 0] // per_rank, shares[slots >= 0])

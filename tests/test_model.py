@@ -14,7 +14,7 @@ from jax_eplb.moe import EPMoEBlock, PlacementTable, SlotParam
 
 @pytest.mark.parametrize("ranks,placement,options", [
     (1, "identity", {}),
-    (4, "random", {"moe_max_num_tokens": 8}),
+    (4, "random", {"moe_max_num_tokens": 8, "dispatch": "entry"}),  # the others: token dispatch
     (2, "random", {"grouped_matmul": "pallas_interpret"}),
     (2, "planned", {"replica_policy": "load_aware", "grouped_matmul": "ragged_dot"}),
 ])

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from jax_eplb import build_assignment_tables, mask_failed_ranks, plan_placement
+from jax_eplb.moe._transport import resolve_transport
 from jax_eplb.moe import (EPMoEBlock, ExpertWeights, MoEConfig, MoEOptions, RouterWeights, all_to_all_moe,
                           chunk_sizes, dispatch_plan, ep_moe_forward, load_aware_slots, round_robin_slots,
                           slot_weights_from_logical)
@@ -88,8 +89,7 @@ def test_failed_rank_slots_serve_nothing(policy, mesh_of, dense_moe):
         assert per_rank[failed] == 0 and per_rank.sum() == 32 * 2, per_rank
 
 
-@pytest.mark.parametrize("ranks", [2, 8])
-@pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
+@pytest.mark.parametrize("ranks,policy", [(2, "load_aware"), (8, "round_robin")])
 def test_ragged_transport_offsets_match_dense_reference(ranks, policy, ragged_emulation, mesh_of, dense_moe):
     """The ragged transport's offsets and layouts, with the primitive emulated (XLA:CPU lacks it)."""
     config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=2)
@@ -217,6 +217,85 @@ def test_invalid_expert_ids_contribute_nothing(mesh_of):
     assert bool(jnp.all(jnp.isfinite(out)))
     assert_close(out, ref)
     assert int((~valid).sum()) > 0
+
+
+def test_token_plan_hand_worked():
+    from jax_eplb.moe._dispatch import token_plan
+
+    # 2 ranks x 2 local slots; slot 4 = invalid. Token 0 -> slots 3, 2 (rank 1 twice); token 1 -> 1, 4;
+    # token 2 -> 2, 0 (both ranks).
+    plan = token_plan(jnp.array([[3, 2], [1, 4], [2, 0]]), num_ranks=2, slots_per_rank=2)
+    assert plan.destination.tolist() == [2, 1, 0, 2, 0, 1]  # item t*R + d
+    assert np.asarray(plan.position)[[1, 2, 4, 5]].tolist() == [0, 0, 1, 1]
+    assert plan.local_slots.tolist() == [[2, 2], [1, 0], [1, 2], [2, 2], [2, 0], [0, 2]]
+    assert plan.send_counts.tolist() == [2, 2] and plan.entry_counts.tolist() == [2, 3]
+
+
+def test_entry_and_token_dispatch_equal_the_dense_reference(ragged_emulation, mesh_of, dense_moe):
+    """Both dispatch modes through the ragged exchange (emulated); all_to_all runs token mode in every
+    other test here and entry mode in the model's dense-reference test."""
+    transport = "ragged"
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=4)
+    logical, router = make_weights(21)
+    x = jax.random.normal(jax.random.key(21), (32, H))
+    slot_to_expert = placement("random", 4, seed=21)
+    ref = dense_moe(config, router, logical, x)
+    for dispatch in ("entry", "token"):
+        out, counts = run_block(mesh_of(4), config, logical, router, x, slot_to_expert, "load_aware", None,
+                                transport=transport, dispatch=dispatch,
+                                ragged_exchange=ragged_emulation if transport == "ragged" else None)
+        assert_close(out, ref)
+        assert int(counts.sum()) == 32 * 4  # entries served, counted the same way in both modes
+
+
+def test_auto_transport_is_probed_once_per_mesh_on_gpu(monkeypatch, caplog, ragged_emulation, mesh_of):
+    """Pretend-GPU mesh: 'auto' takes ragged after its probe matched all_to_all, falls back with one
+    warning when the ragged exchange is wrong; explicit transports and CPU meshes are not probed."""
+    import jax_eplb.moe._transport as transport_module
+    from jax_eplb_kernels import _dispatch
+
+    mesh = mesh_of(4)
+    assert resolve_transport(MoEOptions(), mesh).transport == "all_to_all"  # CPU: no probe
+    monkeypatch.setattr(_dispatch, "_probe_results", {})
+    monkeypatch.setattr(transport_module, "platform", lambda mesh: "gpu")
+
+    def wrong(operand, output, *args, axis_name):  # drops the last row of every block
+        return ragged_emulation(operand, output, *args, axis_name=axis_name).at[-1].set(0)
+
+    assert resolve_transport(MoEOptions(ragged_exchange=ragged_emulation), mesh).transport == "ragged"
+    with caplog.at_level("WARNING", logger="jax_eplb_kernels"):
+        assert resolve_transport(MoEOptions(ragged_exchange=wrong), mesh).transport == "all_to_all"
+        assert resolve_transport(MoEOptions(ragged_exchange=wrong), mesh).transport == "all_to_all"
+    assert caplog.text.count("uses all_to_all") == 1 and len(_dispatch._probe_results) == 2
+    explicit = MoEOptions(transport="ragged", ragged_exchange=wrong)
+    assert resolve_transport(explicit, mesh) is explicit
+
+
+def test_traffic_accounting_hand_worked_and_equal_to_the_send_counts():
+    from jax_eplb.moe._dispatch import token_plan
+    from jax_eplb.moe._traffic import layer_traffic, rows_to_ranks
+
+    # 2 ranks x 2 local slots, 3 tokens per rank, top-2; slot 4 = invalid.
+    slot_ids = np.array([[[3, 2], [1, 4], [2, 0]],    # rank 0: token rows to rank 1: 2; entries to rank 1: 3
+                         [[0, 1], [2, 3], [0, 2]]])   # rank 1: token rows to rank 0: 2; entries to rank 0: 3
+    for dispatch, plan, to_other in (("token", token_plan, 2), ("entry", dispatch_plan, 3)):
+        rows = rows_to_ranks(slot_ids, 2, dispatch)
+        for rank in range(2):
+            np.testing.assert_array_equal(rows[rank], plan(jnp.asarray(slot_ids[rank]), 2, 2).send_counts)
+        hidden, payload = 10, 2 * 8 if dispatch == "token" else 4
+        ragged = layer_traffic(slot_ids, 2, hidden, "ragged", dispatch)
+        assert ragged.real_rows.tolist() == [to_other, to_other]
+        # out: rows x (H x 2 bytes + payload); back: the rows it served for the other rank, float32
+        assert ragged.sent_bytes.tolist() == [to_other * (hidden * 2 + payload) + to_other * hidden * 4] * 2
+        block = 3 if dispatch == "token" else 6
+        fixed = layer_traffic(slot_ids, 2, hidden, "all_to_all", dispatch)
+        assert fixed.sent_bytes.tolist() == [block * (hidden * 2 + payload) + block * hidden * 4] * 2
+        assert fixed.receive_buffer_bytes == ragged.receive_buffer_bytes == 2 * block * (hidden * 2 + payload)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the auto transport's probe runs on GPUs only")
+def test_auto_transport_probe_passes_on_gpu(mesh_of):
+    assert resolve_transport(MoEOptions(), mesh_of(len(jax.devices()))).transport == "ragged"
 
 
 def test_dispatch_plan_hand_worked():

@@ -35,8 +35,12 @@ def add_bench_parser(sub):
     thr.add_argument("--emulate_devices", type=int, default=None,
                      help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
     thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
-    thr.add_argument("--transport", choices=("all_to_all", "ragged"), default="all_to_all",
-                     help="MoE dispatch: fixed-capacity all_to_all (any backend) or ragged_all_to_all (GPU)")
+    thr.add_argument("--transport", choices=("auto", "all_to_all", "ragged"), default="auto",
+                     help="MoE exchange: fixed-capacity all_to_all (any backend), ragged_all_to_all (GPU; real rows "
+                          "only), or auto: ragged on GPUs once a probe on the mesh passed, else all_to_all")
+    thr.add_argument("--dispatch", choices=("token", "entry"), default="token",
+                     help="token: each token once per destination rank, its entries combined there; entry: every "
+                          "(token, k) entry on its own")
     thr.add_argument("--prefill_chunk", type=int, default=None,
                      help="chunked prefill: prompt tokens a request prefills per iteration (default: whole prompts)")
     thr.add_argument("--enable_chunked_prefill", action="store_true",
@@ -114,7 +118,8 @@ def run_bench(args) -> int:
                                extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len)
     settings = ThroughputSettings(
         max_batch_size=args.max_batch_size, warmup=args.warmup, eos_id=args.eos_id,
-        replica_policy=args.replica_policy, transport=args.transport, grouped_matmul=args.grouped_matmul,
+        replica_policy=args.replica_policy, transport=args.transport, dispatch=args.dispatch,
+        grouped_matmul=args.grouped_matmul,
         prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
         online_planner=args.online_planner, progress=not args.no_progress and sys.stderr.isatty())
     for note in notes:

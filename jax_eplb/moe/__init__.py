@@ -1,32 +1,36 @@
 """The expert-parallel MoE layer, in the order a token flows through it:
 
 routers (``_routers``: hidden -> expert ids and weights) -> replica choice (``_replica_choice``:
-expert -> slot) -> dispatch / combine (``_dispatch``: all_to_all or ragged_all_to_all) -> expert
+expert -> slot) -> dispatch / combine (``_dispatch``: tokens or entries over all_to_all or
+ragged_all_to_all; ``_transport`` picks one for ``auto``) -> expert
 compute (``_experts``: grouped SwiGLU) -> the pure forward in ``shard_map`` (``_forward``) -> the
 Flax NNX block with slot-sharded parameters and its assignment tables (``_block``).
 """
 
 from jax_eplb.moe._block import EPMoEBlock, PlacementTable, SlotParam
-from jax_eplb.moe._dispatch import DispatchPlan, RaggedOffsets, all_to_all_moe, dispatch_plan, ragged_offsets
+from jax_eplb.moe._dispatch import (DispatchPlan, RaggedOffsets, TokenPlan, all_to_all_moe, dispatch_plan,
+                                    ragged_offsets, token_plan)
 from jax_eplb.moe._experts import expert_compute
 from jax_eplb.moe._forward import chunk_sizes, ep_moe_forward
 from jax_eplb.moe._mlp import MLP, swiglu
 from jax_eplb.moe._replica_choice import load_aware_slots, replica_quotas, replica_shares, round_robin_slots
 from jax_eplb.moe._slots import ExpertSource, HostExperts, as_expert_source, slot_weights_from_logical
 from jax_eplb.moe._routers import Routing, deepseek_topk, route, softmax_topk
-from jax_eplb.moe._types import (GROUPED_MATMULS, POLICIES, RECORD_MODES, TRANSPORTS, ExpertWeights, MoEConfig,
-                                 MoEOptions, MoEOutput, RouterWeights)
+from jax_eplb.moe._transport import resolve_transport
+from jax_eplb.moe._types import (DISPATCH_MODES, GROUPED_MATMULS, POLICIES, RECORD_MODES, TRANSPORTS, ExpertWeights,
+                                 MoEConfig, MoEOptions, MoEOutput, RouterWeights)
 
 __all__ = [
     # the block and its configuration
     "EPMoEBlock", "MoEConfig", "MoEOptions", "MoEOutput", "SlotParam", "PlacementTable",
-    "POLICIES", "RECORD_MODES", "TRANSPORTS", "GROUPED_MATMULS",
+    "POLICIES", "RECORD_MODES", "TRANSPORTS", "DISPATCH_MODES", "GROUPED_MATMULS",
     # weights
     "ExpertWeights", "RouterWeights", "MLP", "swiglu",
     "ExpertSource", "HostExperts", "as_expert_source", "slot_weights_from_logical",
     # the pure pieces, in flow order
     "Routing", "route", "softmax_topk", "deepseek_topk",
     "round_robin_slots", "load_aware_slots", "replica_quotas", "replica_shares",
-    "DispatchPlan", "dispatch_plan", "RaggedOffsets", "ragged_offsets", "all_to_all_moe", "expert_compute",
+    "DispatchPlan", "dispatch_plan", "TokenPlan", "token_plan", "RaggedOffsets", "ragged_offsets",
+    "resolve_transport", "all_to_all_moe", "expert_compute",
     "chunk_sizes", "ep_moe_forward",
 ]

@@ -1,15 +1,26 @@
 """Dispatch -> expert compute -> combine, per EP rank inside ``shard_map``.
 
 Axis legend: T local tokens, K top-k, N = T*K entries, H hidden, R ranks, m local slots per
-rank. Dropless: every entry of a rank could go to one destination, so a rank's receive buffer
-holds N rows per source, ``[R, N, H]``.
+rank, I items shipped (entries or token-rank pairs).
 
-Two transports share the routing metadata (:func:`dispatch_plan`):
+Two dispatch modes say what travels:
 
-* ``all_to_all``: fixed capacity; every rank ships ``[R, N, H]`` whatever the routing
-  (runs everywhere, XLA:CPU included).
-* ``ragged``: ``jax.lax.ragged_all_to_all`` ships only the real rows (GPU; XLA:CPU lacks it).
-  Receive layout is the same ``[R, N, H]`` blocks, so expert compute and combine are shared.
+* ``token`` (default; DeepEP's way): a token goes once to each rank that holds any of its k
+  slots, with its k local slots and weights there (m / 0 for entries elsewhere); the destination
+  expands it to its entries, runs them, and combines them weighted before the return trip, so a
+  token comes back once per rank as well. The source sums what comes back (float32).
+* ``entry``: every (token, k) entry travels on its own and is weighted at the source.
+
+Two transports move the rows; both dropless (a rank may send every item to one destination):
+
+* ``all_to_all``: fixed capacity; every rank ships ``[R, B, H]`` whatever the routing, B = T
+  (token mode) or N (entry mode). Runs everywhere, XLA:CPU included.
+* ``ragged``: ``jax.lax.ragged_all_to_all`` ships only the real rows (GPU; XLA:CPU lacks it);
+  receive buffer ``[R * B, H]``, send buffer ``min(K, R) * T`` (token) or N (entry) rows.
+
+Buffers per rank and layer (rows of H; ``moe_max_num_tokens`` bounds T per chunk):
+all_to_all sends and receives ``R * B`` rows each way; ragged sends the real rows and keeps a
+``R * B`` receive buffer. docs/benchmarks.md has the bytes for DeepSeek-V3.
 """
 
 from __future__ import annotations
@@ -20,11 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from jax_eplb.moe._experts import expert_compute
-from jax_eplb.moe._types import TRANSPORTS
+from jax_eplb.moe._types import DISPATCH_MODES, TRANSPORTS
 
 
 class DispatchPlan(NamedTuple):
-    """Routing metadata of one rank's entries (pure function of the slot ids).
+    """Entry-mode routing metadata of one rank (pure function of the slot ids).
 
     destination: ``[N]`` rank of each entry's slot (R for invalid entries).
     position:    ``[N]`` row of the entry in its destination's receive block.
@@ -38,31 +49,65 @@ class DispatchPlan(NamedTuple):
     send_counts: jax.Array
 
 
+class TokenPlan(NamedTuple):
+    """Token-mode routing metadata of one rank: item ``t*R + d`` is token t sent to rank d.
+
+    destination: ``[T*R]`` d, or R where token t has no entry on rank d (not sent).
+    position:    ``[T*R]`` row of the item in d's receive block (< T).
+    local_slots: ``[T*R, K]`` local slot of each of the token's entries on d (m: not on d).
+    send_counts: ``[R]`` tokens sent to each rank.
+    entry_counts: ``[R]`` (token, k) entries each rank serves for these tokens.
+    """
+
+    destination: jax.Array
+    position: jax.Array
+    local_slots: jax.Array
+    send_counts: jax.Array
+    entry_counts: jax.Array
+
+
+def _positions(destination: jax.Array, num_ranks: int):
+    """``[I]`` destinations (R: none) -> each item's row among the items to its rank, and ``[R]`` counts."""
+    onehot = (destination[:, None] == jnp.arange(num_ranks)[None, :]).astype(jnp.int32)  # [I, R]
+    before = jnp.cumsum(onehot, axis=0) - onehot
+    position = jnp.take_along_axis(before, jnp.minimum(destination, num_ranks - 1)[:, None], axis=1)[:, 0]
+    return position, onehot.sum(axis=0)
+
+
 def dispatch_plan(slot_ids: jax.Array, num_ranks: int, slots_per_rank: int) -> DispatchPlan:
     """``[T, K]`` global slot ids (``R*m`` = invalid) -> where every entry goes."""
     flat = slot_ids.reshape(-1)
-    num_slots = num_ranks * slots_per_rank
-    valid = (flat >= 0) & (flat < num_slots)
+    valid = (flat >= 0) & (flat < num_ranks * slots_per_rank)
     destination = jnp.where(valid, flat // slots_per_rank, num_ranks)
-    onehot = (destination[:, None] == jnp.arange(num_ranks)[None, :]).astype(jnp.int32)  # [N, R]
-    before = jnp.cumsum(onehot, axis=0) - onehot
-    position = jnp.take_along_axis(before, jnp.minimum(destination, num_ranks - 1)[:, None], axis=1)[:, 0]
-    local_slot = jnp.where(valid, flat % slots_per_rank, slots_per_rank)
-    return DispatchPlan(destination, position, local_slot, onehot.sum(axis=0))
+    position, send_counts = _positions(destination, num_ranks)
+    return DispatchPlan(destination, position, jnp.where(valid, flat % slots_per_rank, slots_per_rank), send_counts)
+
+
+def token_plan(slot_ids: jax.Array, num_ranks: int, slots_per_rank: int) -> TokenPlan:
+    """``[T, K]`` global slot ids -> which ranks each token goes to, once each."""
+    num_tokens, top_k = slot_ids.shape
+    valid = (slot_ids >= 0) & (slot_ids < num_ranks * slots_per_rank)
+    entry_rank = jnp.where(valid, slot_ids // slots_per_rank, num_ranks)  # [T, K]
+    on_rank = entry_rank[:, None, :] == jnp.arange(num_ranks)[None, :, None]  # [T, R, K]
+    destination = jnp.where(on_rank.any(axis=2), jnp.arange(num_ranks)[None, :], num_ranks).reshape(-1)
+    position, send_counts = _positions(destination, num_ranks)
+    local = jnp.where(on_rank, (slot_ids % slots_per_rank)[:, None, :], slots_per_rank)
+    return TokenPlan(destination, position, local.reshape(num_tokens * num_ranks, top_k), send_counts,
+                     on_rank.sum(axis=(0, 2)))
 
 
 class RaggedOffsets(NamedTuple):
     """``ragged_all_to_all`` arguments of one rank, from the all-gathered ``[R, R]`` send counts.
 
-    Dispatch: this rank's entries sorted by destination; the block for rank d starts at
-    ``send_offsets[d]`` and lands at row ``rank * N`` of d's receive buffer.
-    Return: the receive block from source s (rows ``s*N ...``) goes back to
+    Dispatch: this rank's items sorted by destination; the block for rank d starts at
+    ``send_offsets[d]`` and lands at row ``rank * B`` of d's receive buffer.
+    Return: the receive block from source s (rows ``s*B ...``) goes back to
     ``send_offsets`` of s for this rank.
     """
 
-    send_offsets: jax.Array  # [R] where each destination's block starts in my sorted entries
+    send_offsets: jax.Array  # [R] where each destination's block starts in my sorted items
     recv_counts: jax.Array  # [R] rows I receive from each source
-    return_offsets: jax.Array  # [R] where my results for source s land in s's sorted entries
+    return_offsets: jax.Array  # [R] where my results for source s land in s's sorted items
 
 
 def ragged_offsets(all_send_counts: jax.Array, rank) -> RaggedOffsets:
@@ -74,76 +119,113 @@ def ragged_offsets(all_send_counts: jax.Array, rank) -> RaggedOffsets:
 RaggedAllToAll = Callable[..., jax.Array]
 
 
+class _Route(NamedTuple):
+    """What an exchange needs: items' destination/position/counts, the block B and the send rows."""
+
+    destination: jax.Array
+    position: jax.Array
+    send_counts: jax.Array
+    block: int
+    send_rows: int
+
+
 def all_to_all_moe(x: jax.Array, weights: jax.Array, slot_ids: jax.Array, w_gate, w_up, w_down,
                    axis_name: str, *, transport: str = "all_to_all", grouped_matmul: str = "ragged_dot",
-                   ragged_all_to_all: RaggedAllToAll | None = None):
-    """One rank's MoE: x ``[T, H]``, weights/slot_ids ``[T, K]`` -> (``[T, H]`` f32, ``[R]`` sent).
+                   ragged_all_to_all: RaggedAllToAll | None = None, dispatch: str = "token"):
+    """One rank's MoE: x ``[T, H]``, weights/slot_ids ``[T, K]`` -> (``[T, H]`` f32, ``[R]`` entries sent).
 
-    The second output is the number of entries this rank sent to each rank (``psum`` it for the
-    per-rank load). ``ragged_all_to_all`` overrides the primitive of the ``ragged`` transport
-    (backends that lack it can pass an emulation).
+    The second output is the number of entries (not rows) this rank sent to each rank (``psum`` it
+    for the per-rank load). ``ragged_all_to_all`` overrides the primitive of the ``ragged``
+    transport (backends that lack it can pass an emulation).
     """
-    if transport not in TRANSPORTS:
-        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+    if transport not in TRANSPORTS or transport == "auto":
+        raise ValueError(f"transport must be one of {TRANSPORTS[1:]} here (resolve 'auto' first), got {transport!r}")
+    if dispatch not in DISPATCH_MODES:
+        raise ValueError(f"dispatch must be one of {DISPATCH_MODES}, got {dispatch!r}")
     num_tokens, hidden = x.shape
     top_k = slot_ids.shape[1]
-    plan = dispatch_plan(slot_ids, jax.lax.axis_size(axis_name), w_gate.shape[0])
-    entries = x[jnp.arange(num_tokens * top_k) // top_k]  # [N, H]
+    num_ranks, slots_per_rank = jax.lax.axis_size(axis_name), w_gate.shape[0]
 
-    def experts(rows, row_slot):
+    def run(rows, row_slot):
         with jax.named_scope("moe/experts"):
             return expert_compute(rows, row_slot, w_gate, w_up, w_down, grouped_matmul=grouped_matmul)
 
     if transport == "all_to_all":
-        mine = _fixed_capacity_exchange(entries, plan, experts, axis_name, w_gate.shape[0])
+        exchange = _fixed_capacity_exchange
     else:
-        mine = _ragged_exchange(entries, plan, experts, axis_name, w_gate.shape[0],
-                                ragged_all_to_all or jax.lax.ragged_all_to_all)
+        primitive = ragged_all_to_all or jax.lax.ragged_all_to_all
+        exchange = lambda *args: _ragged_exchange(*args, primitive)  # noqa: E731
+    if dispatch == "entry":
+        entries = dispatch_plan(slot_ids, num_ranks, slots_per_rank)
+        route = _Route(entries.destination, entries.position, entries.send_counts, num_tokens * top_k,
+                       num_tokens * top_k)
+        payload = ((entries.local_slot[:, None], slots_per_rank),)
+        rows = x[jnp.arange(num_tokens * top_k) // top_k]  # [N, H]
+        mine = exchange(rows, payload, route, lambda r, slot: run(r, slot[:, 0]), axis_name)
+        with jax.named_scope("moe/combine"):
+            mine = jnp.where((entries.destination < num_ranks)[:, None], mine, 0.0)
+            combined = (mine.reshape(num_tokens, top_k, hidden) * weights.astype(jnp.float32)[..., None]).sum(axis=1)
+        return combined, entries.send_counts
+    tokens = token_plan(slot_ids, num_ranks, slots_per_rank)
+    route = _Route(tokens.destination, tokens.position, tokens.send_counts, num_tokens,
+                   num_tokens * min(top_k, num_ranks))
+    item_weights = jnp.repeat(weights.astype(jnp.float32), num_ranks, axis=0)  # [T*R, K]
+    payload = ((tokens.local_slots, slots_per_rank), (item_weights, 0.0))
+    mine = exchange(jnp.repeat(x, num_ranks, axis=0), payload, route,
+                    lambda r, slots, w: _expand_run_combine(run, r, slots, w), axis_name)
     with jax.named_scope("moe/combine"):
-        mine = jnp.where((plan.destination < plan.send_counts.shape[0])[:, None], mine, 0.0)
-        combined = (mine.reshape(num_tokens, top_k, hidden) * weights.astype(jnp.float32)[..., None]).sum(axis=1)
-    return combined, plan.send_counts
+        mine = jnp.where((tokens.destination < num_ranks)[:, None], mine, 0.0)
+        return mine.reshape(num_tokens, num_ranks, hidden).sum(axis=1), tokens.entry_counts
 
 
-def _fixed_capacity_exchange(entries, plan: DispatchPlan, experts, axis_name: str, slots_per_rank: int):
-    """``[N, H]`` entries -> their expert outputs ``[N, H]`` f32 through two fixed ``[R, N, H]`` all_to_alls."""
-    capacity, hidden = entries.shape
-    num_ranks = plan.send_counts.shape[0]
+def _expand_run_combine(run, rows, slots, weights):
+    """Token rows ``[P, H]`` with their ``[P, K]`` local slots and weights -> ``[P, H]`` f32: each row
+    expanded to its k entries here, run, weighted and summed (entries elsewhere: slot m, weight 0)."""
+    num_rows, top_k = slots.shape
+    out = run(jnp.repeat(rows, top_k, axis=0), slots.reshape(-1))  # [P*K, H]
+    return (out.reshape(num_rows, top_k, -1) * weights[..., None]).sum(axis=1)
+
+
+def _fixed_capacity_exchange(rows, payload, route: _Route, experts, axis_name: str):
+    """``[I, H]`` rows (+ payload arrays ``[I, ...]`` with fill values) -> the experts' results for
+    them ``[I, H]`` f32, through fixed ``[R, B, ...]`` all_to_alls."""
+    num_ranks, hidden = route.send_counts.shape[0], rows.shape[1]
+    at = (route.destination, route.position)
     with jax.named_scope("moe/dispatch"):
-        send = jnp.zeros((num_ranks, capacity, hidden), entries.dtype).at[plan.destination, plan.position].set(
-            entries, mode="drop")
-        send_slot = jnp.full((num_ranks, capacity), slots_per_rank, jnp.int32).at[
-            plan.destination, plan.position].set(plan.local_slot, mode="drop")
-        recv = jax.lax.all_to_all(send, axis_name, 0, 0)
-        recv_slot = jax.lax.all_to_all(send_slot, axis_name, 0, 0)
-    out = experts(recv.reshape(-1, hidden), recv_slot.reshape(-1))
+        send = jnp.zeros((num_ranks, route.block, hidden), rows.dtype).at[at].set(rows, mode="drop")
+        sends = [jnp.full((num_ranks, route.block) + a.shape[1:], fill, a.dtype).at[at].set(a, mode="drop")
+                 for a, fill in payload]
+        recv = jax.lax.all_to_all(send, axis_name, 0, 0).reshape(-1, hidden)
+        received = [jax.lax.all_to_all(s, axis_name, 0, 0).reshape((-1,) + s.shape[2:]) for s in sends]
+    out = experts(recv, *received)
     with jax.named_scope("moe/combine"):
-        back = jax.lax.all_to_all(out.reshape(num_ranks, capacity, hidden), axis_name, 0, 0)
-        return back[jnp.minimum(plan.destination, num_ranks - 1), plan.position]  # [N, H]
+        back = jax.lax.all_to_all(out.reshape(num_ranks, route.block, hidden), axis_name, 0, 0)
+        return back[jnp.minimum(route.destination, num_ranks - 1), route.position]  # [I, H]
 
 
-def _ragged_exchange(entries, plan: DispatchPlan, experts, axis_name: str, slots_per_rank: int,
-                     exchange: RaggedAllToAll):
+def _ragged_exchange(rows, payload, route: _Route, experts, axis_name: str, primitive: RaggedAllToAll):
     """Same contract as :func:`_fixed_capacity_exchange`, moving only the real rows."""
-    capacity, hidden = entries.shape
-    num_ranks = plan.send_counts.shape[0]
+    num_ranks, hidden = route.send_counts.shape[0], rows.shape[1]
     rank = jax.lax.axis_index(axis_name)
     with jax.named_scope("moe/dispatch"):
-        offsets = ragged_offsets(jax.lax.all_gather(plan.send_counts, axis_name), rank)
-        valid = plan.destination < num_ranks
-        sorted_index = jnp.where(valid, offsets.send_offsets[jnp.minimum(plan.destination, num_ranks - 1)]
-                                 + plan.position, capacity)
-        send = jnp.zeros((capacity, hidden), entries.dtype).at[sorted_index].set(entries, mode="drop")
-        send_slot = jnp.zeros((capacity, 1), jnp.int32).at[sorted_index, 0].set(plan.local_slot, mode="drop")
-        my_block = jnp.full((num_ranks,), rank * capacity, jnp.int32)
-        recv = exchange(send, jnp.zeros((num_ranks * capacity, hidden), entries.dtype), offsets.send_offsets,
-                        plan.send_counts, my_block, offsets.recv_counts, axis_name=axis_name)
-        recv_slot = exchange(send_slot, jnp.full((num_ranks * capacity, 1), slots_per_rank, jnp.int32),
-                             offsets.send_offsets, plan.send_counts, my_block, offsets.recv_counts,
+        offsets = ragged_offsets(jax.lax.all_gather(route.send_counts, axis_name), rank)
+        sorted_index = jnp.where(route.destination < num_ranks,
+                                 offsets.send_offsets[jnp.minimum(route.destination, num_ranks - 1)]
+                                 + route.position, route.send_rows)
+        my_block = jnp.full((num_ranks,), rank * route.block, jnp.int32)
+
+        def ship(array, fill):
+            send = jnp.full((route.send_rows,) + array.shape[1:], fill, array.dtype).at[sorted_index].set(
+                array, mode="drop")
+            recv = jnp.full((num_ranks * route.block,) + array.shape[1:], fill, array.dtype)
+            return primitive(send, recv, offsets.send_offsets, route.send_counts, my_block, offsets.recv_counts,
                              axis_name=axis_name)
-    out = experts(recv, recv_slot[:, 0])
+
+        recv = ship(rows, 0)
+        received = [ship(a, fill) for a, fill in payload]
+    out = experts(recv, *received)
     with jax.named_scope("moe/combine"):
-        source_block = jnp.arange(num_ranks, dtype=jnp.int32) * capacity
-        back = exchange(out, jnp.zeros((capacity, hidden), jnp.float32), source_block, offsets.recv_counts,
-                        offsets.return_offsets, plan.send_counts, axis_name=axis_name)
-        return back[jnp.minimum(sorted_index, capacity - 1)]  # [N, H]
+        source_block = jnp.arange(num_ranks, dtype=jnp.int32) * route.block
+        back = primitive(out, jnp.zeros((route.send_rows, hidden), jnp.float32), source_block, offsets.recv_counts,
+                         offsets.return_offsets, route.send_counts, axis_name=axis_name)
+        return back[jnp.minimum(sorted_index, route.send_rows - 1)]  # [I, H]

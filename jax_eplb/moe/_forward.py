@@ -22,6 +22,7 @@ from jax_eplb.moe._dispatch import all_to_all_moe
 from jax_eplb.moe._experts import resolve_grouped_matmul
 from jax_eplb.moe._replica_choice import load_aware_slots, round_robin_slots
 from jax_eplb.moe._routers import route
+from jax_eplb.moe._transport import resolve_transport
 from jax_eplb.moe._types import ExpertWeights, MoEConfig, MoEOptions, MoEOutput, RouterWeights
 from jax_eplb.sharding import EP_AXIS, num_ranks as mesh_ranks, platform
 from jax_eplb_kernels import routing_histogram
@@ -53,8 +54,8 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
         token_mask = jnp.ones((x.shape[0],), bool)
     on = platform(mesh)
     kernels = "xla" if options.kernel_implementation == "auto" and on != "gpu" else options.kernel_implementation
-    options = dataclasses.replace(options, grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on),
-                                  kernel_implementation=kernels)
+    options = dataclasses.replace(resolve_transport(options, mesh), kernel_implementation=kernels,
+                                  grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on))
     body = functools.partial(_rank_moe, config, options, chunk_sizes(x.shape[0] // ranks, ranks,
                                                                       options.moe_max_num_tokens))
     fn = jax.shard_map(
@@ -98,7 +99,7 @@ def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local,
             slot_counts += chosen.slot_counts  # fused with the replica choice
         out, sent = all_to_all_moe(xc, routing.weights, chosen.slot_ids, w_gate, w_up, w_down, EP_AXIS,
                                    transport=options.transport, grouped_matmul=options.grouped_matmul,
-                                   ragged_all_to_all=options.ragged_exchange)
+                                   ragged_all_to_all=options.ragged_exchange, dispatch=options.dispatch)
         outs.append(out)
         rank_load = rank_load + sent
     totals = jax.lax.psum(expert_counts, EP_AXIS) if "expert_total" in record else expert_counts[:0]

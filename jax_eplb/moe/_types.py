@@ -13,7 +13,8 @@ import jax
 ROUTERS = ("softmax", "deepseek")
 POLICIES = ("round_robin", "load_aware")
 RECORD_MODES = ("expert", "slot", "expert_total")
-TRANSPORTS = ("all_to_all", "ragged")
+TRANSPORTS = ("auto", "all_to_all", "ragged")
+DISPATCH_MODES = ("token", "entry")
 GROUPED_MATMULS = ("auto", "ragged_dot", "padded", "pallas", "pallas_interpret")
 KERNEL_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
 
@@ -62,7 +63,11 @@ class MoEOptions:
     moe_max_num_tokens: TensorRT-LLM's MoE chunking (None: one chunk).
     record: histograms to compute in the step: ``expert`` (per-rank logical ids), ``slot``
       (per-rank slot ids), ``expert_total`` (logical ids summed over ranks: online balancing).
-    transport: ``all_to_all`` (fixed capacity, any backend) or ``ragged`` (GPU).
+    transport: ``auto`` (``ragged`` on a GPU mesh once a one-time probe on that mesh matched
+      ``all_to_all``, else ``all_to_all``), ``all_to_all`` (fixed capacity, any backend) or
+      ``ragged`` (real rows only; GPU).
+    dispatch: ``token`` (each token once per destination rank, combined there) or ``entry``
+      (every (token, k) entry on its own); ``moe/_dispatch.py`` has the buffer sizes.
     grouped_matmul: ``auto`` (tile-padded on CPU, ragged_dot elsewhere), ``ragged_dot``,
       ``padded``, ``pallas`` (GPU) or ``pallas_interpret``.
     kernel_implementation: the routing kernels' choice (``auto``: Pallas on GPU after a probe).
@@ -73,7 +78,8 @@ class MoEOptions:
     replica_policy: str = "round_robin"
     moe_max_num_tokens: int | None = None
     record: tuple[str, ...] = ()
-    transport: str = "all_to_all"
+    transport: str = "auto"
+    dispatch: str = "token"
     grouped_matmul: str = "auto"
     kernel_implementation: str = "auto"
     ragged_exchange: Callable | None = None
@@ -82,6 +88,7 @@ class MoEOptions:
         record = (self.record,) if isinstance(self.record, str) else tuple(self.record or ())
         object.__setattr__(self, "record", record)
         checks = (("replica_policy", self.replica_policy, POLICIES), ("transport", self.transport, TRANSPORTS),
+                  ("dispatch", self.dispatch, DISPATCH_MODES),
                   ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
                   ("kernel_implementation", self.kernel_implementation, KERNEL_IMPLEMENTATIONS))
         for name, value, choices in checks:

@@ -27,7 +27,7 @@ from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
 from jax_eplb._plan_config import MoeLoadBalancerConfig
 from jax_eplb.model import ModelConfig, ModelRunner, WeightSource, build_model
-from jax_eplb.moe import GROUPED_MATMULS, POLICIES, TRANSPORTS, MoEOptions
+from jax_eplb.moe import DISPATCH_MODES, GROUPED_MATMULS, POLICIES, TRANSPORTS, MoEOptions
 from jax_eplb.serving._batcher import InFlightBatcher
 from jax_eplb.serving._dataset import Request
 from jax_eplb.serving._devices import to_host
@@ -46,7 +46,8 @@ class ThroughputSettings:
     warmup: int = 0  # requests run first, untimed and not in the figures
     eos_id: int = -1  # < 0: ignore EOS, always generate output_tokens
     replica_policy: str = "round_robin"
-    transport: str = "all_to_all"
+    transport: str = "auto"  # all_to_all | ragged (GPU) | auto (ragged on GPUs after a probe, else all_to_all)
+    dispatch: str = "token"  # token (once per destination rank) | entry (every (token, k) entry)
     grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | auto (padded on CPU, ragged_dot on GPU)
     prefill_chunk: int | None = None  # chunked prefill: prompt tokens per row and iteration (None: whole prompts)
     moe_max_num_tokens: int | None = None  # TensorRT-LLM's MoE chunking
@@ -61,6 +62,7 @@ class ThroughputSettings:
                 raise EplbInputError(f"{name} must be >= 1, got {value}")
         for name, value, choices in (("replica policy", self.replica_policy, POLICIES),
                                      ("transport", self.transport, TRANSPORTS),
+                                     ("dispatch", self.dispatch, DISPATCH_MODES),
                                      ("grouped matmul", self.grouped_matmul, GROUPED_MATMULS),
                                      ("online planner", self.online_planner, ONLINE_PLANNERS)):
             if value not in choices:
@@ -68,7 +70,8 @@ class ThroughputSettings:
 
     def moe_options(self, record: tuple[str, ...]) -> MoEOptions:
         return MoEOptions(replica_policy=self.replica_policy, moe_max_num_tokens=self.moe_max_num_tokens,
-                          record=record, transport=self.transport, grouped_matmul=self.grouped_matmul)
+                          record=record, transport=self.transport, dispatch=self.dispatch,
+                          grouped_matmul=self.grouped_matmul)
 
 
 @dataclasses.dataclass
