@@ -30,6 +30,14 @@ def rank_loads_from_counts(counts: np.ndarray, ep_size: int) -> np.ndarray:
     return counts.reshape(*counts.shape[:-1], ep_size, -1).sum(axis=-1)
 
 
+def imbalance(loads: np.ndarray) -> np.ndarray:
+    """``[..., N]`` loads -> ``[...]`` max/mean - 1 (0 where nothing is loaded)."""
+    loads = np.asarray(loads, dtype=np.float64)
+    mean = loads.mean(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mean > 0, loads.max(axis=-1) / mean - 1.0, 0.0)
+
+
 def load_metrics(loads: np.ndarray, float32: bool = False) -> LoadMetrics:
     """``[I, L, N]`` loads of N units (ranks or slots) -> metrics per layer.
 
@@ -43,9 +51,7 @@ def load_metrics(loads: np.ndarray, float32: bool = False) -> LoadMetrics:
     loads = np.asarray(loads, dtype=np.float64)
     mean = loads.mean(axis=-1)
     std = loads.std(axis=-1, ddof=1) if loads.shape[-1] > 1 else np.zeros_like(mean)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        imbalance = np.where(mean > 0, loads.max(axis=-1) / mean - 1.0, 0.0)
-    return LoadMetrics(mean.mean(axis=0), std.mean(axis=0), imbalance.mean(axis=0))
+    return LoadMetrics(mean.mean(axis=0), std.mean(axis=0), imbalance(loads).mean(axis=0))
 
 
 def _float32_metrics(loads: np.ndarray) -> LoadMetrics:

@@ -85,3 +85,24 @@ def per_iteration_set(loads, geometries) -> list[str]:
             print(row, flush=True)
             rows.append(row)
     return rows
+
+
+def online_planning_table(load, geometries, stride: int = 6) -> list[str]:
+    """Prints (and returns) the online balancer's work for one layer with ``flow``: a re-plan of one
+    layer of ``load`` [L, E] against the balanced plan in force (every ``stride``-th layer), in ms."""
+    print(f"\n## online planning, flow, one layer against the plan in force (every {stride}th layer; "
+          f"migration tolerance 0.05), ms")
+    print(f"{'geometry':>9} {'median':>7} {'max':>7}")
+    rows = []
+    for ep_size, num_slots in geometries:
+        previous = plan_placement(load, num_slots, ep_size).slot_to_expert
+        times = []
+        for layer in range(0, load.shape[0], stride):
+            start = time.perf_counter()
+            plan_placement(load[layer:layer + 1], num_slots, ep_size, "flow", previous=previous[layer:layer + 1],
+                           migration_tolerance=0.05, entries_per_iteration=ep_size * TOKENS_PER_RANK * TOP_K)
+            times.append(1e3 * (time.perf_counter() - start))
+        row = f"{ep_size:>4}/{num_slots:<4} {np.median(times):>7.0f} {np.max(times):>7.0f}"
+        print(row, flush=True)
+        rows.append(row)
+    return rows

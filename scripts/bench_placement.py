@@ -16,7 +16,7 @@ load_aware split, and the per-iteration LP optimum of the split for that plan (o
 of layers and iterations, next to load_aware on the same subsample).
 
   python scripts/bench_placement.py [--data DIR] [--repeats 3] [--geometries 32/288,144/288]
-                                    [--iteration_geometries 36/288] [--skip_totals]
+                                    [--iteration_geometries 36/288] [--skip_totals] [--online_timing]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from jax_eplb import default_slot_to_expert, load_sglang_json, lower_bound, plan_placement
 from jax_eplb._metrics import duplicate_count, rank_loads
 from jax_eplb._synthetic import expert_popularity
-from bench_iterations import per_iteration_set
+from bench_iterations import online_planning_table, per_iteration_set
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 ALGOS = {
@@ -95,11 +95,17 @@ def main():
     parser.add_argument("--geometries", default="32/288,64/320,96/288,144/288")
     parser.add_argument("--synthetic_sets", type=int, default=4)
     parser.add_argument("--iteration_geometries", default="32/288,36/288,64/320,144/288")
-    parser.add_argument("--skip_totals", action="store_true", help="only the per-iteration table")
+    parser.add_argument("--skip_totals", action="store_true", help="only the per-iteration tables")
+    parser.add_argument("--online_timing", action="store_true",
+                        help="only the online flow planner's time per layer (first real load file)")
     args = parser.parse_args()
     geometries = [tuple(int(x) for x in g.split("/")) for g in args.geometries.split(",")]
     files = sorted(args.data.glob("*.json")) if args.data.is_dir() else []
     loads = [load_sglang_json(f).total() for f in files]
+    iteration_geometries = [tuple(int(x) for x in g.split("/")) for g in args.iteration_geometries.split(",")]
+    if files and args.online_timing:
+        online_planning_table(loads[0], iteration_geometries)
+        return
     if not files:
         print(f"(real data not found at {args.data}; skipped)")
     elif not args.skip_totals:
@@ -108,7 +114,7 @@ def main():
         synthetic = [expert_popularity(58, 256, seed=s) * 1e6 for s in range(args.synthetic_sets)]
         bench_set("synthetic log-normal loads (sigma 0.8)", synthetic, geometries, args.repeats)
     if files:
-        per_iteration_set(loads, [tuple(int(x) for x in g.split("/")) for g in args.iteration_geometries.split(",")])
+        per_iteration_set(loads, iteration_geometries)
 
 
 if __name__ == "__main__":

@@ -225,9 +225,9 @@ def test_token_plan_hand_worked():
     # 2 ranks x 2 local slots; slot 4 = invalid. Token 0 -> slots 3, 2 (rank 1 twice); token 1 -> 1, 4;
     # token 2 -> 2, 0 (both ranks).
     plan = token_plan(jnp.array([[3, 2], [1, 4], [2, 0]]), num_ranks=2, slots_per_rank=2)
-    assert plan.destination.tolist() == [2, 1, 0, 2, 0, 1]  # item t*R + d
-    assert np.asarray(plan.position)[[1, 2, 4, 5]].tolist() == [0, 0, 1, 1]
-    assert plan.local_slots.tolist() == [[2, 2], [1, 0], [1, 2], [2, 2], [2, 0], [0, 2]]
+    assert plan.destination.tolist() == [1, 2, 0, 2, 1, 0]  # entry (t, k); only a token's first entry per rank
+    assert np.asarray(plan.position)[[0, 2, 4, 5]].tolist() == [0, 0, 1, 1]
+    assert plan.local_slots.tolist() == [[1, 0], [1, 0], [1, 2], [2, 2], [0, 2], [2, 0]]
     assert plan.send_counts.tolist() == [2, 2] and plan.entry_counts.tolist() == [2, 3]
 
 

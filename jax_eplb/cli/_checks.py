@@ -29,16 +29,6 @@ def output_file(path, flag: str) -> None:
         raise EplbInputError(f"{flag} {path}: cannot create files in {folder}")
 
 
-def output_directory(path, flag: str) -> None:
-    """``path`` can become a new directory (absent or empty, its parent writable)."""
-    if path is None:
-        return
-    target = Path(path)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise EplbInputError(f"{flag} {path} already exists and is not an empty directory")
-    output_file(target / "probe", flag) if target.is_dir() else output_file(target, flag)
-
-
 def output_folder(path, flag: str) -> None:
     """``path`` is a writable directory, or can be made one."""
     target = Path(path)

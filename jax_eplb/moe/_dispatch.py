@@ -1,14 +1,15 @@
 """Dispatch -> expert compute -> combine, per EP rank inside ``shard_map``.
 
 Axis legend: T local tokens, K top-k, N = T*K entries, H hidden, R ranks, m local slots per
-rank, I items shipped (entries or token-rank pairs).
+rank; items are a rank's N entries (in token mode only a token's first entry per rank travels).
 
 Two dispatch modes say what travels:
 
 * ``token`` (default; DeepEP's way): a token goes once to each rank that holds any of its k
-  slots, with its k local slots and weights there (m / 0 for entries elsewhere); the destination
-  expands it to its entries, runs them, and combines them weighted before the return trip, so a
-  token comes back once per rank as well. The source sums what comes back (float32).
+  slots (as its first entry there), with its k local slots and weights there (m / 0 for entries
+  elsewhere); the destination expands it to its entries, runs them, and combines them weighted
+  before the return trip, so a token comes back once per rank as well. The source sums what comes
+  back (float32).
 * ``entry``: every (token, k) entry travels on its own and is weighted at the source.
 
 Two transports move the rows; both dropless (a rank may send every item to one destination):
@@ -50,11 +51,13 @@ class DispatchPlan(NamedTuple):
 
 
 class TokenPlan(NamedTuple):
-    """Token-mode routing metadata of one rank: item ``t*R + d`` is token t sent to rank d.
+    """Token-mode routing metadata of one rank. Items are the entries, as in entry mode, but only a
+    token's first entry on each rank travels (carrying the token once to that rank).
 
-    destination: ``[T*R]`` d, or R where token t has no entry on rank d (not sent).
-    position:    ``[T*R]`` row of the item in d's receive block (< T).
-    local_slots: ``[T*R, K]`` local slot of each of the token's entries on d (m: not on d).
+    destination: ``[N]`` rank of entry (t, k) if it is token t's first entry there, else R (not sent).
+    position:    ``[N]`` row of the item in its destination's receive block (< T).
+    local_slots: ``[N, K]`` for a travelling entry, the local slot of each of its token's entries on
+      that rank (m: elsewhere or invalid).
     send_counts: ``[R]`` tokens sent to each rank.
     entry_counts: ``[R]`` (token, k) entries each rank serves for these tokens.
     """
@@ -88,12 +91,13 @@ def token_plan(slot_ids: jax.Array, num_ranks: int, slots_per_rank: int) -> Toke
     num_tokens, top_k = slot_ids.shape
     valid = (slot_ids >= 0) & (slot_ids < num_ranks * slots_per_rank)
     entry_rank = jnp.where(valid, slot_ids // slots_per_rank, num_ranks)  # [T, K]
-    on_rank = entry_rank[:, None, :] == jnp.arange(num_ranks)[None, :, None]  # [T, R, K]
-    destination = jnp.where(on_rank.any(axis=2), jnp.arange(num_ranks)[None, :], num_ranks).reshape(-1)
+    same_rank = valid[:, :, None] & valid[:, None, :] & (entry_rank[:, :, None] == entry_rank[:, None, :])  # [T, K, K]
+    first = valid & ~jnp.any(same_rank & jnp.tri(top_k, k=-1, dtype=bool)[None], axis=2)  # no earlier entry there
+    destination = jnp.where(first, entry_rank, num_ranks).reshape(-1)
     position, send_counts = _positions(destination, num_ranks)
-    local = jnp.where(on_rank, (slot_ids % slots_per_rank)[:, None, :], slots_per_rank)
-    return TokenPlan(destination, position, local.reshape(num_tokens * num_ranks, top_k), send_counts,
-                     on_rank.sum(axis=(0, 2)))
+    local = jnp.where(same_rank, (slot_ids % slots_per_rank)[:, None, :], slots_per_rank)
+    entry_counts = jnp.sum(entry_rank.reshape(-1, 1) == jnp.arange(num_ranks)[None], axis=0)
+    return TokenPlan(destination, position, local.reshape(num_tokens * top_k, top_k), send_counts, entry_counts)
 
 
 class RaggedOffsets(NamedTuple):
@@ -155,27 +159,24 @@ def all_to_all_moe(x: jax.Array, weights: jax.Array, slot_ids: jax.Array, w_gate
     else:
         primitive = ragged_all_to_all or jax.lax.ragged_all_to_all
         exchange = lambda *args: _ragged_exchange(*args, primitive)  # noqa: E731
+    rows = x[jnp.arange(num_tokens * top_k) // top_k]  # [N, H]: item (t, k) carries token t
     if dispatch == "entry":
-        entries = dispatch_plan(slot_ids, num_ranks, slots_per_rank)
-        route = _Route(entries.destination, entries.position, entries.send_counts, num_tokens * top_k,
-                       num_tokens * top_k)
-        payload = ((entries.local_slot[:, None], slots_per_rank),)
-        rows = x[jnp.arange(num_tokens * top_k) // top_k]  # [N, H]
-        mine = exchange(rows, payload, route, lambda r, slot: run(r, slot[:, 0]), axis_name)
-        with jax.named_scope("moe/combine"):
-            mine = jnp.where((entries.destination < num_ranks)[:, None], mine, 0.0)
-            combined = (mine.reshape(num_tokens, top_k, hidden) * weights.astype(jnp.float32)[..., None]).sum(axis=1)
-        return combined, entries.send_counts
-    tokens = token_plan(slot_ids, num_ranks, slots_per_rank)
-    route = _Route(tokens.destination, tokens.position, tokens.send_counts, num_tokens,
-                   num_tokens * min(top_k, num_ranks))
-    item_weights = jnp.repeat(weights.astype(jnp.float32), num_ranks, axis=0)  # [T*R, K]
-    payload = ((tokens.local_slots, slots_per_rank), (item_weights, 0.0))
-    mine = exchange(jnp.repeat(x, num_ranks, axis=0), payload, route,
-                    lambda r, slots, w: _expand_run_combine(run, r, slots, w), axis_name)
+        plan = dispatch_plan(slot_ids, num_ranks, slots_per_rank)
+        route = _Route(plan.destination, plan.position, plan.send_counts, num_tokens * top_k, num_tokens * top_k)
+        mine = exchange(rows, ((plan.local_slot[:, None], slots_per_rank),), route,
+                        lambda r, slot: run(r, slot[:, 0]), axis_name)
+        weighted, served = mine * weights.astype(jnp.float32).reshape(-1, 1), plan.send_counts
+    else:  # weighted and combined on the destination already
+        plan = token_plan(slot_ids, num_ranks, slots_per_rank)
+        route = _Route(plan.destination, plan.position, plan.send_counts, num_tokens,
+                       num_tokens * min(top_k, num_ranks))
+        item_weights = jnp.repeat(weights.astype(jnp.float32), top_k, axis=0)  # [N, K]: the token's weights
+        payload = ((plan.local_slots, slots_per_rank), (item_weights, 0.0))
+        weighted = exchange(rows, payload, route, lambda r, slots, w: _expand_run_combine(run, r, slots, w), axis_name)
+        served = plan.entry_counts
     with jax.named_scope("moe/combine"):
-        mine = jnp.where((tokens.destination < num_ranks)[:, None], mine, 0.0)
-        return mine.reshape(num_tokens, num_ranks, hidden).sum(axis=1), tokens.entry_counts
+        weighted = jnp.where((plan.destination < num_ranks)[:, None], weighted, 0.0)
+        return weighted.reshape(num_tokens, top_k, hidden).sum(axis=1), served
 
 
 def _expand_run_combine(run, rows, slots, weights):

@@ -1,5 +1,5 @@
-"""What the EP exchange moves per MoE layer, from the slot ids each rank routes to (NumPy; for
-benchmarks and capacity planning).
+"""What the EP exchange moves per MoE layer, from the slot ids each rank routes to (host-side, for
+benchmarks and capacity planning; the row counts come from the dispatch plans the layer uses).
 
 Per rank and layer, for each transport and dispatch mode (``moe/_dispatch.py``):
 * sent: rows this rank sends to other ranks on the dispatch trip (hidden-size activations plus
@@ -15,7 +15,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from jax_eplb.moe._dispatch import dispatch_plan, token_plan
 
 RESULT_BYTES = 4  # the combine trip carries float32 results
 SLOT_BYTES, WEIGHT_BYTES = 4, 4  # int32 local slot per entry; float32 weight per entry (token mode)
@@ -31,13 +35,10 @@ class Traffic(NamedTuple):
 
 def rows_to_ranks(slot_ids: np.ndarray, slots_per_rank: int, dispatch: str) -> np.ndarray:
     """``[R, T, K]`` global slot ids of each rank's entries (out of range: none) -> ``[R_src, R_dst]``
-    rows each rank sends to each rank: entries, or tokens with any entry there."""
-    num_ranks = slot_ids.shape[0]
-    valid = (slot_ids >= 0) & (slot_ids < num_ranks * slots_per_rank)
-    dest = np.where(valid, slot_ids // slots_per_rank, num_ranks)  # [R, T, K]
-    on_rank = dest[..., None] == np.arange(num_ranks)  # [R, T, K, R_dst]
-    per_token = on_rank.any(axis=2) if dispatch == "token" else on_rank.sum(axis=2)
-    return per_token.sum(axis=1)  # [R_src, R_dst]
+    rows each rank sends to each rank: the send counts of the dispatch plans themselves."""
+    plan = token_plan if dispatch == "token" else dispatch_plan
+    counts = jax.vmap(lambda ids: plan(ids, slot_ids.shape[0], slots_per_rank).send_counts)(jnp.asarray(slot_ids))
+    return np.asarray(counts)
 
 
 def layer_traffic(slot_ids: np.ndarray, slots_per_rank: int, hidden: int, transport: str, dispatch: str,

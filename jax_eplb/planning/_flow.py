@@ -33,7 +33,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from jax_eplb._metrics import rank_loads
+from jax_eplb._metrics import imbalance, rank_loads
 from jax_eplb.planning._balanced import balanced_plan
 from jax_eplb.planning._baselines import trtllm_plan
 from jax_eplb.planning._migration import align_ranks
@@ -86,7 +86,7 @@ def flow_plan(load, samples, num_slots: int, ep_size: int, previous=None,
         old = None if previous is None else np.asarray(previous[layer])
         keepable = old is not None and _keepable(load[layer], old, ep_size, limit[layer])
         judged = np.concatenate([options, old[None]]) if keepable else options
-        per_iteration = _imbalance(split_rank_loads(judged, samples[:, layer], ep_size))  # [C (+1), K]
+        per_iteration = imbalance(split_rank_loads(judged, samples[:, layer], ep_size))  # [C (+1), K]
         winner = _winner(per_iteration[:len(options)])
         out[layer] = options[winner]
         if old is not None:  # renaming ranks changes no rank load: the winner's figures hold for it
@@ -179,13 +179,6 @@ def _tree_edges(num_ranks: int, num_links: int, branching: int) -> list[tuple[in
             frontier = grown
         start += size
     return edges
-
-
-def _imbalance(rank_load: np.ndarray) -> np.ndarray:
-    """``[..., R]`` -> max/mean - 1 (0 where nothing is routed)."""
-    mean = rank_load.mean(axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(mean > 0, rank_load.max(axis=-1) / mean - 1.0, 0.0)
 
 
 def _winner(per_iteration: np.ndarray) -> int:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from jax_eplb._metrics import imbalance
+
 SPLIT_PASSES = 16  # passes of the runtime's load-aware split; the planner models the same number
 
 
@@ -114,8 +116,5 @@ def per_iteration_imbalance(slot_to_expert, samples, ep_size: int, passes: int =
     for layer, plan in enumerate(plans):
         loads = split_rank_loads(plan, np.asarray(samples)[:, layer], ep_size, passes)[0]  # [K, R]
         serving = (plan.reshape(ep_size, -1) >= 0).any(axis=1)
-        loads = loads[:, serving]
-        mean = loads.mean(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[layer] = np.mean(np.where(mean > 0, loads.max(axis=1) / mean - 1.0, 0.0))
+        out[layer] = imbalance(loads[:, serving]).mean()
     return out
