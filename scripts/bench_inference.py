@@ -2,7 +2,11 @@
 """Inference throughput and step time: no EPLB vs a static EPLB plan (round_robin and
 load_aware replica choice), side by side in one run.
 
-The plan comes from statistics recorded in the no-EPLB run (the offline workflow). Default:
+The plan comes from statistics recorded in the no-EPLB run (the offline workflow). A second table
+gives the EP exchange of each configuration: bytes each rank sends per MoE layer (dispatch +
+combine; mean over ranks and the busiest rank) and the receive buffer, for every transport and
+dispatch mode, from the rows the run's dispatch plans actually sent (recorded every step; the
+run itself uses ``--transport auto`` and token dispatch); ragged/token is the real-row minimum. Default:
 the tiny model on 8 CPU-emulated devices (times compare configurations on this machine only;
 emulated devices share the host's cores, so a rank's extra load costs less than on real GPUs).
 On a GPU machine: ``--model deepseek_v3_slice --ep 1 --emulate_devices 0`` (one GPU has no EP
@@ -37,7 +41,8 @@ def main():
     args = parser.parse_args()
 
     from jax_eplb import plan_config_from_slots, plan_placement
-    from jax_eplb.serving import StatisticsRecorder, ThroughputSettings, model_source, run_throughput, token_norm_dist
+    from jax_eplb.serving import (TRAFFIC_HEADER, StatisticsRecorder, ThroughputSettings, format_traffic, model_source,
+                                  run_throughput, token_norm_dist)
     from jax_eplb.sharding import ep_mesh
 
     config, weights = model_source(args.model)
@@ -48,7 +53,7 @@ def main():
 
     def bench(matmul, plan=None, policy="round_robin", recorder=None):
         settings = ThroughputSettings(max_batch_size=args.max_batch_size, grouped_matmul=matmul, replica_policy=policy,
-                                      progress=False)
+                                      progress=False, traffic=True)
         return run_throughput(config, weights, requests, mesh, settings, plan=plan, recorder=recorder, log=quiet)
 
     recorder = StatisticsRecorder(None, 0, 100000, config.moe_layer_ids, config.top_k)  # kept in memory
@@ -85,6 +90,11 @@ def main():
             report(f"EPLB {args.num_slots} slots, {policy}{suffix}", bench(matmul, plan, policy), matmul)
             if args.json:  # after every row: a run cut short keeps what it measured
                 args.json.write_text(json.dumps(out, indent=2))
+    print(f"\nEP exchange per rank and MoE layer (dispatch + combine to other ranks; {config.dtype} activations, "
+          f"float32 results), mean over timed iterations and layers")
+    print(f"{'configuration':<44} {TRAFFIC_HEADER}")
+    for row in out:
+        print("\n".join(format_traffic(row["traffic"], f"{row['configuration']:<44} ")))
 
 
 if __name__ == "__main__":

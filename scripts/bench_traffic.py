@@ -36,12 +36,9 @@ def traffic_table(slot_ids, slots_per_rank: int, hidden: int, value_bytes: int =
     rows = []
     for transport, dispatch in MODES:
         traffic = layer_traffic(slot_ids, slots_per_rank, hidden, transport, dispatch, value_bytes)
-        sent_rows = (traffic.real_rows if transport == "ragged"
-                     else np.full(num_ranks, (num_ranks - 1) * (num_tokens if dispatch == "token"
-                                                                else num_tokens * top_k)))
         row = (f"{transport:>10} {dispatch:>8} {traffic.sent_bytes.mean() / 2**20:>9.1f} "
                f"{traffic.sent_bytes.max() / 2**20:>8.1f} {traffic.receive_buffer_bytes / 2**20:>15.1f} "
-               f"{sent_rows.mean():>9.0f}")
+               f"{traffic.sent_rows.mean():>9.0f}")
         print(row)
         rows.append(row)
     entries = layer_traffic(slot_ids, slots_per_rank, hidden, "ragged", "entry", value_bytes).real_rows

@@ -115,7 +115,7 @@ def test_token_mask_and_record_modes(mesh_of, dense_moe):
     args = (router, slots, x, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
     ref = dense_moe(config, router, logical, x) * mask[:, None]
     forward = jax.jit(ep_moe_forward, static_argnums=(0, 1), static_argnames=("options",))
-    every = MoEOptions(record=("expert", "slot", "expert_total"))
+    every = MoEOptions(record=("expert", "slot", "expert_total", "traffic"))
     by_expert = forward(config, mesh, *args, token_mask=mask, options=every)
     assert_close(by_expert.out, ref)
     ids = np.asarray(jax.jit(lambda x: __import__("jax_eplb").moe.route(config, router, x).expert_ids)(x))
@@ -128,8 +128,11 @@ def test_token_mask_and_record_modes(mesh_of, dense_moe):
     slots = np.asarray(by_expert.slot_counts)  # [R, S]: each slot's entries are its expert's
     np.testing.assert_array_equal(np.bincount(np.asarray(slot_to_expert), weights=slots.sum(0), minlength=E),
                                   want.sum(0))
+    # entry-mode rows each rank sent to each rank = its slot histogram summed per destination rank
+    np.testing.assert_array_equal(np.asarray(by_expert.dispatch_rows)[:, 0], slots.reshape(4, 4, -1).sum(-1))
     plain = forward(config, mesh, *args, token_mask=mask)
     assert plain.expert_counts is None and plain.slot_counts is None and plain.expert_totals is None
+    assert plain.dispatch_rows is None
     np.testing.assert_array_equal(np.asarray(plain.rank_load), np.asarray(by_expert.rank_load))
     assert int(plain.rank_load.sum()) == int(mask.sum()) * 2
 
@@ -291,6 +294,30 @@ def test_traffic_accounting_hand_worked_and_equal_to_the_send_counts():
         fixed = layer_traffic(slot_ids, 2, hidden, "all_to_all", dispatch)
         assert fixed.sent_bytes.tolist() == [block * (hidden * 2 + payload) + block * hidden * 4] * 2
         assert fixed.receive_buffer_bytes == ragged.receive_buffer_bytes == 2 * block * (hidden * 2 + payload)
+
+
+def test_recorded_dispatch_rows_count_tokens_once_per_rank(mesh_of):
+    """One slot per expert (slot = expert id): the rows recorded in the step, summed over MoE chunks,
+    equal the tokens (entries) each rank's routing sends to each rank, counted by hand."""
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=4)
+    logical, router = make_weights(5)
+    ranks, tokens = 4, 24
+    x = jax.random.normal(jax.random.key(5), (tokens, H))
+    mask = jnp.arange(tokens) % 5 != 0
+    identity = np.arange(E)
+    tables = build_assignment_tables(identity, E)
+    options = MoEOptions(record=("traffic",), moe_max_num_tokens=8)  # 3 chunks of 2 tokens per rank
+    result = jax.jit(functools.partial(ep_moe_forward, config, mesh_of(ranks), options=options))(
+        router, slot_weights_from_logical(logical, identity, mesh_of(ranks)), x,
+        jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]), token_mask=mask)
+    ids = np.asarray(jax.jit(lambda x: __import__("jax_eplb").moe.route(config, router, x).expert_ids)(x))
+    want = np.zeros((ranks, 2, ranks), np.int64)  # [src, entry/token, dst]
+    for t in np.flatnonzero(np.asarray(mask)):
+        dst = ids[t] // (E // ranks)
+        np.add.at(want[t // (tokens // ranks), 0], dst, 1)
+        want[t // (tokens // ranks), 1, np.unique(dst)] += 1
+    np.testing.assert_array_equal(np.asarray(result.dispatch_rows), want)
+    assert (want[:, 1] < want[:, 0]).any()  # some token has two experts on one rank
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the auto transport's probe runs on GPUs only")

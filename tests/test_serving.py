@@ -1,6 +1,7 @@
 """Runner, datasets, extra options, statistics recording and the end-to-end workflow."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -259,13 +260,16 @@ def test_checkpoint_flow_through_the_cli(tmp_path, small_yaml, capsys):
     dataset = write_lines(tmp_path / "d.jsonl", [
         {"task_id": i, "input_ids": [(5 * i + j) % 64 for j in range(2 + i)], "output_tokens": 3} for i in range(4)])
     outputs = []
-    for extra in (["--model_path", str(tmp_path / "ckpt")], ["--seed", "3"]):
+    for extra, traffic in ((["--model_path", str(tmp_path / "ckpt")], ["--report_traffic"]), (["--seed", "3"], [])):
         out = tmp_path / f"tokens{len(outputs)}.jsonl"
         assert main(["bench", "--model", str(small_yaml), *extra, "throughput", "--ep", "2", "--dataset",
-                     str(dataset), "--emulate_devices", "8", "--no_progress", "--output_tokens", str(out)]) == 0
+                     str(dataset), "--emulate_devices", "8", "--no_progress", "--output_tokens", str(out),
+                     *traffic]) == 0
         outputs.append(out.read_text())
     assert outputs[0] == outputs[1] and len(outputs[0].splitlines()) == 4
-    assert "throughput (output tok/s)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "throughput (output tok/s)" in printed
+    assert printed.count("EP exchange per rank") == 1 and len(re.findall(r"decode +ragged +token", printed)) == 1
 
 
 def test_inflight_batching_does_not_change_tokens(small):
@@ -273,11 +277,28 @@ def test_inflight_batching_does_not_change_tokens(small):
     rows prefill, so every request generates the same tokens at any batch size."""
     requests = requests_of([{"task_id": i, "input_ids": [(3 * i + j) % 64 for j in range(1 + i % 6)],
                              "output_tokens": 1 + (5 * i) % 7} for i in range(10)])
-    runs = {batch: serve(small, requests, 2, max_batch_size=batch) for batch in (2, 4, 10)}
-    assert runs[2].tokens == runs[4].tokens == runs[10].tokens
+    runs = {batch: serve(small, requests, 2, max_batch_size=batch, traffic=batch == 4) for batch in (2, 4, 10)}
+    assert runs[2].tokens == runs[4].tokens == runs[10].tokens  # traffic recording (batch 4) changes nothing
+    _check_traffic_figures(runs[4].figures["traffic"], small.config(), tokens_per_rank={"decode": 2, "mixed": 2 * 6})
+    assert "traffic" not in runs[2].figures
     phases = [r["phase"] for r in runs[2].per_iteration]
     assert phases.count("mixed") > 1  # rows were refilled mid-run, while others decoded
     assert runs[2].figures["iterations"] < sum(1 + (5 * i) % 7 for i in range(10))  # rows overlap
+
+
+def _check_traffic_figures(traffic, config, tokens_per_rank):
+    """all_to_all ships (R-1) blocks of fixed rows (2 ranks here); ragged ships at most that, and token
+    dispatch at most the entries' rows."""
+    hidden, k = config.hidden_size, config.top_k
+    for phase, tokens in tokens_per_rank.items():
+        modes = traffic[phase]
+        for dispatch, rows, payload in (("token", tokens, k * 8), ("entry", tokens * k, 4)):
+            fixed = modes[f"all_to_all/{dispatch}"]
+            assert fixed["rows_sent"] == rows  # float32 activations; float32 results come back
+            assert fixed["sent_mib"] * 2**20 == pytest.approx(rows * (hidden * 4 + payload) + rows * hidden * 4)
+            assert fixed["receive_buffer_mib"] * 2**20 == 2 * rows * (hidden * 4 + payload)
+            assert 0 < modes[f"ragged/{dispatch}"]["rows_sent"] <= rows
+        assert modes["ragged/token"]["rows_sent"] <= modes["ragged/entry"]["rows_sent"]
 
 
 def test_chunked_prefill_does_not_change_tokens(small):

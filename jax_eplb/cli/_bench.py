@@ -60,13 +60,20 @@ def add_bench_parser(sub):
                           "exists, save them there at exit (a restarted server keeps its placement)")
     thr.add_argument("--output_tokens", default=None, help="write the generated ids per task (JSON lines)")
     thr.add_argument("--report_json", default=None, help="write all figures as JSON")
+    thr.add_argument("--report_traffic", action="store_true",
+                     help="record each step's dispatch rows and report the bytes each rank sends per MoE layer for "
+                          "every transport and dispatch mode")
     thr.add_argument("--no_progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
-    # trtllm-bench flags of the EPLB workflow, so its command lines run unchanged.
+    _add_trtllm_bench_flags(thr)
+    parser.set_defaults(handler=run_bench)
+
+
+def _add_trtllm_bench_flags(thr) -> None:
+    """trtllm-bench flags of the EPLB workflow, so its command lines run unchanged."""
     thr.add_argument("--tp", type=int, default=None, help="trtllm-bench: must equal --ep (attention DP, as here)")
     thr.add_argument("--backend", default=None, help="trtllm-bench: pytorch (the only meaning here)")
     thr.add_argument("--kv_cache_free_gpu_mem_fraction", type=float, default=None,
                      help="trtllm-bench: accepted, no effect (the KV cache is sized by --max_seq_len and the batch)")
-    parser.set_defaults(handler=run_bench)
 
 
 def _trtllm_bench_flags(args) -> list[str]:
@@ -121,7 +128,8 @@ def run_bench(args) -> int:
         replica_policy=args.replica_policy, transport=args.transport, dispatch=args.dispatch,
         grouped_matmul=args.grouped_matmul,
         prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
-        online_planner=args.online_planner, progress=not args.no_progress and sys.stderr.isatty())
+        online_planner=args.online_planner, traffic=args.report_traffic,
+        progress=not args.no_progress and sys.stderr.isatty())
     for note in notes:
         print(f"note: {note}")
     for key in inputs.options.ignored_keys:

@@ -36,7 +36,8 @@ class StepOutput(NamedTuple):
     """next_token ``[B]`` (greedy, at each row's last valid position); cache; rank_load
     ``[Lm, R]`` entries computed per rank per MoE layer; expert_counts ``[Lm, R, E]``,
     slot_counts ``[Lm, R, S]`` and expert_totals ``[Lm, E]`` (summed over ranks) when recorded,
-    else None; logits ``[B, T, V]`` float32 of every position when asked for, else None."""
+    else None; logits ``[B, T, V]`` float32 of every position when asked for, else None;
+    dispatch_rows ``[Lm, R, 2, R]`` (``MoEOutput.dispatch_rows`` per MoE layer) when recorded."""
 
     next_token: jax.Array
     cache: KVCache
@@ -45,6 +46,7 @@ class StepOutput(NamedTuple):
     slot_counts: jax.Array | None
     expert_totals: jax.Array | None
     logits: jax.Array | None = None
+    dispatch_rows: jax.Array | None = None
 
 
 class MoETransformer(nnx.Module):
@@ -90,7 +92,7 @@ class MoETransformer(nnx.Module):
         logits = jnp.dot(normed[jnp.arange(b), last], head, preferred_element_type=jnp.float32)  # [B, V]
         all_logits = jnp.dot(normed, head, preferred_element_type=jnp.float32) if return_logits else None
         return StepOutput(jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, moe.rank_load, moe.expert_counts,
-                          moe.slot_counts, moe.expert_totals, all_logits)
+                          moe.slot_counts, moe.expert_totals, all_logits, moe.dispatch_rows)
 
     def _layers(self, x, cache: KVCache, **layer_inputs):
         """The decoder layers in order: each run of same-kind layers is one scan over its stack's

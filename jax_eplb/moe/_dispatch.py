@@ -100,6 +100,16 @@ def token_plan(slot_ids: jax.Array, num_ranks: int, slots_per_rank: int) -> Toke
     return TokenPlan(destination, position, local.reshape(num_tokens * top_k, top_k), send_counts, entry_counts)
 
 
+DISPATCH_ROW_ORDER = ("entry", "token")  # the order of ``dispatch_rows``' first axis
+
+
+def dispatch_rows(slot_ids: jax.Array, num_ranks: int, slots_per_rank: int) -> jax.Array:
+    """``[T, K]`` global slot ids -> ``[2, R]`` rows each dispatch mode sends to each rank (entry mode:
+    entries; token mode: tokens): the send counts of both plans (what is not needed is not computed)."""
+    return jnp.stack([dispatch_plan(slot_ids, num_ranks, slots_per_rank).send_counts,
+                      token_plan(slot_ids, num_ranks, slots_per_rank).send_counts])
+
+
 class RaggedOffsets(NamedTuple):
     """``ragged_all_to_all`` arguments of one rank, from the all-gathered ``[R, R]`` send counts.
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jax_eplb.moe._dispatch import all_to_all_moe
+from jax_eplb.moe._dispatch import all_to_all_moe, dispatch_rows
 from jax_eplb.moe._experts import resolve_grouped_matmul
 from jax_eplb.moe._replica_choice import load_aware_slots, round_robin_slots
 from jax_eplb.moe._routers import route
@@ -61,13 +61,14 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     fn = jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),
-        out_specs=(P(EP_AXIS), P(), P(EP_AXIS), P(EP_AXIS), P()),
+        out_specs=(P(EP_AXIS), P(), P(EP_AXIS), P(EP_AXIS), P(), P(EP_AXIS)),
         check_vma=False)
-    out, rank_load, expert_counts, slot_counts, totals = fn(
+    out, rank_load, expert_counts, slot_counts, totals, rows = fn(
         x, token_mask, router.kernel, router.correction_bias, *slot_experts, replica_count, expert_slots)
     record = options.record
     return MoEOutput(out, rank_load, expert_counts if "expert" in record else None,
-                     slot_counts if "slot" in record else None, totals if "expert_total" in record else None)
+                     slot_counts if "slot" in record else None, totals if "expert_total" in record else None,
+                     rows if "traffic" in record else None)
 
 
 def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local, mask_local, kernel, bias,
@@ -82,6 +83,7 @@ def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local,
     rank_load = jnp.zeros((num_ranks,), jnp.int32)
     expert_counts = jnp.zeros((config.num_experts if want_experts else 0,), jnp.int32)
     slot_counts = jnp.zeros((num_slots if "slot" in record else 0,), jnp.int32)
+    rows = jnp.zeros((2 if "traffic" in record else 0, num_ranks), jnp.int32)  # [entry/token, R_dst]
     start = 0
     for size in sizes:
         xc, mc = x_local[start:start + size], mask_local[start:start + size]
@@ -97,6 +99,8 @@ def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local,
             expert_counts += routing_histogram(expert_ids, config.num_experts, implementation=impl)
         if "slot" in record:
             slot_counts += chosen.slot_counts  # fused with the replica choice
+        if "traffic" in record:
+            rows += dispatch_rows(chosen.slot_ids, num_ranks, w_gate.shape[0])
         out, sent = all_to_all_moe(xc, routing.weights, chosen.slot_ids, w_gate, w_up, w_down, EP_AXIS,
                                    transport=options.transport, grouped_matmul=options.grouped_matmul,
                                    ragged_all_to_all=options.ragged_exchange, dispatch=options.dispatch)
@@ -104,4 +108,4 @@ def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local,
         rank_load = rank_load + sent
     totals = jax.lax.psum(expert_counts, EP_AXIS) if "expert_total" in record else expert_counts[:0]
     return (jnp.concatenate(outs, axis=0), jax.lax.psum(rank_load, EP_AXIS), expert_counts[None],
-            slot_counts[None], totals)
+            slot_counts[None], totals, rows[None])

@@ -12,7 +12,7 @@ import jax
 
 ROUTERS = ("softmax", "deepseek")
 POLICIES = ("round_robin", "load_aware")
-RECORD_MODES = ("expert", "slot", "expert_total")
+RECORD_MODES = ("expert", "slot", "expert_total", "traffic")
 TRANSPORTS = ("auto", "all_to_all", "ragged")
 DISPATCH_MODES = ("token", "entry")
 GROUPED_MATMULS = ("auto", "ragged_dot", "padded", "pallas", "pallas_interpret")
@@ -62,7 +62,8 @@ class MoEOptions:
     replica_policy: ``round_robin`` (TensorRT-LLM's rule) or ``load_aware`` (ours).
     moe_max_num_tokens: TensorRT-LLM's MoE chunking (None: one chunk).
     record: histograms to compute in the step: ``expert`` (per-rank logical ids), ``slot``
-      (per-rank slot ids), ``expert_total`` (logical ids summed over ranks: online balancing).
+      (per-rank slot ids), ``expert_total`` (logical ids summed over ranks: online balancing),
+      ``traffic`` (rows each rank's dispatch sends to each rank, both dispatch modes).
     transport: ``auto`` (``ragged`` on a GPU mesh once a one-time probe on that mesh matched
       ``all_to_all``, else ``all_to_all``), ``all_to_all`` (fixed capacity, any backend) or
       ``ragged`` (real rows only; GPU).
@@ -124,6 +125,9 @@ class MoEOutput(NamedTuple):
                when not recorded (then it is not computed at all).
     slot_counts: ``[R, S]`` int32 per-rank histogram of the chosen slots, or None.
     expert_totals: ``[E]`` int32 expert histogram summed over ranks in-graph, or None.
+    dispatch_rows: ``[R_src, 2, R_dst]`` int32 rows each rank's dispatch plans send to each rank
+               (``[:, 0]`` entry mode, ``[:, 1]`` token mode; summed over chunks, the rank's own
+               block included), or None (``moe/_traffic.py`` turns them into bytes).
     """
 
     out: jax.Array
@@ -131,3 +135,4 @@ class MoEOutput(NamedTuple):
     expert_counts: jax.Array | None
     slot_counts: jax.Array | None
     expert_totals: jax.Array | None = None
+    dispatch_rows: jax.Array | None = None

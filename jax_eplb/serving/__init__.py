@@ -10,7 +10,7 @@ from jax_eplb.serving._batcher import InFlightBatcher, StepInputs
 from jax_eplb.serving._dataset import (Request, load_dataset, prepare_dataset, token_norm_dist,
                                        write_text_dataset)
 from jax_eplb.serving._devices import initialize_distributed, to_host
-from jax_eplb.serving._figures import format_figures
+from jax_eplb.serving._figures import TRAFFIC_HEADER, format_figures, format_traffic
 from jax_eplb.serving._inputs import BenchInputs, model_source, read_bench_inputs
 from jax_eplb.serving._options import ExtraOptions, load_extra_options
 from jax_eplb.serving._recorder import DEFAULT_PATH, PATH_VARIABLE, RANGE_VARIABLE, StatisticsRecorder
@@ -22,5 +22,6 @@ __all__ = [
     "BenchInputs", "model_source", "read_bench_inputs",
     "InFlightBatcher", "StepInputs", "StatisticsRecorder", "RANGE_VARIABLE", "PATH_VARIABLE", "DEFAULT_PATH",
     "ThroughputSettings", "ThroughputResult", "run_throughput", "placement_tables", "format_figures",
+    "format_traffic", "TRAFFIC_HEADER",
     "initialize_distributed", "to_host",
 ]

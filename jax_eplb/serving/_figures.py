@@ -2,20 +2,70 @@
 
 Per-rank load is measured in-graph every iteration (entries each rank's experts computed, per
 MoE layer, ``[Lm, R]``); its imbalance (max/mean - 1), averaged over iterations and layers, is
-TensorRT-LLM's report metric of the same run.
+TensorRT-LLM's report metric of the same run. With traffic recording, the EP exchange's bytes
+per rank and MoE layer, from each iteration's dispatch rows, for every transport and dispatch mode.
 """
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from jax_eplb._metrics import load_metrics
+from jax_eplb.moe import TRANSPORTS, chunk_sizes
+from jax_eplb.moe._dispatch import DISPATCH_ROW_ORDER
+from jax_eplb.moe._traffic import traffic_from_rows
+
+MIB = 2 ** 20
+
+
+class TrafficFigures:
+    """The EP exchange of the timed iterations, per phase (decode / mixed): bytes each rank sends per
+    MoE layer (dispatch + combine, mean over ranks and the busiest rank) and its receive buffer, for
+    every transport and dispatch mode, from the dispatch rows the step recorded (``moe/_traffic.py``).
+    Accumulated per iteration (nothing per step is kept)."""
+
+    MODES = tuple(itertools.product(TRANSPORTS[1:], DISPATCH_ROW_ORDER))
+
+    def __init__(self, top_k: int, hidden: int, value_bytes: int, moe_max_num_tokens: int | None):
+        self.top_k, self.hidden, self.value_bytes, self.max_tokens = top_k, hidden, value_bytes, moe_max_num_tokens
+        self.steps = {"decode": 0, "mixed": 0}
+        # phase -> [M modes, 3] sums over iterations of (sent mean, busiest rank's sent, rows sent); buffer max
+        self.sums = {phase: np.zeros((len(self.MODES), 3)) for phase in self.steps}
+        self.buffers = {phase: np.zeros(len(self.MODES)) for phase in self.steps}
+
+    def add(self, mixed: bool, dispatch_rows: np.ndarray, tokens_per_rank: int) -> None:
+        """One iteration's ``[Lm, R, 2, R]`` dispatch rows, its MoE layers' ``tokens_per_rank``."""
+        phase = "mixed" if mixed else "decode"
+        rows = np.asarray(dispatch_rows)
+        chunks = chunk_sizes(tokens_per_rank, rows.shape[1], self.max_tokens)
+        for m, (transport, dispatch) in enumerate(self.MODES):
+            t = traffic_from_rows(rows[:, :, DISPATCH_ROW_ORDER.index(dispatch)], chunks, self.top_k, self.hidden,
+                                  transport, dispatch, self.value_bytes)
+            self.sums[phase][m] += (t.sent_bytes.mean(), t.sent_bytes.max(axis=-1).mean(), t.sent_rows.mean())
+            self.buffers[phase][m] = max(self.buffers[phase][m], t.receive_buffer_bytes)
+        self.steps[phase] += 1
+
+    def summary(self) -> dict:
+        """``{phase: {"transport/dispatch": {sent_mib, max_rank_sent_mib, receive_buffer_mib, rows_sent}}}``."""
+        out = {}
+        for phase, count in self.steps.items():
+            if count:
+                mean = self.sums[phase] / count
+                out[phase] = {f"{transport}/{dispatch}": dict(
+                    sent_mib=float(mean[m, 0]) / MIB, max_rank_sent_mib=float(mean[m, 1]) / MIB,
+                    receive_buffer_mib=float(self.buffers[phase][m]) / MIB, rows_sent=float(mean[m, 2]))
+                    for m, (transport, dispatch) in enumerate(self.MODES)}
+        return out
 
 
 class ThroughputFigures:
-    """Step times, per-iteration rows and rank loads of the timed iterations."""
+    """Step times, per-iteration rows and rank loads of the timed iterations (and their exchange's
+    bytes when ``traffic`` is given)."""
 
-    def __init__(self):
+    def __init__(self, traffic: TrafficFigures | None = None):
+        self.traffic = traffic
         self.prefill_s: list[float] = []  # mixed iterations
         self.decode_s: list[float] = []
         self.rank_loads: list[np.ndarray] = []  # [Lm, R] per iteration
@@ -39,6 +89,7 @@ class ThroughputFigures:
         def mean_ms(seconds):
             return 1e3 * float(np.mean(seconds)) if seconds else None
 
+        traffic = {"traffic": self.traffic.summary()} if self.traffic is not None else {}
         return {
             "requests": requests, "output_tokens": output_tokens, "iterations": len(self.rank_loads),
             "wall_s": wall_s, "output_tokens_per_s": output_tokens / wall_s if wall_s else float("nan"),
@@ -47,6 +98,7 @@ class ThroughputFigures:
             "mean_step_ms": mean_ms(self.prefill_s + self.decode_s),
             "mean_imbalance": float(per_layer.mean()),
             "mean_imbalance_per_layer": {int(l): float(v) for l, v in zip(layer_ids, per_layer)},
+            **traffic,
         }
 
 
@@ -60,6 +112,22 @@ def online_summary(reports, layer_updates_per_iter: int, planner: str) -> dict:
         slots_from_devices=sum(r.slots_from_devices for r in updates),
         mean_plan_ms_per_update=1e3 * float(np.mean([r.plan_seconds for r in updates])) if updates else 0.0,
         mean_apply_ms_per_iteration=1e3 * float(np.mean([r.apply_seconds for r in reports])) if reports else 0.0)
+
+
+TRAFFIC_HEADER = (f"{'phase':<7} {'transport':>10} {'dispatch':>8} {'sent MiB':>9} {'busiest':>8} "
+                  f"{'recv buffer MiB':>15} {'rows sent':>9}")
+
+
+def format_traffic(traffic: dict, label: str = "") -> list[str]:
+    """One line per phase and (transport, dispatch) of ``figures["traffic"]`` (``TRAFFIC_HEADER``'s
+    columns after ``label``); ragged/token is the real-row minimum."""
+    lines = []
+    for phase, modes in traffic.items():
+        for mode, f in modes.items():
+            transport, dispatch = mode.split("/")
+            lines.append(f"{label}{phase:<7} {transport:>10} {dispatch:>8} {f['sent_mib']:>9.3f} "
+                         f"{f['max_rank_sent_mib']:>8.3f} {f['receive_buffer_mib']:>15.3f} {f['rows_sent']:>9.1f}")
+    return lines
 
 
 def format_figures(figures: dict) -> str:
@@ -81,4 +149,8 @@ def format_figures(figures: dict) -> str:
     title = (f"=== {figures['model']} ep={figures['ep']} slots={figures['num_slots']} "
              f"({figures['load_balancer']}, {figures['replica_policy']}, {figures['platform']}) ===")
     width = max(len(k) for k, _ in rows)
-    return "\n".join([title] + [f"{k:<{width}}  {v}" for k, v in rows])
+    lines = [title] + [f"{k:<{width}}  {v}" for k, v in rows]
+    if "traffic" in figures:
+        lines += ["EP exchange per rank and MoE layer (dispatch + combine, sent to other ranks):", TRAFFIC_HEADER,
+                  *format_traffic(figures["traffic"])]
+    return "\n".join(lines)

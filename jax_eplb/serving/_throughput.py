@@ -31,7 +31,7 @@ from jax_eplb.moe import DISPATCH_MODES, GROUPED_MATMULS, POLICIES, TRANSPORTS, 
 from jax_eplb.serving._batcher import InFlightBatcher
 from jax_eplb.serving._dataset import Request
 from jax_eplb.serving._devices import to_host
-from jax_eplb.serving._figures import ThroughputFigures, online_summary
+from jax_eplb.serving._figures import ThroughputFigures, TrafficFigures, online_summary
 from jax_eplb.serving._recorder import StatisticsRecorder
 from jax_eplb.sharding import num_ranks, platform, require_gpu
 
@@ -53,6 +53,7 @@ class ThroughputSettings:
     moe_max_num_tokens: int | None = None  # TensorRT-LLM's MoE chunking
     # migration_aware (balanced, keeps slots), flow (per-iteration load, keeps slots) or trtllm (from scratch)
     online_planner: str = "migration_aware"
+    traffic: bool = False  # record each step's dispatch rows: the exchange's bytes in the figures
     progress: bool = True
 
     def __post_init__(self):
@@ -149,6 +150,7 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
     online = plan is not None and plan.layer_updates_per_iter > 0
     record = () if recorder is None else (("slot",) if plan is not None else ("expert",))
     record = tuple(sorted(set(record) | {"expert_total"})) if online else record
+    record = record + ("traffic",) if settings.traffic else record
     start = time.perf_counter()
     runner = ModelRunner(build_model(config, mesh, tables, weights, options=settings.moe_options(record)))
     balancer = _online_balancer(runner.model, weights, plan, settings, online_state, log) if online else None
@@ -159,7 +161,8 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
     log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
         f"{runner.model.num_slots} slots on ep={num_ranks(mesh)} ({platform(mesh)}); batch {batch}, "
         f"prefill {chunk}; weights + compile {time.perf_counter() - start:.1f} s")
-    loop = _ServingLoop(runner, settings, batch, chunk, recorder, balancer, before_iteration)
+    loop = _ServingLoop(runner, settings, batch, chunk, recorder, balancer, before_iteration,
+                        _new_figures(config, settings))
     timed = requests[settings.warmup:]
     interrupted = True  # until the run completes (Ctrl-C, an error): the dump is marked partial
     try:
@@ -185,6 +188,12 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
         figures.update(online_summary(balancer.reports, plan.layer_updates_per_iter, settings.online_planner))
     final = balancer.slot_to_expert if balancer is not None else tables.slot_to_expert
     return ThroughputResult(figures, tokens, statistics_path, final, loop.figures.per_iteration)
+
+
+def _new_figures(config: ModelConfig, settings: ThroughputSettings) -> ThroughputFigures:
+    traffic = TrafficFigures(config.top_k, config.hidden_size, np.dtype(config.jnp_dtype).itemsize,
+                             settings.moe_max_num_tokens) if settings.traffic else None
+    return ThroughputFigures(traffic)
 
 
 def _online_balancer(model, weights: WeightSource, plan, settings: ThroughputSettings, online_state, log):
@@ -233,12 +242,13 @@ class _ServingLoop:
     """The iteration loop: batcher inputs -> step -> statistics, balancer and figures."""
 
     def __init__(self, runner: ModelRunner, settings: ThroughputSettings, batch: int, chunk: int,
-                 recorder: StatisticsRecorder | None, balancer, before_iteration: Callable | None):
+                 recorder: StatisticsRecorder | None, balancer, before_iteration: Callable | None,
+                 figures: ThroughputFigures):
         self.runner, self.settings, self.batch, self.chunk = runner, settings, batch, chunk
         self.recorder, self.balancer, self.before_iteration = recorder, balancer, before_iteration
         self.iteration = 0
         self.timed_start: int | None = None  # first timed iteration (the online schedule counts from it)
-        self.figures = ThroughputFigures()
+        self.figures = figures
 
     def serve(self, requests: Sequence[Request], timed: bool) -> dict:
         """Serves ``requests`` to completion; returns {task_id: generated ids}."""
@@ -278,4 +288,7 @@ class _ServingLoop:
         rows = batcher.advance(step, fresh)
         if timed:
             self.figures.add(it, step.mixed, elapsed, rank_load, rows, update)
+            if self.figures.traffic is not None:
+                tokens = self.batch * (self.chunk if step.mixed else 1) // num_ranks(self.runner.model.mesh)
+                self.figures.traffic.add(step.mixed, to_host(out.dispatch_rows), tokens)
         return out.cache, rows
