@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
+from jax_eplb._metrics import replica_counts
 
 UNUSED_SLOT = -1
 
@@ -97,8 +98,7 @@ def build_assignment_tables(slot_to_expert, num_experts: int, max_replicas: int 
             f"expected 0..{num_experts - 1} (or {UNUSED_SLOT}: unused)")
     used = slot_to_expert != UNUSED_SLOT
     rows = np.broadcast_to(np.arange(num_layers)[:, None], slot_to_expert.shape)
-    replica_count = np.zeros((num_layers, num_experts), np.int32)
-    np.add.at(replica_count, (rows[used], slot_to_expert[used]), 1)
+    replica_count = replica_counts(slot_to_expert, num_experts)
     if (replica_count == 0).any():
         layer, expert = np.argwhere(replica_count == 0)[0]
         raise EplbInputError(f"layer row {layer}: expert {expert} has no slot")

@@ -68,16 +68,23 @@ def _float32_metrics(loads: np.ndarray) -> LoadMetrics:
     return LoadMetrics(over_iterations(mean), over_iterations(std), over_iterations(imbalance))
 
 
+def replica_counts(slot_to_expert: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[B, S]`` placements -> ``[B, E]`` int32 slots holding each expert (an unused slot, -1, none)."""
+    slot_to_expert = np.asarray(slot_to_expert)
+    used = slot_to_expert >= 0
+    rows = np.broadcast_to(np.arange(slot_to_expert.shape[0])[:, None], slot_to_expert.shape)
+    counts = np.zeros((slot_to_expert.shape[0], num_experts), np.int32)
+    np.add.at(counts, (rows[used], slot_to_expert[used]), 1)
+    return counts
+
+
 def project_onto_plan(counts: np.ndarray, slot_to_expert: np.ndarray) -> np.ndarray:
     """Expert counts ``[I, L, E]`` -> slot counts ``[I, L, S]``: each expert's count split evenly
     over its replicas in ``slot_to_expert`` ``[L, S]`` (an unused slot, -1, carries 0)."""
     counts = np.asarray(counts, dtype=np.float64)
     slot_to_expert = np.asarray(slot_to_expert)
     used = slot_to_expert >= 0
-    rows = np.broadcast_to(np.arange(slot_to_expert.shape[0])[:, None], slot_to_expert.shape)
-    replicas = np.zeros((slot_to_expert.shape[0], counts.shape[-1]))
-    np.add.at(replicas, (rows[used], slot_to_expert[used]), 1)
-    per_replica = counts / np.maximum(replicas, 1)[None]
+    per_replica = counts / np.maximum(replica_counts(slot_to_expert, counts.shape[-1]), 1)[None]
     index = np.broadcast_to(np.where(used, slot_to_expert, 0), (counts.shape[0],) + slot_to_expert.shape)
     return np.where(used, np.take_along_axis(per_replica, index, axis=2), 0.0)
 

@@ -23,7 +23,7 @@ from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
 from jax_eplb._yaml import load_yaml
 
-_KEYS = ("num_slots", "initial_global_assignments", "layer_updates_per_iter")
+PLAN_KEYS = ("num_slots", "initial_global_assignments", "layer_updates_per_iter")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +50,10 @@ class MoeLoadBalancerConfig:
         if raw is None:
             raw = {}
         if not isinstance(raw, Mapping):
-            raise EplbInputError(f"{source}: expected a mapping with keys {list(_KEYS)}, got {type(raw).__name__}")
-        unknown = sorted(str(k) for k in raw if k not in _KEYS)
+            raise EplbInputError(f"{source}: expected a mapping with keys {list(PLAN_KEYS)}, got {type(raw).__name__}")
+        unknown = sorted(str(k) for k in raw if k not in PLAN_KEYS)
         if unknown:
-            raise EplbInputError(f"{source}: unknown key(s) {unknown}; allowed: {list(_KEYS)}")
+            raise EplbInputError(f"{source}: unknown key(s) {unknown}; allowed: {list(PLAN_KEYS)}")
         num_slots = raw.get("num_slots")
         if num_slots is not None and (not _is_int(num_slots) or num_slots < 1):
             raise EplbInputError(f"{source}: key 'num_slots' must be a positive integer, got {num_slots!r}")

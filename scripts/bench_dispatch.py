@@ -3,8 +3,8 @@
 (one call of each in turn, median over rounds), so a noisy machine slows both alike; also the
 largest difference between their outputs.
 
-Layer as bench_moe.py (routing skew from a recorded DeepSeek-V3 layer, balanced plan, padded
-matmul on CPU), both replica policies, the ``all_to_all`` transport (``--transport ragged`` on GPUs).
+Layer as bench_moe.py (``recorded_layer``: routing skew from a recorded DeepSeek-V3 layer; balanced
+plan, padded matmul on CPU), both replica policies, the ``all_to_all`` transport (``--transport ragged`` on GPUs).
 
   python scripts/bench_dispatch.py [--ep 8] [--tokens 1024] [--rounds 9]
 """
@@ -42,23 +42,17 @@ def main():
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from jax_eplb import build_assignment_tables, load_sglang_json, plan_placement
-    from jax_eplb._synthetic import expert_popularity
-    from jax_eplb.moe import (ExpertWeights, MoEConfig, MoEOptions, RouterWeights, ep_moe_forward,
-                              slot_weights_from_logical)
+    from bench_moe import recorded_layer
+
+    from jax_eplb import build_assignment_tables, plan_placement
+    from jax_eplb.moe import MoEOptions, ep_moe_forward, slot_weights_from_logical
 
     if len(jax.devices()) < args.ep:
         sys.exit(f"error: {len(jax.devices())} devices < --ep {args.ep}")
     E, k, H, F, R = 256, 8, args.hidden, args.ffn, args.ep
-    load = load_sglang_json(args.data).total()[10] if args.data.exists() else expert_popularity(1, E)[0] * 1e6
-    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=k, router="deepseek")
-    keys = jax.random.split(jax.random.key(0), 5)
-    logical = ExpertWeights(*(jax.random.normal(key, shape) * 0.05 for key, shape in
-                              zip(keys[:3], [(E, H, F), (E, H, F), (E, F, H)])))
-    router = RouterWeights(jax.random.normal(keys[3], (H, E)) / np.sqrt(H),
-                           jnp.asarray(0.5 * np.log(load / load.sum() + 1e-9), jnp.float32))
+    config, router, logical, x, load, _ = recorded_layer(args.data, E, k, H, F, args.tokens)
     mesh = Mesh(np.array(jax.devices()[:R]), ("ep",))
-    x = jax.device_put(jax.random.normal(keys[4], (args.tokens, H)), NamedSharding(mesh, P("ep")))
+    x = jax.device_put(x, NamedSharding(mesh, P("ep")))
     plan = plan_placement(load[None], args.slots_per_rank * R, R).slot_to_expert[0]
     tables = build_assignment_tables(plan, E)
     call_args = (router, slot_weights_from_logical(logical, plan, mesh), x, jnp.asarray(tables.replica_count[0]),

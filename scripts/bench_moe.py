@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 
@@ -59,31 +60,15 @@ def main():
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from jax_eplb import build_assignment_tables, default_slot_to_expert, load_sglang_json, plan_placement
-    from jax_eplb._synthetic import expert_popularity
-    from jax_eplb.moe import (ExpertWeights, MoEConfig, MoEOptions, RouterWeights, ep_moe_forward,
-                              slot_weights_from_logical)
+    from jax_eplb import build_assignment_tables, default_slot_to_expert, plan_placement
+    from jax_eplb.moe import MoEOptions, ep_moe_forward, slot_weights_from_logical
 
     if len(jax.devices()) < args.ep:
         sys.exit(f"error: {len(jax.devices())} devices < --ep {args.ep}")
     E, k, H, F, R = args.experts, args.top_k, args.hidden, args.ffn, args.ep
-    if args.data.exists():
-        load = load_sglang_json(args.data).total()[10, :E]  # one MoE layer
-        source = f"{args.data.name} layer 13"
-    else:
-        load = expert_popularity(1, E)[0]
-        source = "synthetic log-normal"
-    popularity = load / load.sum()
-    # DeepSeek-style router: the selection bias log(popularity) skews routing like the recorded layer.
-    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=k, router="deepseek")
-    keys = jax.random.split(jax.random.key(0), 5)
-    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
-    logical = ExpertWeights(*(jax.random.normal(kk, s, dtype) * 0.05 for kk, s in
-                              zip(keys[:3], [(E, H, F), (E, H, F), (E, F, H)])))
-    router = RouterWeights(jax.random.normal(keys[3], (H, E)) / np.sqrt(H),
-                           jnp.asarray(0.5 * np.log(popularity + 1e-9), jnp.float32))
+    config, router, logical, x, load, source = recorded_layer(args.data, E, k, H, F, args.tokens)
+    dtype = x.dtype
     mesh = Mesh(np.array(jax.devices()[:R]), ("ep",))
-    x = jax.random.normal(keys[4], (args.tokens, H), dtype)
     plans = {"no EPLB": default_slot_to_expert(E, E, R),
              "balanced": plan_placement(load[None], args.slots_per_rank * R, R).slot_to_expert[0]}
     print(f"device: {jax.devices()[0].device_kind} x{R}, jax {jax.__version__}; skew from {source}; "
@@ -123,6 +108,42 @@ def main():
     from bench_split import split_table
 
     split_table(load, [(R, args.slots_per_rank * R), (36, 288)], max(args.tokens // R, 1), k)
+
+
+class Layer(NamedTuple):
+    config: object  # MoEConfig (DeepSeek router)
+    router: object  # RouterWeights whose selection bias skews routing like the recorded layer
+    logical: object  # ExpertWeights [E, ...]
+    x: object  # [tokens, H] input
+    load: object  # [E] the recorded (or synthetic) per-expert load
+    source: str
+
+
+def recorded_layer(data: Path, num_experts: int, top_k: int, hidden: int, ffn: int, tokens: int) -> Layer:
+    """A DeepSeek-style MoE layer (random weights; bfloat16 on GPU, float32 elsewhere) whose router's
+    selection bias ``log(popularity)`` makes tokens pick experts with the frequencies of one recorded
+    DeepSeek-V3 layer (layer 13 of ``data``; synthetic log-normal popularity if absent)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jax_eplb import load_sglang_json
+    from jax_eplb._synthetic import expert_popularity
+    from jax_eplb.moe import ExpertWeights, MoEConfig, RouterWeights
+
+    E, H, F = num_experts, hidden, ffn
+    if data.exists():
+        load, source = load_sglang_json(data).total()[10, :E], f"{data.name} layer 13"  # one MoE layer
+    else:
+        load, source = expert_popularity(1, E)[0], "synthetic log-normal"
+    config = MoEConfig(hidden_size=H, expert_ffn_size=F, num_experts=E, top_k=top_k, router="deepseek")
+    keys = jax.random.split(jax.random.key(0), 5)
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    logical = ExpertWeights(*(jax.random.normal(kk, s, dtype) * 0.05 for kk, s in
+                              zip(keys[:3], [(E, H, F), (E, H, F), (E, F, H)])))
+    router = RouterWeights(jax.random.normal(keys[3], (H, E)) / np.sqrt(H),
+                           jnp.asarray(0.5 * np.log(load / load.sum() + 1e-9), jnp.float32))
+    return Layer(config, router, logical, jax.random.normal(keys[4], (tokens, H), dtype), load, source)
 
 
 def _traffic_of_batch(jax, jnp, np, config, router, x, tables, slot_to_expert, R, name, dtype):

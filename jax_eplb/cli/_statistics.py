@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -61,8 +62,6 @@ def run_report(args) -> int:
 
 
 def _statistics(args, ep_size=None):
-    import sys
-
     from jax_eplb._stat_files import load_statistics
 
     stats = load_statistics(args.expert_statistic_path, ep_size=ep_size).window(args.iter_start, args.iter_stop)

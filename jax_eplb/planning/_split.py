@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jax_eplb._metrics import imbalance
+from jax_eplb._metrics import imbalance, replica_counts
 
 SPLIT_PASSES = 16  # passes of the runtime's load-aware split; the planner models the same number
 
@@ -27,8 +27,7 @@ def split_rank_loads(slot_to_expert, counts, ep_size: int, passes: int = SPLIT_P
     per_rank = num_slots // ep_size
     used = plans >= 0  # an unused slot (-1) carries nothing
     safe_plans = np.where(used, plans, 0)
-    replicas = np.zeros((num_plans, num_experts), np.int64)
-    np.add.at(replicas, (np.broadcast_to(np.arange(num_plans)[:, None], plans.shape)[used], plans[used]), 1)
+    replicas = replica_counts(plans, num_experts)  # [C, E]
     share = np.where(used[:, None], counts[:, safe_plans].transpose(1, 0, 2)
                      / np.maximum(np.take_along_axis(replicas, safe_plans, 1), 1)[:, None, :], 0.0)  # [C, K, S]
     slots = replicated_slots(plans, replicas)  # [C, X, M]

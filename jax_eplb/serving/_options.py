@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb._plan_config import MoeLoadBalancerConfig
+from jax_eplb._plan_config import PLAN_KEYS, MoeLoadBalancerConfig
 from jax_eplb._yaml import load_yaml
 
 
@@ -32,7 +32,6 @@ NO_EFFECT = frozenset({
     "garbage_collection_gen0_threshold", "enable_lm_head_tp_in_adp", "sampler_type", "enable_layerwise_nvtx_marker",
 })
 NO_EFFECT_MOE = frozenset({"backend", "use_low_precision_moe_combine", "disable_finalize_fusion"})
-PLAN_KEYS = frozenset({"num_slots", "initial_global_assignments", "layer_updates_per_iter"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +63,7 @@ def load_extra_options(path) -> ExtraOptions:
     if not isinstance(raw, Mapping):
         raise EplbInputError(f"{path}: expected a mapping of options")
     raw = dict(raw)
-    if raw and set(raw) <= PLAN_KEYS:  # a plan file itself
+    if raw and set(raw) <= set(PLAN_KEYS):  # a plan file itself
         note = f"{path} holds a plan's keys only: taken as the moe_load_balancer config"
         return ExtraOptions(None, MoeLoadBalancerConfig.from_dict(raw, str(path)), (), (note,))
     nested = raw.pop("moe_config", None) or {}
