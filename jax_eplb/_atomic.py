@@ -33,10 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a new temporary directory beside ``path``; on success it is renamed to ``path`` (which
-    must not exist or be empty), so the directory appears complete or not at all. Whatever was
-    written inside gets the umask's permissions (some writers, safetensors' among them, make 0600)."""
+def atomic_directory(path: str | os.PathLike, replace_existing: bool = False) -> Iterator[Path]:
+    """Yields a new temporary directory beside ``path``; on success it is renamed to ``path``, so the
+    directory appears complete or not at all. ``path`` must not exist or be empty, unless
+    ``replace_existing`` (the caller checked that it holds only its own earlier output): then the old
+    directory is moved aside, the new one renamed in, and the old one deleted (restored if that rename
+    fails). Whatever was written inside gets the umask's permissions (some writers, safetensors' among
+    them, make 0600)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
@@ -51,9 +54,26 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(staging, 0o777 & ~mask)
         if target.is_dir() and not any(target.iterdir()):
             target.rmdir()
-        os.replace(staging, target)
+        if replace_existing and target.is_dir():
+            _swap_in(staging, target)
+        else:
+            os.replace(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replaces the directory ``target`` by ``staging``: old one aside, new one in, old one deleted."""
+    aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    try:
+        os.replace(target, aside / target.name)
+        try:
+            os.replace(staging, target)
+        except BaseException:
+            os.replace(aside / target.name, target)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _umask() -> int:

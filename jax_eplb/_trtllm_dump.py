@@ -6,7 +6,8 @@ and overwrite - and ``partial`` for an interrupted run) and ``rank{R}.safetensor
 ``[E]`` tensors under keys ``"{iter}_{layer}"``. Loading checks the dump as a whole (rank files
 ``rank0..rank{R-1}``, every one holding the same contiguous iterations and layers, agreeing with
 the recorded metadata) and sums the rank files. A dump is written into a sibling directory and
-renamed: it appears whole or not at all.
+renamed: it appears whole or not at all, and replaces an earlier dump at its path whole (never a
+directory holding anything else).
 Axis legend: R ranks, I iterations, L layers, E experts.
 """
 
@@ -123,6 +124,22 @@ def _check_meta(directory: Path, meta: dict, num_ranks: int, iters: list[int], l
                                  f"hold {value!r}: the dump is incomplete or mixed")
 
 
+def holds_only_a_dump(directory: Path) -> bool:
+    """``directory`` holds nothing but a statistics dump's files (``meta_info.json``, ``rank{R}.safetensors``)."""
+    return all(p.is_file() and (p.name == META_INFO_FILE or _RANK_FILE_RE.match(p.name)) for p in directory.iterdir())
+
+
+def check_dump_target(directory: Path, what: str | None = None) -> None:
+    """Input error unless a dump can be written at ``directory``: it is new, empty, or an earlier dump
+    (which the new one replaces whole)."""
+    what = what or str(directory)
+    if directory.exists() and not directory.is_dir():
+        raise EplbInputError(f"{what} exists and is not a directory")
+    if directory.is_dir() and not holds_only_a_dump(directory):
+        raise EplbInputError(f"{what} holds files that are not a statistics dump; remove them or choose another "
+                             f"path (a dump replaces only an earlier dump)")
+
+
 def save_trtllm_dump(path: str | os.PathLike, rank_counts: np.ndarray, layer_ids, iter_start: int,
                      num_experts_per_token: int, partial: bool = False) -> None:
     """Writes a TensorRT-LLM statistics directory, whole or not at all (a sibling directory renamed).
@@ -131,7 +148,7 @@ def save_trtllm_dump(path: str | os.PathLike, rank_counts: np.ndarray, layer_ids
       rank_counts: ``[R, I, L, E]`` integer counts of each rank's local tokens.
       layer_ids: ``[L]`` decoder-layer indices.
       partial: the run was interrupted (recorded in ``meta_info.json``).
-    ``path`` must not exist or be empty.
+    ``path`` must not exist, be empty, or hold only an earlier dump (replaced whole).
     """
     rank_counts = np.asarray(rank_counts)
     if rank_counts.ndim != 4:
@@ -142,8 +159,7 @@ def save_trtllm_dump(path: str | os.PathLike, rank_counts: np.ndarray, layer_ids
     if len(layer_ids) != rank_counts.shape[2]:
         raise EplbInputError(f"{len(layer_ids)} layer ids for {rank_counts.shape[2]} layers")
     directory = Path(path)
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-        raise EplbInputError(f"{directory} already exists and is not an empty directory")
+    check_dump_target(directory)
     from safetensors.numpy import save_file
 
     num_ranks, num_iters = rank_counts.shape[:2]
@@ -152,7 +168,7 @@ def save_trtllm_dump(path: str | os.PathLike, rank_counts: np.ndarray, layer_ids
             "layers": layer_ids}
     if partial:
         meta["partial"] = True
-    with atomic_directory(directory) as staging:
+    with atomic_directory(directory, replace_existing=True) as staging:
         (staging / META_INFO_FILE).write_text(json.dumps(meta))
         for rank, counts in enumerate(rank_counts.astype(np.int64)):
             tensors = {f"{iter_start + i}_{layer}": np.ascontiguousarray(counts[i, j])

@@ -23,10 +23,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from jax_eplb.cli import HelpWithDefaults
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--ep", type=int, default=8)
     parser.add_argument("--num_slots", type=int, default=80)

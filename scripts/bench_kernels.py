@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Routing-histogram speed in-device: Pallas (two methods) vs jnp.bincount vs segment_sum vs one-hot sum.
+"""Routing-histogram speed in-device: Pallas on Mosaic GPU and on Triton (two methods) vs jnp.bincount vs
+segment_sum vs one-hot sum; then expert -> slot routing: XLA vs Pallas on Triton and on Mosaic GPU.
 
 Each figure is the time of one histogram measured inside one jitted fori_loop of ``--reps``
 dependent repetitions (host dispatch excluded); an empty-body loop is printed as the floor. Effective
@@ -20,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_eplb_kernels import HistogramBlockSizes, histogram_reference, routing_histogram
+from jax_eplb_kernels import HistogramBlockSizes, MosaicHistogramBlockSizes, histogram_reference, routing_histogram
+from jax_eplb.cli import HelpWithDefaults
 
 
 def candidates(num_bins, on_gpu):
@@ -39,6 +41,13 @@ def candidates(num_bins, on_gpu):
     }
     for name, sizes in variants.items():
         c[name] = functools.partial(routing_histogram, num_bins=num_bins, implementation=impl, block_sizes=sizes)
+    from jax_eplb_kernels._mosaic_gpu import interpret_available
+
+    if on_gpu or interpret_available():  # Mosaic GPU: compiled on Hopper, else its interpreter (JAX >= 0.11)
+        for block in (2048, 8192):
+            c[f"mosaic_gpu_{block}"] = functools.partial(
+                routing_histogram, num_bins=num_bins, implementation="mosaic_gpu" if on_gpu else "mosaic_gpu_interpret",
+                mosaic_block_sizes=MosaicHistogramBlockSizes(block=block))
     return c
 
 
@@ -72,7 +81,7 @@ def copy_bandwidth(nbytes, reps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write results here")
@@ -87,7 +96,7 @@ def main():
     floor = in_device_seconds(lambda x: x[:1, 0], jnp.zeros((8, 8), jnp.int32), reps)
     print(f"loop floor (trivial body): {floor * 1e6:.1f} us")
     rows = []
-    print(f"{'ids':>10} {'bins':>5} {'impl':>15} {'us/call':>10} {'GB/s':>8} {'% copy bw':>9} {'vs bincount':>11}")
+    print(f"{'ids':>10} {'bins':>5} {'impl':>17} {'us/call':>10} {'GB/s':>8} {'% copy bw':>9} {'vs bincount':>11}")
     for n in sizes:
         for num_bins in bins_list:
             ids = jnp.asarray(np.random.default_rng(0).integers(0, num_bins, size=(n // 8, 8)), jnp.int32)
@@ -100,7 +109,7 @@ def main():
                     np.testing.assert_array_equal(np.asarray(jax.jit(fn)(ids)), expected)
                     t = in_device_seconds(fn, ids, reps)
                 except Exception as error:  # noqa: BLE001 - reported in the table, run goes on
-                    print(f"{n:>10} {num_bins:>5} {name:>15} FAILED: {type(error).__name__}: "
+                    print(f"{n:>10} {num_bins:>5} {name:>17} FAILED: {type(error).__name__}: "
                           f"{str(error).splitlines()[0][:200] if str(error) else ''}", flush=True)
                     rows.append(dict(ids=n, bins=num_bins, impl=name, error=f"{type(error).__name__}: {error}"[:2000]))
                     continue
@@ -109,7 +118,7 @@ def main():
                 row = dict(ids=n, bins=num_bins, impl=name, us=t * 1e6, gbs=gbs, pct_bw=100 * ids.nbytes / t / bw,
                            speedup_vs_bincount=base / t)
                 rows.append(row)
-                print(f"{n:>10} {num_bins:>5} {name:>15} {t * 1e6:>10.1f} {gbs:>8.1f} {row['pct_bw']:>8.1f}% "
+                print(f"{n:>10} {num_bins:>5} {name:>17} {t * 1e6:>10.1f} {gbs:>8.1f} {row['pct_bw']:>8.1f}% "
                       f"{row['speedup_vs_bincount']:>10.2f}x", flush=True)
     routing_rows = routing_table([4096] if args.quick else [65_536, 1_048_576], reps, on_gpu)
     if args.json:
@@ -130,7 +139,11 @@ def routing_table(sizes, reps, on_gpu, num_experts=256, num_slots=288):
     for e in range(num_experts):
         table[e, : count[e]] = np.flatnonzero(slot_expert == e)
     count, table = jnp.asarray(count, jnp.int32), jnp.asarray(table)
+    from jax_eplb_kernels._mosaic_gpu import interpret_available
+
     impls = ("xla", "pallas" if on_gpu else "pallas_interpret")
+    if on_gpu or interpret_available():
+        impls += ("mosaic_gpu" if on_gpu else "mosaic_gpu_interpret",)
     print(f"\nexpert -> slot routing + slot histogram, E={num_experts} S={num_slots}")
     print(f"{'entries':>10} {'impl':>16} {'us/call':>10} {'vs xla':>7}")
     rows = []

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from jax_eplb.cli import HelpWithDefaults
 
 
 class _MemorySampler:
@@ -111,7 +112,7 @@ def _in_memory(tensors):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--hf_config", default="deepseek_v3")
     parser.add_argument("--num_layers", type=int, default=1)
     parser.add_argument("--num_experts", type=int, default=8)

@@ -28,12 +28,13 @@ import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
+from jax_eplb.cli import HelpWithDefaults
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--ep", type=int, default=8)
     parser.add_argument("--emulate_devices", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)

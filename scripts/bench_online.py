@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from jax_eplb.cli import HelpWithDefaults
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--ep", type=int, default=8)
     parser.add_argument("--num_slots", type=int, default=80)

@@ -32,6 +32,7 @@ from jax_eplb import default_slot_to_expert, load_sglang_json, lower_bound, plan
 from jax_eplb._metrics import duplicate_count, rank_loads
 from jax_eplb._synthetic import expert_popularity
 from bench_iterations import online_planning_table, per_iteration_set
+from jax_eplb.cli import HelpWithDefaults
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 ALGOS = {
@@ -89,7 +90,7 @@ def bench_set(label, loads, geometries, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--geometries", default="32/288,64/320,96/288,144/288")

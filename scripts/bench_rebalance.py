@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from jax_eplb.cli import HelpWithDefaults
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--ep", type=int, default=1)
     parser.add_argument("--slots_per_rank", type=int, default=36)
     parser.add_argument("--experts", type=int, default=40, help="distinct experts in the host master copy")

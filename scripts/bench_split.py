@@ -25,6 +25,7 @@ import numpy as np
 from jax_eplb import build_assignment_tables, load_sglang_json, plan_placement
 from jax_eplb._synthetic import expert_popularity
 from jax_eplb.moe import replica_quotas
+from jax_eplb.cli import HelpWithDefaults
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 CALLS = 64  # splits per timed program
@@ -121,7 +122,7 @@ def real_layer_load(data: Path, num_experts: int = 256) -> np.ndarray:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--geometries", default="8/288,36/288,64/320")
     parser.add_argument("--tokens_per_rank", type=int, default=256)
     parser.add_argument("--data", type=Path, default=SHARED_DATA / "decode_in1000out1000.json")

@@ -21,6 +21,7 @@ import numpy as np
 from jax_eplb import build_assignment_tables, load_sglang_json, plan_placement
 from jax_eplb._synthetic import expert_popularity
 from jax_eplb.moe._traffic import layer_traffic
+from jax_eplb.cli import HelpWithDefaults
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "deepseek-v3-sglang"
 MODES = [("all_to_all", "entry"), ("all_to_all", "token"), ("ragged", "entry"), ("ragged", "token")]
@@ -59,7 +60,7 @@ def sampled_slot_ids(load, num_slots: int, ep_size: int, tokens_per_rank: int, t
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--geometries", default="8/288,32/288")
     parser.add_argument("--tokens_per_rank", type=int, default=256)
     parser.add_argument("--hidden", type=int, default=7168)

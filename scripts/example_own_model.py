@@ -20,6 +20,7 @@ from flax import nnx  # noqa: E402
 from jax_eplb import MoeLoadBalancerConfig, plan_config_from_slots, plan_placement  # noqa: E402
 from jax_eplb.moe import EPMoEBlock, ExpertWeights, MoEConfig, MoEOptions  # noqa: E402
 from jax_eplb.sharding import ep_mesh  # noqa: E402
+from jax_eplb.cli import HelpWithDefaults
 
 H, E, TOP_K, LAYER = 32, 16, 2, 0
 
@@ -41,7 +42,7 @@ class MyDecoderLayer(nnx.Module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--ep", type=int, default=4)
     parser.add_argument("--plan", default=None,
                         help="a moe_load_balancer YAML (default: one written from skewed loads)")

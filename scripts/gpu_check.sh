@@ -3,6 +3,11 @@
 #
 #   OUT=dir BUDGET_S=500 EPLB_DATA=path/prefill_in1024.json bash scripts/gpu_check.sh
 #
+# tokamax (the gpu extra) is used where the image has it; else, without network, it is installed
+# from wheels in $GPU_WHEELS if that folder exists (made beforehand, on a machine with network:
+# pip download tokamax -d .gpu_wheels --python-version 3.12 --only-binary=:all:), else its rows say
+# it is missing.
+#
 # Needs no network and no build: an editable install of this checkout is used if there is one,
 # else the three source folders are copied under their import names into a scratch folder (the
 # layout pyproject.toml installs); the GPU image's jax, flax, orbax, hypothesis, ... are used. Steps run in priority order; each gets at most its own
@@ -25,6 +30,12 @@ if ! python3 -c "import jax_eplb, jax_eplb_kernels, jax_eplb_configs, sys; sys.e
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
+if ! python3 -c "import tokamax" 2>/dev/null && [[ -d "${GPU_WHEELS:-.gpu_wheels}" ]]; then
+    python3 -m pip install -q --no-index --find-links "${GPU_WHEELS:-.gpu_wheels}" tokamax 2>&1 | tail -2
+fi
+MATMULS=(ragged_dot pallas)
+python3 -c "import tokamax" 2>/dev/null && MATMULS+=(tokamax) || echo "note: tokamax is not installed: no tokamax rows"
+
 step() {  # step NAME LIMIT_S CMD...: run with the smaller of LIMIT_S and the time left; log to $OUT/NAME.txt
     local name=$1 limit=$2; shift 2
     local left=$((BUDGET_S - ($(date +%s) - START)))
@@ -40,21 +51,23 @@ step() {  # step NAME LIMIT_S CMD...: run with the smaller of LIMIT_S and the ti
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
   date -u +%Y-%m-%dT%H:%MZ; } 2>&1 | tee "$OUT/gpu.txt"
 
-# 1. GPU-only tests: compiled Pallas kernels == XLA; ragged_all_to_all transport == dense MoE.
-#    (If a kernel fails here, the benchmarks still run: 'auto' probes each Pallas kernel once and
-#    falls back to XLA with a warning in the log; explicit 'pallas' rows report FAILED.)
-step tests 150 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py -q -k gpu -p no:cacheprovider
-# 2. Histogram kernels vs XLA, in-device (issue: >= 50% copy bandwidth at 8.4M ids).
+# 1. GPU-only tests: compiled Mosaic GPU and Triton kernels == XLA; ragged_all_to_all transport == dense
+#    MoE; the timed auto transport; then the lowering tests with DeprecationWarning an error on the
+#    default paths. (If a kernel fails here, the benchmarks still run: 'auto' measures each candidate,
+#    leaves out what fails and says so in one line; explicit rows report FAILED.)
+step tests 170 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py tests/test_gpu_lowering.py -q \
+    -k "gpu or cuda" -p no:cacheprovider
+# 2. Histogram kernels vs XLA, in-device: Mosaic GPU and Triton Pallas vs XLA at 65,536 and 8.4M ids.
 step kernels 120 python3 scripts/bench_kernels.py --reps 100 --json "$OUT/bench_kernels.json"
 # 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots; at ep=1 both transports are local, so the
 #    ragged one only): ragged_dot vs the Pallas tile-grouped matmul, TFLOP/s vs dense, step times; then the
 #    load-aware split alone on the GPU (vectorised passes vs the old sequential pour) at EP36/288.
-#    Both dispatch modes (token: once per rank, combined there; entry); the auto transport's probe is
-#    checked by the GPU tests of step 1.
+#    ragged_dot vs tokamax vs ours (Triton), TFLOP/s next to dense. Both dispatch modes (token: once per
+#    rank, combined there; entry); the timed auto transport is checked by the GPU tests of step 1.
 DATA_ARG=(); [[ -f "$DATA" ]] && DATA_ARG=(--data "$DATA")
 step moe 200 python3 scripts/bench_moe.py --ep 1 --emulate_devices 0 --tokens 8192 --hidden 7168 --ffn 2048 \
     --experts 256 --top_k 8 --slots_per_rank 288 --repeats 3 --matmul_rows 2048 8192 16384 \
-    --transports ragged --dispatches token entry --matmuls ragged_dot pallas "${DATA_ARG[@]}"
+    --transports ragged --dispatches token entry --matmuls "${MATMULS[@]}" "${DATA_ARG[@]}"
 # 4. Online rebalance: rewriting changed slots (88 MB each) from host memory vs from device copies
 #    (at ep=1 all local), vs one host-to-device transfer of the same bytes.
 step rebalance 75 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 8 16
@@ -67,9 +80,9 @@ step inference 120 python3 scripts/bench_inference.py --model deepseek_v3_slice 
 echo "== summary ($(($(date +%s) - START))s) =="
 cat "$OUT/gpu.txt"
 grep -E "passed|failed|error" "$OUT/tests.txt" | tail -2
-grep -E "pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
+grep -E "mosaic|pallas|bincount|floor|bandwidth" "$OUT/kernels.txt"
 grep -E "^ *(no EPLB|balanced)|^ *[0-9]+( +([0-9.]+|nan))+$|TFLOP|sequential|vectorised" "$OUT/moe.txt"
 grep -E "^ *[0-9]+ +(host|device) " "$OUT/rebalance.txt"
 grep -E "^(no EPLB|EPLB)" "$OUT/inference.txt"
-grep -hE "uses (XLA|all_to_all) for it|FAILED" "$OUT"/*.txt | sort -u | cut -c1-200
+grep -hE " -> [a-z_]+$|FAILED" "$OUT"/*.txt | sort -u | cut -c1-240
 grep -hE "^\[[a-z]+\] (exit|skipped)" "$OUT"/*.txt

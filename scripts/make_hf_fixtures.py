@@ -34,6 +34,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from jax_eplb.cli import HelpWithDefaults
 
 PROMPTS = [[1, 5, 9, 2, 7, 3, 11, 4], [17, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51], [99, 7, 23]]
 NEW_TOKENS = 16
@@ -168,7 +169,7 @@ def reference(model, torch) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/hf")
     args = parser.parse_args()
     import torch

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from jax_eplb.cli import HelpWithDefaults
 
 # (num_replicas, num_groups, num_nodes, num_gpus): global and hierarchical policies.
 GEOMETRIES = [(24, 1, 1, 4), (32, 1, 1, 8), (48, 4, 2, 8), (64, 8, 4, 16), (40, 2, 1, 10)]
@@ -31,7 +32,7 @@ def synthetic_loads() -> list[np.ndarray]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--eplb", type=Path, required=True, help="a checkout of deepseek-ai/EPLB")
     parser.add_argument("--data", type=Path, default=None, help="SGLang logical_count files to compare on")
     parser.add_argument("--output", type=Path,

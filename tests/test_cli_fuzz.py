@@ -54,7 +54,7 @@ _INPUTS = {
     "report": {**_COMMON, "iter_stop": ([None, None, 7, 8], [5, 0]),
                "projection_eplb_config_path": ([None, None, *_PLANS[0], "projection.yaml"], _PLANS[1]),
                "format": ([None, "json", "table"], []), "per_expert": ([False, True], [])},
-    "generate": {**_COMMON, "output": (["new"], ["nested/new", "empty_dir", "text.txt/below"]),
+    "generate": {**_COMMON, "output": (["new", "exists"], ["nested/new", "empty_dir", "text.txt/below"]),
                  "algorithm": ([None, "balanced", "trtllm", "deepseek"], []),
                  "num_groups": ([None, 1, 2], [0, -1]), "num_nodes": ([None, 1, 2], [0]),
                  "previous_config": ([None, None, None, *_PLANS[0]], _PLANS[1]),
@@ -139,9 +139,12 @@ def test_report_inputs(inputs, values):
 @given(values=cases("generate"))
 def test_generate_inputs(inputs, values):
     target = inputs / values["output"]
-    if values["output"].endswith("new"):  # a fresh name per case
+    if values["output"] in ("new", "exists"):  # a fresh name per case
         target = target.with_name(f"plan_{next(_case_ids)}.yaml")
+    if values["output"] == "exists":  # an earlier run's output: replaced on success, kept on failure
+        target.write_text("earlier: output\n")
     existed = target.exists()
+    before = target.read_text() if target.is_file() else None
     code, out, err = _run(_argv(inputs, "generate", values) + ["--output_path", str(target)])
     _check_outcome(code, err, inputs)
     if code == 0:
@@ -149,3 +152,5 @@ def test_generate_inputs(inputs, values):
         MoeLoadBalancerConfig.from_yaml(target)  # a whole, strict-valid plan
     elif not existed:
         assert not target.exists(), "a failed run left its output"
+    elif before is not None:
+        assert target.read_text() == before, "a failed run changed the earlier output"

@@ -1,14 +1,20 @@
-"""The GPU code paths lower for CUDA here, on a CPU machine (cross-platform lowering).
+"""The GPU code paths lower for CUDA here, on a CPU machine (cross-platform lowering), on every JAX line.
 
 Compiled Pallas and ``ragged_all_to_all`` cannot run on XLA:CPU, but JAX can lower a function
-for another platform without one: these tests build the Triton IR of every Pallas kernel and the
-StableHLO of the EP block's GPU configuration (ragged transport, ragged_dot, Pallas routing) for
-CUDA, so a change that breaks the GPU lowering fails in CI, not first on a GPU. What is left for
-a GPU (``scripts/gpu_check.sh``): Triton's compile to PTX, the results, the speed.
+for another platform without one: these tests build the Mosaic GPU and Triton IR of every Pallas
+kernel and the StableHLO of the EP block's GPU configurations (ragged transport, ragged_dot,
+Pallas routing) for CUDA, so a change that breaks the GPU lowering fails in CI, not first on a
+GPU. Pallas asks which GPU it lowers for: from JAX 0.11 on there is no answer without one unless
+an abstract device (an H100) is set, which ``lower_for_cuda`` does on every line. The paths
+``auto`` can take on JAX >= 0.11 lower without a DeprecationWarning. What is left for a GPU
+(``scripts/gpu_check.sh``): the compile to machine code, the results, the speed, and tokamax's
+kernels (tokamax picks them from the concrete device).
 """
 
+import contextlib
 import functools
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +24,66 @@ import pytest
 from jax_eplb import build_assignment_tables
 from jax_eplb.moe import MoEConfig, MoEOptions, ep_moe_forward, slot_weights_from_logical
 from jax_eplb_kernels.grouped_matmul import tile_grouped_matmul_pallas
-from jax_eplb_kernels.histogram import HistogramBlockSizes, histogram_pallas
-from jax_eplb_kernels.slot_routing import RoutingBlockSizes, route_pallas
+from jax_eplb_kernels.histogram import HistogramBlockSizes, histogram_mosaic_gpu, histogram_pallas
+from jax_eplb_kernels.slot_routing import RoutingBlockSizes, route_mosaic_gpu, route_pallas
 
 TRITON_CALL = "xla.gpu.triton"
+MOSAIC_GPU_CALL = "@mosaic_gpu"
+H100 = "NVIDIA H100 80GB HBM3"
+# Explicit Triton choices: JAX >= 0.11 warns that the backend is deprecated (auto never takes them there).
+explicit_triton = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
 
-def lower_for_cuda(fn, *args) -> str:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+def h100():
+    """An abstract H100 for Pallas to lower for (JAX >= 0.11 needs one without a GPU; older lines read it too)."""
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+    device = AbstractDevice(device_kind=H100, num_cores=132, platform="cuda")
+    return use_abstract_mesh(AbstractMesh((1,), ("gpu",), (AxisType.Auto,), abstract_device=device))
+
+
+@pytest.fixture
+def triton_sees_h100(monkeypatch):
+    """Inside shard_map the context mesh is the (CPU) mesh of the shard_map, not an abstract H100, so on
+    JAX >= 0.11 the Triton lowering is told the GPU kind directly (Mosaic GPU lowers for sm90 by default)."""
+    try:
+        from jax._src.pallas.triton import gpu_info
+    except ImportError:  # JAX < 0.11 reads no device kind when lowering Triton for CUDA
+        return
+    monkeypatch.setattr(gpu_info, "get_device_kind", lambda: H100)
+
+
+def lower_for_cuda(fn, *args, abstract_gpu: bool = True, no_deprecations: bool = False) -> str:
+    with (h100() if abstract_gpu else contextlib.nullcontext()), warnings.catch_warnings():
+        if no_deprecations:
+            warnings.simplefilter("error", DeprecationWarning)
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def mosaic_gpu_kernels(text: str) -> int:
+    return sum(MOSAIC_GPU_CALL in line and "custom_call" in line for line in text.splitlines())
+
+
+@pytest.mark.parametrize("num_ids,num_bins", [(65_536, 256), (8_388_608, 288), (1000, 384), (77, 5)])
+def test_mosaic_gpu_histogram_lowers_for_cuda_without_deprecations(num_ids, num_bins):
+    ids = jax.ShapeDtypeStruct((num_ids,), jnp.int32)
+    text = lower_for_cuda(lambda x: histogram_mosaic_gpu(x, num_bins), ids, no_deprecations=True)
+    assert mosaic_gpu_kernels(text) == 1 and TRITON_CALL not in text
+
+
+@pytest.mark.parametrize("num_experts,num_slots", [(256, 288), (8, 8), (64, 80)])
+def test_mosaic_gpu_slot_routing_lowers_for_cuda_without_deprecations(num_experts, num_slots):
+    args = (jax.ShapeDtypeStruct((4096, 8), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
+            jax.ShapeDtypeStruct((num_experts, num_slots - num_experts + 1), jnp.int32))
+    text = lower_for_cuda(lambda ids, count, slots: route_mosaic_gpu(ids, count, slots, 3, num_slots), *args,
+                          no_deprecations=True)
+    assert mosaic_gpu_kernels(text) == 1 and TRITON_CALL not in text
+
+
+def test_mosaic_gpu_slot_routing_refuses_tables_beyond_one_copy():
+    args = (jnp.zeros((8, 2), jnp.int32), jnp.ones((384,), jnp.int32), jnp.zeros((384, 129), jnp.int32))
+    with pytest.raises(ValueError, match="one TMA copy"):
+        route_mosaic_gpu(*args, 0, 512)
 
 
 def triton_kernels(text: str) -> list[str]:
@@ -33,6 +91,7 @@ def triton_kernels(text: str) -> list[str]:
     return sorted(re.search(r'name = "([^"]+)"', line).group(1) for line in text.splitlines() if TRITON_CALL in line)
 
 
+@explicit_triton
 @pytest.mark.parametrize("method", ["outer", "compare"])
 @pytest.mark.parametrize("num_ids,num_bins", [(65_536, 256), (8_388_608, 288), (1000, 384), (77, 5)])
 def test_histogram_kernel_lowers_for_cuda(method, num_ids, num_bins):
@@ -41,6 +100,7 @@ def test_histogram_kernel_lowers_for_cuda(method, num_ids, num_bins):
     assert triton_kernels(text) == [f"routing_histogram_{method}"]
 
 
+@explicit_triton
 @pytest.mark.parametrize("num_experts,num_slots", [(256, 288), (8, 8), (384, 512)])
 def test_slot_routing_kernel_lowers_for_cuda(num_experts, num_slots):
     args = (jax.ShapeDtypeStruct((4096, 8), jnp.int32), jax.ShapeDtypeStruct((num_experts,), jnp.int32),
@@ -50,6 +110,7 @@ def test_slot_routing_kernel_lowers_for_cuda(num_experts, num_slots):
     assert triton_kernels(text) == ["expert_to_slot_routing"]
 
 
+@explicit_triton
 @pytest.mark.parametrize("k,n,groups", [(7168, 2048, 288), (2048, 7168, 36), (16, 16, 3)])
 def test_tile_grouped_matmul_lowers_for_cuda(k, n, groups):
     """DeepSeek-V3 gate/up and down shapes (bf16), and the smallest Triton dot."""
@@ -59,8 +120,9 @@ def test_tile_grouped_matmul_lowers_for_cuda(k, n, groups):
     assert triton_kernels(text) == ["tile_grouped_matmul"]
 
 
+@explicit_triton
 @pytest.mark.parametrize("policy,matmul", [("round_robin", "ragged_dot"), ("load_aware", "pallas")])
-def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul):
+def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul, triton_sees_h100):
     """ep=8 (emulated devices), ragged_all_to_all, Pallas routing and histograms, either grouped matmul."""
     from jax.sharding import Mesh
 
@@ -79,7 +141,7 @@ def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul):
                          transport="ragged", grouped_matmul=matmul, kernel_implementation="pallas")
     forward = functools.partial(ep_moe_forward, config, mesh, options=options)
     text = lower_for_cuda(forward, router, slots, jnp.zeros((64, 16)), jnp.asarray(tables.replica_count[0]),
-                          jnp.asarray(tables.expert_slots[0]))
+                          jnp.asarray(tables.expert_slots[0]), abstract_gpu=False)
     chunks = 2  # 8 tokens per rank, moe_max_num_tokens 16 over 8 ranks -> 2 chunks
     assert text.count("ragged_all_to_all") >= 2 * chunks  # dispatch and combine per chunk
     kernels = set(triton_kernels(text))
@@ -88,7 +150,31 @@ def test_ep_block_gpu_configuration_lowers_for_cuda(policy, matmul):
     assert ("ragged_dot" in text) == (matmul == "ragged_dot")
 
 
-def test_model_step_lowers_for_cuda_with_gpu_options():
+@pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
+def test_ep_block_paths_auto_can_take_on_new_jax_lower_without_deprecations(policy):
+    """What ``auto`` can pick on JAX >= 0.11 - ragged transport, Mosaic GPU histograms and routing,
+    ragged_dot - lowered for CUDA with DeprecationWarning an error."""
+    from jax.sharding import Mesh
+
+    from jax_eplb.moe import ExpertWeights, RouterWeights
+
+    mesh = Mesh(np.array(jax.devices("cpu")[:8]), ("ep",))
+    config = MoEConfig(hidden_size=16, expert_ffn_size=8, num_experts=8, top_k=2)
+    slot_to_expert = np.concatenate([np.arange(8), np.arange(8)])
+    tables = build_assignment_tables(slot_to_expert, 8)
+    logical = ExpertWeights(jnp.ones((8, 16, 8)), jnp.ones((8, 16, 8)), jnp.ones((8, 8, 16)))
+    slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
+    options = MoEOptions(replica_policy=policy, record=("slot", "expert_total"), transport="ragged",
+                         grouped_matmul="ragged_dot", kernel_implementation="mosaic_gpu")
+    forward = functools.partial(ep_moe_forward, config, mesh, options=options)
+    text = lower_for_cuda(forward, RouterWeights(jnp.ones((16, 8)), jnp.zeros((8,))), slots, jnp.zeros((64, 16)),
+                          jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]),
+                          abstract_gpu=False, no_deprecations=True)
+    assert mosaic_gpu_kernels(text) >= 1 and TRITON_CALL not in text and "ragged_all_to_all" in text
+
+
+@explicit_triton
+def test_model_step_lowers_for_cuda_with_gpu_options(triton_sees_h100):
     """The tiny model's jitted step (scanned layers, KV cache, 8 ranks) with the ragged transport and
     the Pallas grouped matmul, lowered for CUDA."""
     from flax import nnx

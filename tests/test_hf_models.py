@@ -182,8 +182,10 @@ def test_create_checkpoint_in_hf_layout_round_trips(tmp_path, mesh_of):
     config = source.config
     assert (config.num_layers, config.num_experts, config.moe_layer_ids) == (2, 8, [1])
     assert any(name.endswith("weight_scale_inv") for name in source.tensors.names())
-    with pytest.raises(EplbInputError, match="already exists"):
-        create_hf_checkpoint(FIXTURES / "deepseek_v3" / "config.json", path, log=lambda _: None)
+    (tmp_path / "theirs").mkdir()  # a directory create-checkpoint did not write is never replaced
+    (tmp_path / "theirs" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(EplbInputError, match="not a checkpoint create-checkpoint wrote"):
+        create_hf_checkpoint(FIXTURES / "deepseek_v3" / "config.json", tmp_path / "theirs", log=lambda _: None)
     tables = build_assignment_tables(np.tile(np.arange(8), (1, 2)), 8, 9)
     runner = ModelRunner(build_model(config, mesh_of(2), tables, source))
     out = runner.prefill(np.array([[1, 2, 3], [4, 5, 0]], np.int32), np.array([3, 2]), runner.new_cache(2))

@@ -161,3 +161,14 @@ def test_duplicate_task_ids_are_refused(files):
     (files / "dup.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(EplbInputError, match="task_id 3"):
         load_dataset(files / "dup.jsonl", vocab_size=64, max_seq_len=24)
+
+
+def test_tokamax_without_tokamax_names_the_extra(files, capsys, monkeypatch):
+    import jax_eplb.moe._tokamax as experts
+
+    if experts.tokamax_unavailable() is None:  # installed here: pretend it is not
+        monkeypatch.setattr(experts.importlib.util, "find_spec", lambda name: None)
+    bench = ["bench", "--model", str(files / "small.yaml"), "throughput", "--ep", "2", "--dataset",
+             str(files / "d.jsonl"), "--emulate_devices", "8", "--grouped_matmul", "tokamax"]
+    line = one_line_error(capsys, bench, "--grouped_matmul tokamax: tokamax")
+    assert "pip install 'jax-eplb[gpu]'" in line

@@ -1,5 +1,8 @@
 """Kernels: Pallas (interpret mode on CPU) == XLA reference == plain-Python rule, exactly."""
 
+import re
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,6 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from jax_eplb import build_assignment_tables
+from jax_eplb_kernels._mosaic_gpu import interpret_available
 from jax_eplb_kernels import (HistogramBlockSizes, MatmulBlockSizes, RoutingBlockSizes, route_to_slots,
                               routing_histogram, tile_grouped_matmul)
 
@@ -124,14 +128,19 @@ def test_bad_input_and_explicit_implementation():
 
 
 NEEDS_GPU = "compiled Pallas GPU kernels need a GPU (scripts/gpu_check.sh)"
+NEEDS_MOSAIC_INTERPRETER = pytest.mark.skipif(not interpret_available(),
+                                              reason="Mosaic GPU's interpreter comes with JAX >= 0.11")
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason=NEEDS_GPU)
 @pytest.mark.parametrize("num_ids,num_bins", [(65_536, 256), (1_000_003, 288), (4096, 384)])
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 def test_compiled_pallas_on_gpu(num_ids, num_bins):
     rng = np.random.default_rng(num_ids)
     ids = jnp.asarray(rng.integers(-1, num_bins + 2, size=(num_ids // 8, 8)), jnp.int32)
     want = np.asarray(routing_histogram(ids, num_bins, implementation="xla"))
+    got = routing_histogram(ids, num_bins, implementation="mosaic_gpu")
+    np.testing.assert_array_equal(np.asarray(got), want, err_msg="mosaic_gpu")
     for method in ("outer", "compare"):
         got = routing_histogram(ids, num_bins, implementation="pallas", block_sizes=HistogramBlockSizes(method=method))
         np.testing.assert_array_equal(np.asarray(got), want, err_msg=method)
@@ -146,65 +155,74 @@ def test_compiled_pallas_on_gpu(num_ids, num_bins):
 
 @pytest.fixture
 def pretend_gpu(monkeypatch):
-    """'auto' as on a GPU (its probes then compile Pallas for real, which fails on CPU)."""
+    """'auto' as on a GPU (its trials then compile GPU kernels for real, which fails on CPU)."""
     from jax_eplb_kernels import _dispatch
 
     monkeypatch.setattr(_dispatch.jax, "default_backend", lambda: "gpu")
     monkeypatch.delenv("JAX_EPLB_KERNELS", raising=False)
-    monkeypatch.setattr(_dispatch, "_probe_results", {})
+    monkeypatch.setattr(_dispatch, "_choices", {})
     return _dispatch
 
 
-def test_auto_on_gpu_uses_pallas_only_after_its_probe_passes(pretend_gpu):
-    calls = []
-
-    def probe(result):
-        def run():
-            calls.append(result)
-            if result == "raise":
-                raise RuntimeError("triton compile error")
-            return bool(jnp.sum(jnp.arange(4)) == 6) and result  # concrete even under a trace
-        return run
-
-    resolve = pretend_gpu.resolve_implementation
-    assert jax.jit(lambda x: x + (resolve("auto", probe(True), "ok") == "pallas"))(0) == 1  # probed under jit
-    assert resolve("auto", probe(False), "wrong") == "xla"
-    assert resolve("auto", probe("raise"), "broken") == "xla"
-    assert resolve("auto", probe(True), "ok") == "pallas" and calls == [True, False, "raise"]  # once per key
-    assert resolve("pallas", probe(False), "wrong") == "pallas"  # explicit requests are not probed
+def _sleeping(result, seconds, calls, name):
+    def run():
+        calls.append(name)
+        if result == "raise":
+            raise RuntimeError("mosaic compile error\nsecond line")
+        time.sleep(seconds)
+        return jnp.asarray(result)
+    return run
 
 
-def test_probe_runs_a_kernel_while_the_caller_is_traced_in_shard_map(pretend_gpu):
-    """The EP block calls the kernels inside jit + shard_map: the probe must still compile and run
-    its kernel (here interpreted) rather than be staged into, or evaluated inside, that trace."""
+def test_auto_takes_the_fastest_correct_candidate_and_says_so(pretend_gpu):
+    calls, lines = [], []
+    trials = lambda: {"xla": _sleeping([1, 2], 0.03, calls, "xla"),  # noqa: E731
+                      "fast": _sleeping([1, 2], 0.0, calls, "fast"), "slow": _sleeping([1, 2], 0.08, calls, "slow"),
+                      "wrong": _sleeping([1, 3], 0.0, calls, "wrong"), "broken": _sleeping("raise", 0, calls, "b")}
+    choose = pretend_gpu.fastest_correct
+    assert choose(trials, "k", reference="xla", subject="toy kernel", log=lines.append) == "fast"
+    assert choose(trials, "k", reference="xla", log=lines.append) == "fast" and len(lines) == 1  # cached per key
+    line = lines[0]
+    assert line.startswith("toy kernel: xla ") and line.endswith("-> fast")
+    assert re.search(r"fast \d+\.\d us", line) and re.search(r"xla \d+\.\d us", line)
+    assert "wrong out (differs from the reference)" in line
+    assert "broken out (RuntimeError: mosaic compile error)" in line  # the error's first line only
+    assert calls.count("wrong") == 1 and calls.count("fast") == 1 + pretend_gpu.TIMED_RUNS
+    # the reference wins where nothing else is both correct and faster
+    only_slow = lambda: {"xla": _sleeping([1], 0.0, [], "xla"), "slow": _sleeping([1], 0.05, [], "slow")}  # noqa: E731
+    assert choose(only_slow, "k2", reference="xla", log=lines.append) == "xla"
+
+
+def test_auto_decides_while_the_caller_is_traced_in_shard_map(pretend_gpu):
+    """The EP block calls the kernels inside jit + shard_map: the trials must still compile and run
+    (here interpreted) rather than be staged into, or evaluated inside, that trace."""
     from jax.sharding import Mesh, PartitionSpec as P
 
     from jax_eplb_kernels.histogram import histogram_pallas, histogram_reference
 
-    ids = np.arange(100, dtype=np.int32) % 7
-
-    def probe():
-        return bool(jnp.array_equal(histogram_pallas(jnp.asarray(ids), 7, SMALL_HIST["outer"], interpret=True),
-                                    histogram_reference(jnp.asarray(ids), 7)))
+    ids = jnp.asarray(np.arange(100, dtype=np.int32) % 7)
+    trials = lambda: {"xla": lambda: histogram_reference(ids, 7),  # noqa: E731
+                      "pallas": lambda: histogram_pallas(ids, 7, SMALL_HIST["outer"], interpret=True)}
 
     def body(x):
-        impl = pretend_gpu.resolve_implementation("auto", probe, "shard_map_probe")
-        return x + (impl == "pallas")
+        impl = pretend_gpu.resolve_implementation("auto", trials, "shard_map_trial")
+        return x + (impl in ("xla", "pallas"))
 
     mesh = Mesh(np.array(jax.devices("cpu")[:4]), ("ep",))
     for check_vma in (True, False):
         f = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P("ep"), out_specs=P("ep"), check_vma=check_vma))
         np.testing.assert_array_equal(np.asarray(f(jnp.zeros(8, jnp.int32))), np.ones(8))
-    assert pretend_gpu._probe_results == {"shard_map_probe": True}
+    assert list(pretend_gpu._choices) == ["shard_map_trial"]
 
 
-@pytest.mark.skipif(jax.default_backend() == "gpu", reason="needs a device where compiled Pallas cannot run")
-def test_auto_falls_back_to_xla_when_the_kernel_fails_on_the_device(pretend_gpu, caplog):
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="needs a device where compiled GPU kernels cannot run")
+def test_auto_falls_back_to_xla_when_the_kernels_fail_on_the_device(pretend_gpu, capsys):
     ids = jnp.asarray(np.random.default_rng(0).integers(-1, 300, (40, 8)), jnp.int32)
-    with caplog.at_level("WARNING", logger="jax_eplb_kernels"):
-        got = routing_histogram(ids, 288)  # compiled Pallas cannot run on CPU: probe fails -> XLA
+    got = routing_histogram(ids, 288)  # compiled Mosaic GPU / Triton cannot run on CPU: both out -> XLA
     np.testing.assert_array_equal(np.asarray(got), np.asarray(routing_histogram(ids, 288, implementation="xla")))
-    assert "routing_histogram" in caplog.text and "uses XLA" in caplog.text
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("routing histogram (320 ids, 288 bins): xla ") and line.endswith("-> xla")
+    assert "mosaic_gpu out (" in line and ("pallas out (" in line) == pretend_gpu.triton_in_auto()
     tables = build_assignment_tables(np.array([0, 1, 2, 0]), 3)
     args = (jnp.asarray(ids % 3), jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]), 4)
     np.testing.assert_array_equal(np.asarray(route_to_slots(*args).slot_ids),
@@ -212,26 +230,90 @@ def test_auto_falls_back_to_xla_when_the_kernel_fails_on_the_device(pretend_gpu,
     x, w = jnp.ones((32, 16)), jnp.ones((2, 16, 16))
     np.testing.assert_array_equal(np.asarray(tile_grouped_matmul(x, w, jnp.array([0, 1]), 2)),
                                   np.full((32, 16), 16.0))
-    assert set(pretend_gpu._probe_results.values()) == {False} and len(pretend_gpu._probe_results) == 3
+    # Triton kernels are measured only on JAX < 0.11: from 0.11 on, the tile matmul needs no trial
+    assert set(pretend_gpu._choices.values()) == {"xla"}
+    assert len(pretend_gpu._choices) == (3 if pretend_gpu.triton_in_auto() else 2)
 
 
-def test_probes_pass_a_correct_kernel(monkeypatch):
-    """The probes' own logic: a correct kernel (interpreted here) passes, so a GPU keeps Pallas."""
+def test_trials_pass_correct_kernels_and_reject_a_wrong_one(monkeypatch):
+    """The trials' own inputs and comparisons: the kernels (interpreted here) agree with the reference."""
     import functools
 
+    from jax_eplb_kernels import _dispatch
+    from jax_eplb_kernels._dispatch import _measure
     from jax_eplb_kernels.grouped_matmul import api as matmul_api
+    from jax_eplb_kernels.histogram import api as histogram_api
+    from jax_eplb_kernels._mosaic_gpu import interpret_available
+    from jax_eplb_kernels.slot_routing import api as routing_api
+
+    for module, name, flag in ((histogram_api, "histogram_pallas", True), (routing_api, "route_pallas", True),
+                               (matmul_api, "tile_grouped_matmul_pallas", True),
+                               (histogram_api, "histogram_mosaic_gpu", interpret_available()),
+                               (routing_api, "route_mosaic_gpu", interpret_available())):
+        monkeypatch.setattr(module, name, functools.partial(getattr(module, name), interpret=flag))
+    for module in (histogram_api, routing_api):
+        if not interpret_available():  # JAX < 0.11 has no Mosaic GPU interpreter: that candidate is left out
+            monkeypatch.setattr(module, "mosaic_gpu_available", lambda: False)
+        monkeypatch.setattr(module, "triton_in_auto", lambda: True)
+    monkeypatch.setattr(_dispatch, "TIMED_RUNS", 1)  # interpreted kernels are slow; one timed run each
+    cases = [(lambda: histogram_api._trials(300, 37, HistogramBlockSizes(block=64),
+                                            histogram_api.MosaicHistogramBlockSizes(block=128)), None),
+             (lambda: routing_api._trials((70, 3), 16, 3, 24, 128, RoutingBlockSizes()), None),
+             (lambda: matmul_api._trials(3, 32, 48, 2, 16, jnp.float32, jnp.float32, MatmulBlockSizes(bn=16, bk=16)),
+              matmul_api._close)]
+    for trials, close in cases:
+        names, figures = _measure(trials, "xla", close or (lambda a, b: all(
+            np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))))
+        assert len(names) >= 2 and all(isinstance(figures[n], float) for n in names), figures
+    monkeypatch.setattr(histogram_api, "histogram_pallas", lambda ids, n, sizes: jnp.zeros((n,), jnp.int32))
+    names, figures = _measure(cases[0][0], "xla", lambda a, b: bool(jnp.array_equal(a, b)))
+    assert figures["pallas"] == "differs from the reference"
+
+
+def test_triton_is_a_candidate_of_auto_only_before_jax_0_11():
     from jax_eplb_kernels.histogram import api as histogram_api
     from jax_eplb_kernels.slot_routing import api as routing_api
 
-    for module, name in ((histogram_api, "histogram_pallas"), (routing_api, "route_pallas"),
-                         (matmul_api, "tile_grouped_matmul_pallas")):
-        monkeypatch.setattr(module, name, functools.partial(getattr(module, name), interpret=True))
-    assert histogram_api._probe(288, HistogramBlockSizes(block=64))
-    assert routing_api._probe(16, 3, 24, 64, RoutingBlockSizes())
-    assert matmul_api._probe(32, 48, 16, jnp.float32, jnp.float32, MatmulBlockSizes(bn=16, bk=16))
-    # ... and a wrong one fails.
-    monkeypatch.setattr(histogram_api, "histogram_pallas", lambda ids, n, sizes: jnp.zeros((n,), jnp.int32))
-    assert not histogram_api._probe(288, HistogramBlockSizes(block=64))
+    old = tuple(int(p) for p in jax.__version__.split(".")[:2]) < (0, 11)
+    want = {"xla", "mosaic_gpu"} | ({"pallas"} if old else set())
+    assert set(histogram_api._trials(10, 4, HistogramBlockSizes(), histogram_api.MosaicHistogramBlockSizes())) == want
+    assert set(routing_api._trials((5, 2), 4, 2, 6, 1024, RoutingBlockSizes())) == want
+
+
+@NEEDS_MOSAIC_INTERPRETER
+@settings(max_examples=4, deadline=None)
+@given(st.integers(2, 12), st.integers(0, 6), st.integers(1, 120), st.integers(1, 4), st.integers(0, 5),
+       st.sampled_from([128, 256]), st.integers(0, 2**31 - 1))
+def test_mosaic_gpu_routing_matches_rule(num_experts, extra, tokens, k, rank_offset, block, seed):
+    rng = np.random.default_rng(seed)
+    num_slots = num_experts + extra
+    slot_to_expert = rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, extra)]))
+    tables = build_assignment_tables(slot_to_expert, num_experts)
+    ids = rng.integers(-1, num_experts + 1, size=(tokens, k))
+    if seed % 3 == 0:
+        ids[:] = rng.integers(0, num_experts)  # everyone on one expert
+    expected = python_round_robin(ids, slot_to_expert, num_experts, rank_offset, block)
+    got = route_to_slots(jnp.asarray(ids, jnp.int32), jnp.asarray(tables.replica_count[0]),
+                         jnp.asarray(tables.expert_slots[0]), num_slots, rank_offset=rank_offset,
+                         with_histogram=True, block=block, implementation="mosaic_gpu_interpret")
+    np.testing.assert_array_equal(np.asarray(got.slot_ids), expected)
+    np.testing.assert_array_equal(np.asarray(got.slot_counts),
+                                  np.bincount(expected[expected < num_slots], minlength=num_slots))
+
+
+@NEEDS_MOSAIC_INTERPRETER
+@settings(max_examples=6, deadline=None)
+@given(st.integers(1, 700), st.integers(1, 300), st.sampled_from([128, 256]), st.integers(0, 2**31 - 1))
+def test_mosaic_gpu_histogram_equals_numpy(num_ids, num_bins, block, seed):
+    from jax_eplb_kernels import MosaicHistogramBlockSizes
+
+    ids = np.random.default_rng(seed).integers(-3, num_bins + 3, size=num_ids)
+    if seed % 3 == 0:
+        ids[:] = num_bins - 1  # one hot bin
+    expected = np.bincount(ids[(ids >= 0) & (ids < num_bins)], minlength=num_bins)
+    got = routing_histogram(jnp.asarray(ids, jnp.int32), num_bins, implementation="mosaic_gpu_interpret",
+                            mosaic_block_sizes=MosaicHistogramBlockSizes(block=block))
+    np.testing.assert_array_equal(np.asarray(got), expected)
 
 
 def test_auto_implementation_override(monkeypatch):

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 from jax_eplb import EplbInputError, build_assignment_tables, plan_placement
-from jax_eplb.model import (ModelConfig, MoETransformer, OrbaxCheckpoint, create_random_checkpoint, logical_experts,
-                            seeded_params)
+from jax_eplb.model import (ModelConfig, MoETransformer, OrbaxCheckpoint, SeededWeights, create_random_checkpoint,
+                            logical_experts, logical_weights, save_checkpoint, seeded_params)
 from jax_eplb.moe import EPMoEBlock, PlacementTable, SlotParam
 
 
@@ -80,8 +80,8 @@ def test_checkpoint_restores_onto_other_meshes_and_placements(small, tmp_path):
     assert outputs[0] == outputs[1]
     # Seeded random weights placed directly equal the checkpoint's.
     assert small.generate(small.build(config, 2, np.tile(np.arange(16), (2, 1)), seed=5), steps=4) == outputs[0]
-    with pytest.raises(EplbInputError, match="already exists"):
-        create_random_checkpoint(tmp_path / "ckpt", config)
+    with pytest.raises(EplbInputError, match="already exists"):  # real weights never replace a directory
+        save_checkpoint(tmp_path / "ckpt", config, logical_weights(config, SeededWeights(1)))
     with pytest.raises(EplbInputError, match="different model"):
         OrbaxCheckpoint(tmp_path / "ckpt").params(small.config(hidden_size=64))
 

@@ -113,7 +113,16 @@ def test_recorder_environment_and_window(tmp_path):
     stats = load_trtllm_dump(tmp_path / "s")
     assert (stats.iter_start, stats.num_iters, stats.layer_ids, stats.ep_size) == (2, 2, (1, 2), 3)
     np.testing.assert_array_equal(stats.counts[:, 0, 0], [2 * 3, 3 * 3])  # rank files summed
-    with pytest.raises(EplbInputError, match="already holds files"):
+    again = StatisticsRecorder.from_environment([1, 2], 2, env)  # a re-run replaces the earlier dump whole
+    for it in range(2, 5):
+        again.begin_iteration(it)
+        if again.wants(it):
+            again.add(it, np.full((2, 2, 4), 10 * it))  # two ranks this time: no rank2 file may be left over
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["meta_info.json", "rank0.safetensors",
+                                                                  "rank1.safetensors"]
+    np.testing.assert_array_equal(load_trtllm_dump(tmp_path / "s").counts[:, 0, 0], [20 * 2, 30 * 2])
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with pytest.raises(EplbInputError, match="not a statistics dump"):
         StatisticsRecorder.from_environment([1, 2], 2, env)
     for bad in ("5", "4-2", "a-b"):
         with pytest.raises(EplbInputError):

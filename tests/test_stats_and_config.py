@@ -127,7 +127,11 @@ def test_trtllm_dump_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.numpy, "save_file", real_save)
     save_trtllm_dump(tmp_path / "dump", counts, [0], 0, 2, partial=True)
     assert load_statistics(tmp_path / "dump").partial
-    with pytest.raises(EplbInputError, match="already exists"):
+    save_trtllm_dump(tmp_path / "dump", 2 * counts, [0], 0, 2)  # an earlier dump is replaced whole
+    assert not load_statistics(tmp_path / "dump").partial and sorted(p.name for p in tmp_path.iterdir()) == ["dump"]
+    np.testing.assert_array_equal(load_statistics(tmp_path / "dump").counts, 2 * counts.sum(0))
+    (tmp_path / "dump" / "README").write_text("mine")
+    with pytest.raises(EplbInputError, match="not a statistics dump"):
         save_trtllm_dump(tmp_path / "dump", counts, [0], 0, 2)
 
 

@@ -9,6 +9,7 @@ Subcommands mirror TensorRT-LLM's scripts and flags (``report`` = report_load_st
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 
 from jax_eplb._errors import EplbInputError
@@ -17,11 +18,35 @@ from jax_eplb.cli._checkpoint import add_checkpoint_parser
 from jax_eplb.cli._demo import add_demo_parser
 from jax_eplb.cli._statistics import add_generate_parser, add_report_parser
 
-__all__ = ["main", "build_parser", "prefill_chunk"]
+__all__ = ["main", "build_parser", "prefill_chunk", "HelpWithDefaults"]
+
+
+class HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Each option's help ends with its default, where it has one the help does not state already (the
+    description is printed as written). Used by every subcommand and the scripts."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is False or default == argparse.SUPPRESS
+                or (isinstance(default, (list, tuple)) and not default) or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and self._get_help_string(action):
+            action = copy.copy(action)  # an option without help still shows its default
+            action.help = self._get_help_string(action)
+        return super()._format_action(action)
 
 
 class _OneLineErrors(argparse.ArgumentParser):
-    """A usage error is one line (which flag, what is wrong) and exit 2, as every other input error."""
+    """A usage error is one line (which flag, what is wrong) and exit 2, as every other input error.
+    Every (sub)command's ``--help`` shows the options' defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpWithDefaults)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

@@ -28,16 +28,18 @@ def add_bench_parser(sub):
                      help="YAML with moe_max_num_tokens and moe_load_balancer (path or mapping)")
     thr.add_argument("--warmup", type=int, default=0, help="requests run first, untimed")
     thr.add_argument("--eos_id", type=int, default=-1, help="stop a request at this token (-1: never)")
-    thr.add_argument("--max_batch_size", type=int, default=256)
+    thr.add_argument("--max_batch_size", type=int, default=256, help="requests decoded together")
     thr.add_argument("--max_seq_len", type=int, default=None,
                      help="KV-cache length (default: the model config's; Hugging Face models: the dataset's longest "
                           "request)")
     thr.add_argument("--emulate_devices", type=int, default=None,
                      help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
-    thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
+    thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin",
+                     help="which replica of an expert a token uses: TensorRT-LLM's round_robin, or ours by load")
     thr.add_argument("--transport", choices=("auto", "all_to_all", "ragged"), default="auto",
                      help="MoE exchange: fixed-capacity all_to_all (any backend), ragged_all_to_all (GPU; real rows "
-                          "only), or auto: ragged on GPUs once a probe on the mesh passed, else all_to_all")
+                          "only), or auto: on a single-process GPU mesh the faster correct one, timed once at the "
+                          "model's shapes; else all_to_all")
     thr.add_argument("--dispatch", choices=("token", "entry"), default="token",
                      help="token: each token once per destination rank, its entries combined there; entry: every "
                           "(token, k) entry on its own")
@@ -48,9 +50,12 @@ def add_bench_parser(sub):
                           "over the batch rows (steps here are [batch, chunk])")
     thr.add_argument("--max_num_tokens", type=int, default=None,
                      help="with --enable_chunked_prefill: token budget per iteration")
-    thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas"), default="auto",
-                     help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, or the Pallas tile-grouped "
-                          "kernel (GPU); auto: padded on CPU, ragged_dot on GPU")
+    thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas", "tokamax"),
+                     default="auto",
+                     help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, our Pallas tile-grouped "
+                          "kernel (Triton; GPU), or tokamax.ragged_dot (the gpu extra: pip install 'jax-eplb[gpu]'); "
+                          "auto: padded on CPU, on a GPU the fastest close one of ragged_dot, tokamax (if installed) "
+                          "and, on JAX < 0.11, pallas, timed once at the model's shapes")
     thr.add_argument("--online_planner", choices=("migration_aware", "flow", "trtllm"), default="migration_aware",
                      help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, the flow "
                           "planner (per-iteration load; with --replica_policy load_aware), or TensorRT-LLM's greedy "
@@ -118,6 +123,10 @@ def run_bench(args) -> int:
                           ("max_num_tokens", 1)):
         at_least(getattr(args, flag), minimum, f"--{flag}")
     notes = _trtllm_bench_flags(args)
+    if args.grouped_matmul == "tokamax":
+        from jax_eplb.moe import require_tokamax
+
+        require_tokamax()
     output_file(args.output_tokens, "--output_tokens")
     output_file(args.report_json, "--report_json")
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
@@ -154,14 +163,16 @@ def add_prepare_dataset_parser(sub):
     parser.add_argument("--model", default="tiny", help="model config whose vocabulary the ids use")
     parser.add_argument("--tokenizer", default=None,
                         help="a tokenizer.json (or a Hugging Face checkpoint directory holding one), for 'text'")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic ids")
     dist = parser.add_subparsers(dest="distribution", required=True)
     norm = dist.add_parser("token-norm-dist", help="normally distributed input/output lengths")
     norm.add_argument("--num-requests", "--num_requests", dest="num_requests", type=int, required=True)
     norm.add_argument("--input-mean", "--input_mean", dest="input_mean", type=int, required=True)
     norm.add_argument("--output-mean", "--output_mean", dest="output_mean", type=int, required=True)
-    norm.add_argument("--input-stdev", "--input_stdev", dest="input_stdev", type=float, default=0.0)
-    norm.add_argument("--output-stdev", "--output_stdev", dest="output_stdev", type=float, default=0.0)
+    norm.add_argument("--input-stdev", "--input_stdev", dest="input_stdev", type=float, default=0.0,
+                      help="input length standard deviation")
+    norm.add_argument("--output-stdev", "--output_stdev", dest="output_stdev", type=float, default=0.0,
+                      help="output length standard deviation")
     text = dist.add_parser("text", help="one request per non-empty line of a text file, tokenized with --tokenizer")
     text.add_argument("--file", required=True, help="text file, one prompt per line")
     text.add_argument("--output-tokens", "--output_tokens", dest="output_tokens", type=int, required=True)

@@ -4,6 +4,8 @@ Hugging Face layout of a real architecture (``--hf_config``)."""
 from __future__ import annotations
 
 from jax_eplb._errors import EplbInputError
+from jax_eplb._random_checkpoint_marker import check_random_checkpoint_target
+from jax_eplb.cli._checks import output_folder
 
 
 def add_checkpoint_parser(sub):
@@ -19,8 +21,10 @@ def add_checkpoint_parser(sub):
     parser.add_argument("--fp8", action="store_true", help="with --hf_config: FP8 linear weights, 128x128 block scales")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="with --hf_config: dtype of the unquantized tensors")
-    parser.add_argument("--output", required=True, help="new checkpoint directory")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", required=True,
+                        help="checkpoint directory to write: new, empty, or one create-checkpoint wrote before "
+                             "(replaced whole, atomically); any other existing path is refused")
+    parser.add_argument("--seed", type=int, default=0, help="random-weight seed")
     parser.set_defaults(handler=run_create_checkpoint)
 
 
@@ -31,6 +35,8 @@ def run_create_checkpoint(args) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise EplbInputError(f"--{flag} must be >= 1, got {value}")
+    check_random_checkpoint_target(args.output)
+    output_folder(args.output, "--output")
     if args.hf_config is not None:
         from jax_eplb.hf import create_hf_checkpoint
 

@@ -16,15 +16,21 @@ def at_least(value, minimum: int, flag: str):
 
 
 def output_file(path, flag: str) -> None:
-    """``path`` can be written: not a directory, its folder exists (or can be made) and is writable."""
+    """``path`` can be written: not a directory, its folder exists (or can be made) and is writable.
+
+    An existing regular file passes: every writer replaces its output atomically (a temporary file in the same
+    folder, then ``os.replace``), so a re-run over its own outputs gets the new content or, on failure, the old.
+    """
     if path is None:
         return
     target = Path(path)
     if target.is_dir():
         raise EplbInputError(f"{flag} {path} is a directory; give a file path")
+    if target.exists() and not target.is_file():
+        raise EplbInputError(f"{flag} {path} exists and is not a regular file")
     if target.exists() and not os.access(target, os.W_OK):
         raise EplbInputError(f"{flag} {path} is not writable")
-    folder = next((p for p in (target.absolute(), *target.absolute().parents) if p.exists()), None)
+    folder = next((p for p in target.absolute().parents if p.exists()), None)
     if folder is None or not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise EplbInputError(f"{flag} {path}: cannot create files in {folder}")
 

@@ -10,13 +10,14 @@ from jax_eplb.cli._checks import output_folder
 def add_demo_parser(sub):
     parser = sub.add_parser("demo", help="run the whole EPLB workflow on the embedded default model")
     parser.add_argument("--output_dir", default="demo_output", help="where dataset, statistics, plan and heatmap go")
-    parser.add_argument("--model", default="tiny", help="model config YAML or shipped name (default: tiny)")
-    parser.add_argument("--ep", type=int, default=8)
-    parser.add_argument("--num_slots", type=int, default=80)
+    parser.add_argument("--model", default="tiny", help="model config YAML or shipped name")
+    parser.add_argument("--ep", type=int, default=8, help="expert-parallel ranks")
+    parser.add_argument("--num_slots", type=int, default=80, help="total expert slots of the plan")
     parser.add_argument("--emulate_devices", type=int, default=8,
-                        help="CPU-emulated devices (default 8; 0: use the machine's accelerators)")
-    parser.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="CPU-emulated devices (0: use the machine's accelerators)")
+    parser.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin",
+                        help="which replica of an expert a token uses")
+    parser.add_argument("--seed", type=int, default=0, help="random-weight and dataset seed")
     parser.add_argument("--synthetic", action="store_true",
                         help="planner-only demo on synthetic statistics (no model is run)")
     parser.set_defaults(handler=run_demo)

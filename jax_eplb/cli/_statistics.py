@@ -29,7 +29,8 @@ def add_report_parser(sub):
                         help="add the best achievable imbalance for --num_slots")
     parser.add_argument("--num_slots", type=int, default=None,
                         help="slots for --lower_bound (default: the projection plan's, else experts)")
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument("--format", choices=("table", "json"), default="table",
+                        help="a table (report_load_statistics.py's) or JSON per layer")
     parser.set_defaults(handler=run_report)
 
 

@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from jax_eplb._atomic import atomic_directory
+from jax_eplb._random_checkpoint_marker import check_random_checkpoint_target, mark_random_checkpoint
 from jax_eplb._errors import EplbInputError
 from jax_eplb.hf._config import read_config_json
 from jax_eplb.hf._layout import visit_all
@@ -29,7 +30,8 @@ _NOT_QUANTIZED = ("embed_tokens", "lm_head", "norm", ".gate.weight", "e_score_co
 def create_hf_checkpoint(hf_config, output, *, num_layers: int | None = None, num_experts: int | None = None,
                          vocab_size: int | None = None, fp8: bool = False, seed: int = 0,
                          dtype: str = "bfloat16", log=print) -> Path:
-    """Writes a random checkpoint for ``hf_config`` (a ``config.json``) into the new directory ``output``.
+    """Writes a random checkpoint for ``hf_config`` (a ``config.json``) into the directory ``output``: new,
+    empty, or an earlier random checkpoint (replaced whole); any other existing directory is refused.
 
     ``num_layers`` / ``num_experts`` / ``vocab_size`` shrink the model (DeepSeek keeps its dense
     layers first: ``first_k_dense_replace`` is capped at ``num_layers - 1``); ``fp8`` stores linear
@@ -44,10 +46,11 @@ def create_hf_checkpoint(hf_config, output, *, num_layers: int | None = None, nu
     except FileNotFoundError as err:
         raise EplbInputError(f"--hf_config: {err}") from None
     output = Path(output)
-    if output.exists():
-        raise EplbInputError(f"{output} already exists; choose a new directory")
+    replace = check_random_checkpoint_target(output)
     raw = _shrunk(read_config_json(hf_config), hf_config, num_layers, num_experts, vocab_size, fp8, dtype)
-    with atomic_directory(output) as staging:
+    with atomic_directory(output, replace_existing=replace) as staging:
+        mark_random_checkpoint(staging, hf_config=Path(hf_config).name, num_layers=num_layers,
+                               num_experts=num_experts, vocab_size=vocab_size, fp8=fp8, seed=seed, dtype=dtype)
         (staging / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
         config, layout, _ = hf_model_config(staging)
         writer = _ShardWriter(staging, np.random.default_rng(seed), fp8, dtype)

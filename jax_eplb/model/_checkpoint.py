@@ -23,6 +23,7 @@ import yaml
 from jax.sharding import SingleDeviceSharding
 
 from jax_eplb._atomic import atomic_directory
+from jax_eplb._random_checkpoint_marker import check_random_checkpoint_target, mark_random_checkpoint
 from jax_eplb._errors import EplbInputError
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._weights import SeededWeights, logical_weights, split_logical_experts
@@ -32,15 +33,21 @@ CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
 
 
-def save_checkpoint(path, config: ModelConfig, params: dict) -> Path:
-    """Writes ``params`` (``logical_weights``: experts ``[Lm, E, ...]``) to a new directory ``path``."""
+def save_checkpoint(path, config: ModelConfig, params: dict, *, _random_seed: int | None = None) -> Path:
+    """Writes ``params`` (``logical_weights``: experts ``[Lm, E, ...]``) to a new directory ``path``.
+
+    ``_random_seed`` (``create_random_checkpoint``): the weights are seeded random ones; an earlier random
+    checkpoint at ``path`` is replaced whole, and the new one is marked as random."""
     path = Path(path).absolute()
-    if path.exists():
+    replace = _random_seed is not None and check_random_checkpoint_target(path, "checkpoint directory")
+    if path.exists() and not replace:
         raise EplbInputError(f"checkpoint directory {path} already exists; choose a new path")
     _, experts = split_logical_experts(params)
     if experts.gate.shape[1] != config.num_experts:
         raise ValueError(f"save logical experts [Lm, {config.num_experts}, ...], got {experts.gate.shape}")
-    with atomic_directory(path) as staging:
+    with atomic_directory(path, replace_existing=replace) as staging:
+        if _random_seed is not None:
+            mark_random_checkpoint(staging, model=config.name, seed=_random_seed)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging / WEIGHTS_DIR, params)
         checkpointer.wait_until_finished()
@@ -49,8 +56,10 @@ def save_checkpoint(path, config: ModelConfig, params: dict) -> Path:
 
 
 def create_random_checkpoint(path, config: ModelConfig, seed: int = 0) -> Path:
-    """A seeded random checkpoint for ``config`` (the same weights ``SeededWeights(seed)`` places)."""
-    return save_checkpoint(path, config, logical_weights(config, SeededWeights(seed)))
+    """A seeded random checkpoint for ``config`` (the same weights ``SeededWeights(seed)`` places); replaces
+    an earlier random checkpoint at ``path`` whole, refuses any other existing directory."""
+    check_random_checkpoint_target(path, "checkpoint directory")  # before the weights are made
+    return save_checkpoint(path, config, logical_weights(config, SeededWeights(seed)), _random_seed=seed)
 
 
 class OrbaxCheckpoint:

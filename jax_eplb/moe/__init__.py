@@ -11,6 +11,8 @@ from jax_eplb.moe._block import EPMoEBlock, PlacementTable, SlotParam
 from jax_eplb.moe._dispatch import (DispatchPlan, RaggedOffsets, TokenPlan, all_to_all_moe, dispatch_plan,
                                     ragged_offsets, token_plan)
 from jax_eplb.moe._experts import expert_compute
+from jax_eplb.moe._matmul_choice import ExpertShapes, resolve_grouped_matmul
+from jax_eplb.moe._tokamax import require_tokamax, tokamax_unavailable
 from jax_eplb.moe._forward import chunk_sizes, ep_moe_forward
 from jax_eplb.moe._mlp import MLP, swiglu
 from jax_eplb.moe._replica_choice import load_aware_slots, replica_quotas, replica_shares, round_robin_slots
@@ -31,6 +33,7 @@ __all__ = [
     "Routing", "route", "softmax_topk", "deepseek_topk",
     "round_robin_slots", "load_aware_slots", "replica_quotas", "replica_shares",
     "DispatchPlan", "dispatch_plan", "TokenPlan", "token_plan", "RaggedOffsets", "ragged_offsets",
-    "resolve_transport", "all_to_all_moe", "expert_compute",
+    "resolve_transport", "all_to_all_moe", "expert_compute", "ExpertShapes", "resolve_grouped_matmul",
+    "require_tokamax", "tokamax_unavailable",
     "chunk_sizes", "ep_moe_forward",
 ]

@@ -7,8 +7,12 @@ masked loop over all m groups) and two over one tile-padded layout (rows sorted 
 group padded to whole tiles, so about ``P + m*tile`` rows of work instead of ``m * P``):
 ``padded`` (XLA batched matmul with one weight copy gathered per tile; meant for CPU-sized
 experts, not DeepSeek-sized ones on a GPU) and ``pallas`` (the ``tile_grouped_matmul`` kernel
-reads each tile's slot weights in place and skips unused tiles; ``pallas_interpret`` runs it on
-CPU for tests). docs/benchmarks.md compares them.
+reads each tile's slot weights in place and skips unused tiles, on Pallas' Triton backend, which
+JAX deprecates from 0.11 on; ``pallas_interpret`` runs it on CPU for tests), and ``tokamax``
+(Google's kernel library: ``tokamax.ragged_dot``, Mosaic GPU kernels on Hopper; the optional ``gpu``
+extra, Python >= 3.12, JAX >= 0.11; it has no ``group_offset``, and needs none: the group sizes are
+the rank's local slots'). ``auto`` is resolved before this (``_matmul_choice``). docs/benchmarks.md
+compares them.
 """
 
 from __future__ import annotations
@@ -18,31 +22,24 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jax_eplb.moe._tokamax import tokamax_ragged_dot
 from jax_eplb.moe._types import GROUPED_MATMULS
 from jax_eplb_kernels import tile_grouped_matmul
 
 PADDED_TILE = 64
 
 
-def resolve_grouped_matmul(grouped_matmul: str, platform: str) -> str:
-    """``auto`` -> ``padded`` on CPU, ``ragged_dot`` elsewhere; other names as they are."""
-    if grouped_matmul not in GROUPED_MATMULS:
-        raise ValueError(f"grouped_matmul must be one of {GROUPED_MATMULS}, got {grouped_matmul!r}")
-    if grouped_matmul == "auto":
-        return "padded" if platform == "cpu" else "ragged_dot"
-    return grouped_matmul
-
-
-def _swiglu_ragged_dot(x, w_gate, w_up, w_down, group_sizes):
-    """Rows of ``x`` ``[rows, H]`` sorted by local slot; ``w_*`` ``[m, ...]``; -> ``[rows, H]`` f32."""
-    gate = jax.lax.ragged_dot(x, w_gate, group_sizes, preferred_element_type=jnp.float32)
-    up = jax.lax.ragged_dot(x, w_up, group_sizes, preferred_element_type=jnp.float32)
+def _swiglu_ragged(ragged_dot, x, w_gate, w_up, w_down, group_sizes):
+    """Rows of ``x`` ``[rows, H]`` sorted by local slot; ``w_*`` ``[m, ...]``; -> ``[rows, H]`` f32, with
+    ``ragged_dot`` (``jax.lax.ragged_dot`` or ``tokamax.ragged_dot``: the same signature)."""
+    dot = functools.partial(ragged_dot, preferred_element_type=jnp.float32)
+    gate, up = dot(x, w_gate, group_sizes), dot(x, w_up, group_sizes)
     hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
-    return jax.lax.ragged_dot(hidden, w_down, group_sizes, preferred_element_type=jnp.float32)
+    return dot(hidden, w_down, group_sizes)
 
 
 def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int, implementation: str):
-    """Same contract as :func:`_swiglu_ragged_dot`, as tile-grouped matmuls (``implementation``:
+    """Same contract as :func:`_swiglu_ragged`, as tile-grouped matmuls (``implementation``:
     ``xla`` for ``padded``, else the Pallas kernel).
 
     Group g's rows go to tiles of ``tile`` rows, each tile holding one group only, so the
@@ -78,7 +75,7 @@ def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *
     Args:
       rows: ``[P, H]``; row_slot: ``[P]`` local slot, m for empty rows (-> zeros).
       w_gate, w_up: ``[m, H, F]``; w_down: ``[m, F, H]``.
-      grouped_matmul: ``ragged_dot``, ``padded``, ``pallas`` or ``pallas_interpret`` (module docstring).
+      grouped_matmul: ``ragged_dot``, ``padded``, ``pallas``, ``pallas_interpret`` or ``tokamax`` (module docstring).
     Returns ``[P, H]`` float32.
     """
     if grouped_matmul not in GROUPED_MATMULS[1:]:
@@ -86,8 +83,9 @@ def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *
     num_local = w_gate.shape[0]
     order = jnp.argsort(row_slot, stable=True)
     group_sizes = jnp.zeros((num_local,), jnp.int32).at[row_slot].add(1, mode="drop")
-    if grouped_matmul == "ragged_dot":
-        out_sorted = _swiglu_ragged_dot(rows[order], w_gate, w_up, w_down, group_sizes)
+    if grouped_matmul in ("ragged_dot", "tokamax"):
+        dot = jax.lax.ragged_dot if grouped_matmul == "ragged_dot" else tokamax_ragged_dot()
+        out_sorted = _swiglu_ragged(dot, rows[order], w_gate, w_up, w_down, group_sizes)
     else:
         implementation = "xla" if grouped_matmul == "padded" else grouped_matmul
         # XLA: no tile larger than the rows; Pallas keeps whole tiles (power-of-two blocks for Triton).

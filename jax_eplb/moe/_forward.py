@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_eplb.moe._dispatch import all_to_all_moe, dispatch_rows
-from jax_eplb.moe._experts import resolve_grouped_matmul
+from jax_eplb.moe._matmul_choice import ExpertShapes, resolve_grouped_matmul
 from jax_eplb.moe._replica_choice import load_aware_slots, round_robin_slots
 from jax_eplb.moe._routers import route
 from jax_eplb.moe._transport import resolve_transport
@@ -54,10 +54,14 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
         token_mask = jnp.ones((x.shape[0],), bool)
     on = platform(mesh)
     kernels = "xla" if options.kernel_implementation == "auto" and on != "gpu" else options.kernel_implementation
-    options = dataclasses.replace(resolve_transport(options, mesh), kernel_implementation=kernels,
-                                  grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on))
-    body = functools.partial(_rank_moe, config, options, chunk_sizes(x.shape[0] // ranks, ranks,
-                                                                      options.moe_max_num_tokens))
+    sizes = chunk_sizes(x.shape[0] // ranks, ranks, options.moe_max_num_tokens)
+    num_slots, hidden, ffn = slot_experts.gate.shape
+    shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden, ffn=ffn, local_slots=num_slots // ranks,
+                          dtype=str(slot_experts.gate.dtype))  # what auto measures at: one rank's biggest chunk
+    options = dataclasses.replace(resolve_transport(options, mesh, shapes, config.top_k),
+                                  kernel_implementation=kernels,
+                                  grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on, shapes))
+    body = functools.partial(_rank_moe, config, options, sizes)
     fn = jax.shard_map(
         body, mesh=mesh,
         in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P()),

@@ -15,8 +15,8 @@ POLICIES = ("round_robin", "load_aware")
 RECORD_MODES = ("expert", "slot", "expert_total", "traffic")
 TRANSPORTS = ("auto", "all_to_all", "ragged")
 DISPATCH_MODES = ("token", "entry")
-GROUPED_MATMULS = ("auto", "ragged_dot", "padded", "pallas", "pallas_interpret")
-KERNEL_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret")
+GROUPED_MATMULS = ("auto", "ragged_dot", "padded", "pallas", "pallas_interpret", "tokamax")
+KERNEL_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,14 +64,16 @@ class MoEOptions:
     record: histograms to compute in the step: ``expert`` (per-rank logical ids), ``slot``
       (per-rank slot ids), ``expert_total`` (logical ids summed over ranks: online balancing),
       ``traffic`` (rows each rank's dispatch sends to each rank, both dispatch modes).
-    transport: ``auto`` (``ragged`` on a GPU mesh once a one-time probe on that mesh matched
-      ``all_to_all``, else ``all_to_all``), ``all_to_all`` (fixed capacity, any backend) or
-      ``ragged`` (real rows only; GPU).
+    transport: ``auto`` (on a single-process GPU mesh the faster of ``ragged`` and ``all_to_all``,
+      timed once on that mesh at the layer's shapes, ``ragged`` only where it matched; else
+      ``all_to_all``), ``all_to_all`` (fixed capacity, any backend) or ``ragged`` (real rows only; GPU).
     dispatch: ``token`` (each token once per destination rank, combined there) or ``entry``
       (every (token, k) entry on its own); ``moe/_dispatch.py`` has the buffer sizes.
-    grouped_matmul: ``auto`` (tile-padded on CPU, ragged_dot elsewhere), ``ragged_dot``,
-      ``padded``, ``pallas`` (GPU) or ``pallas_interpret``.
-    kernel_implementation: the routing kernels' choice (``auto``: Pallas on GPU after a probe).
+    grouped_matmul: ``auto`` (tile-padded on CPU; on a GPU the fastest close one of ragged_dot,
+      tokamax and - JAX < 0.11 - pallas, measured at the layer's shapes), ``ragged_dot``, ``padded``,
+      ``pallas`` (Triton; GPU), ``pallas_interpret`` or ``tokamax`` (the ``gpu`` extra).
+    kernel_implementation: the routing kernels' choice (``auto``: measured on a GPU, see
+      ``jax_eplb_kernels._dispatch``; ``mosaic_gpu``, ``pallas`` (Triton), ``xla``, ``*_interpret``).
     ragged_exchange: replaces ``jax.lax.ragged_all_to_all`` in the ``ragged`` transport (None: the
       primitive; backends without it can pass an emulation).
     """

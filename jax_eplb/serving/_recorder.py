@@ -21,7 +21,7 @@ import numpy as np
 
 from jax_eplb._errors import EplbInputError
 from jax_eplb._stats import ExpertLoadStats
-from jax_eplb._trtllm_dump import save_trtllm_dump
+from jax_eplb._trtllm_dump import check_dump_target, save_trtllm_dump
 
 RANGE_VARIABLE = "EXPERT_STATISTIC_ITER_RANGE"
 PATH_VARIABLE = "EXPERT_STATISTIC_PATH"
@@ -38,9 +38,8 @@ class StatisticsRecorder:
         self.layer_ids, self.top_k = list(layer_ids), num_experts_per_token
         self._counts: dict[int, np.ndarray] = {}
         self.written = False
-        if self.path is not None and self.path.exists() and any(self.path.iterdir()):
-            raise EplbInputError(f"{PATH_VARIABLE}={self.path} already holds files; remove it or choose another "
-                                 f"path (statistics of two runs must not mix)")
+        if self.path is not None:  # an earlier run's dump is replaced whole: two runs' statistics never mix
+            check_dump_target(self.path, f"{PATH_VARIABLE}={self.path}")
 
     @classmethod
     def from_environment(cls, layer_ids, num_experts_per_token: int,

@@ -27,7 +27,7 @@ from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
 from jax_eplb._plan_config import MoeLoadBalancerConfig
 from jax_eplb.model import ModelConfig, ModelRunner, WeightSource, build_model
-from jax_eplb.moe import DISPATCH_MODES, GROUPED_MATMULS, POLICIES, TRANSPORTS, MoEOptions
+from jax_eplb.moe import DISPATCH_MODES, GROUPED_MATMULS, POLICIES, TRANSPORTS, MoEOptions, require_tokamax
 from jax_eplb.serving._batcher import InFlightBatcher
 from jax_eplb.serving._dataset import Request
 from jax_eplb.serving._devices import to_host
@@ -46,9 +46,9 @@ class ThroughputSettings:
     warmup: int = 0  # requests run first, untimed and not in the figures
     eos_id: int = -1  # < 0: ignore EOS, always generate output_tokens
     replica_policy: str = "round_robin"
-    transport: str = "auto"  # all_to_all | ragged (GPU) | auto (ragged on GPUs after a probe, else all_to_all)
+    transport: str = "auto"  # all_to_all | ragged (GPU) | auto (the faster correct one on a GPU, else all_to_all)
     dispatch: str = "token"  # token (once per destination rank) | entry (every (token, k) entry)
-    grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | auto (padded on CPU, ragged_dot on GPU)
+    grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | tokamax | auto (padded on CPU, measured on GPU)
     prefill_chunk: int | None = None  # chunked prefill: prompt tokens per row and iteration (None: whole prompts)
     moe_max_num_tokens: int | None = None  # TensorRT-LLM's MoE chunking
     # migration_aware (balanced, keeps slots), flow (per-iteration load, keeps slots) or trtllm (from scratch)
@@ -128,6 +128,8 @@ def _check(config: ModelConfig, settings: ThroughputSettings, requests: Sequence
         require_gpu(mesh, "--transport ragged", " (XLA:CPU has no ragged_all_to_all); use all_to_all")
     if settings.grouped_matmul == "pallas":
         require_gpu(mesh, "--grouped_matmul pallas", " (compiled Pallas); use padded or ragged_dot")
+    if settings.grouped_matmul == "tokamax":
+        require_tokamax()
 
 
 def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequence[Request], mesh,

@@ -76,9 +76,6 @@ class _Bench:
 
     def __call__(self, tag: str, plan=None, replica_policy: str | None = None):
         stats_dir = self.out / f"expert_statistic_{tag}"
-        if stats_dir.exists():
-            for f in stats_dir.iterdir():  # this demo's own previous output
-                f.unlink()
         recorder = StatisticsRecorder(stats_dir, *self.s.iter_range, self.config.moe_layer_ids, self.config.top_k)
         settings = ThroughputSettings(max_batch_size=self.s.max_batch_size, progress=self.s.progress,
                                       replica_policy=replica_policy or self.s.replica_policy)

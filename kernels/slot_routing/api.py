@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_eplb_kernels._dispatch import resolve_implementation
+from jax_eplb_kernels._dispatch import resolve_implementation, triton_in_auto
 from jax_eplb_kernels._outer_count import MIN_DOT_DIM
 from jax_eplb_kernels.histogram.reference import histogram_reference
+from jax_eplb_kernels._mosaic_gpu import mosaic_gpu_available
+from jax_eplb_kernels.slot_routing.mosaic_gpu import route_mosaic_gpu
 from jax_eplb_kernels.slot_routing.pallas_gpu import RoutingBlockSizes, route_pallas
 from jax_eplb_kernels.slot_routing.reference import ROUND_ROBIN_BLOCK, route_reference
 
@@ -33,7 +35,9 @@ def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots
         of :class:`jax_eplb.AssignmentTables`).
       rank_offset: added to the block index (the EP rank under attention data parallelism).
       with_histogram: also return the ``[S]`` count of entries per chosen slot.
-      implementation: ``auto`` | ``xla`` | ``pallas`` | ``pallas_interpret``.
+      implementation: ``auto`` (on a GPU the fastest correct of XLA, Pallas on Mosaic GPU and - on
+        JAX < 0.11 only - Pallas on Triton, measured at this shape; XLA elsewhere), ``xla``,
+        ``mosaic_gpu`` (Hopper and newer), ``pallas`` (Triton), or their ``*_interpret`` forms.
     """
     if expert_ids.ndim != 2:
         raise ValueError(f"expert_ids must be [T, K], got shape {expert_ids.shape}")
@@ -44,12 +48,19 @@ def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots
         raise ValueError(f"num_slots ({num_slots}) < experts ({replica_count.shape[0]})")
     num_experts, max_replicas = expert_slots.shape
     impl = resolve_implementation(
-        implementation, probe=lambda: _probe(num_experts, max_replicas, num_slots, block, block_sizes),
-        probe_key=("expert_to_slot_routing", num_experts, max_replicas, num_slots, block, block_sizes))
+        implementation, trials=lambda: _trials(expert_ids.shape, num_experts, max_replicas, num_slots, block,
+                                               block_sizes),
+        key=("expert_to_slot_routing", expert_ids.shape, num_experts, max_replicas, num_slots, block, block_sizes),
+        subject=f"expert-to-slot routing ({expert_ids.shape[0]}x{expert_ids.shape[1]} ids, {num_experts} experts, "
+                f"{num_slots} slots)")
     if impl == "xla":
         slots = route_reference(expert_ids, replica_count, expert_slots, num_slots, rank_offset, block)
         counts = histogram_reference(slots, num_slots) if with_histogram else None
         return SlotRouting(slots, counts)
+    if impl.startswith("mosaic_gpu"):
+        slots, counts = route_mosaic_gpu(expert_ids, jnp.asarray(replica_count), jnp.asarray(expert_slots),
+                                         rank_offset, num_slots, block, interpret=impl == "mosaic_gpu_interpret")
+        return SlotRouting(slots, counts if with_histogram else None)
     chunk = min(block_sizes.chunk, block)
     if block % chunk:
         raise ValueError(f"block ({block}) must be a multiple of the chunk ({chunk})")
@@ -60,20 +71,30 @@ def route_to_slots(expert_ids: jax.Array, replica_count: jax.Array, expert_slots
     return SlotRouting(slots, counts if with_histogram else None)
 
 
-def _probe(num_experts: int, max_replicas: int, num_slots: int, block: int, block_sizes: RoutingBlockSizes) -> bool:
-    """Compiled Pallas == reference (slot ids and histogram) on a table of this shape, with a hot
-    expert, invalid ids and a partial last block."""
+def _trials(shape, num_experts: int, max_replicas: int, num_slots: int, block: int,
+            block_sizes: RoutingBlockSizes) -> dict:
+    """``auto``'s candidates on ids of this shape for a table of this shape, with a hot expert,
+    invalid ids and a partial last block: slot ids and histogram, both compared."""
     slot_expert = np.concatenate([np.arange(num_experts), np.arange(num_slots - num_experts) % num_experts])
     replica_count = np.bincount(slot_expert, minlength=num_experts).astype(np.int32)
     expert_slots = np.full((num_experts, max_replicas), -1, np.int32)
     for e in range(num_experts):
         slots = np.flatnonzero(slot_expert == e)[:max_replicas]
         expert_slots[e, : slots.size] = slots
+    replica_count = np.minimum(replica_count, max_replicas)
     rng = np.random.default_rng(0)
-    ids = rng.integers(-1, num_experts + 1, size=(2 * block + 7, 1)).astype(np.int32)
-    ids[:block // 2] = 0  # expert 0 has the most replicas
+    ids = rng.integers(-1, num_experts + 1, size=shape).astype(np.int32)
+    ids.reshape(-1)[: ids.size // 4] = 0  # expert 0 has the most replicas
     args = (jnp.asarray(ids), jnp.asarray(replica_count), jnp.asarray(expert_slots))
-    got = route_pallas(*args, 1, num_slots, block, block_sizes)
-    want_slots = route_reference(*args, num_slots, 1, block)
-    want_counts = histogram_reference(want_slots, num_slots)
-    return bool(jnp.array_equal(got[0], want_slots) and jnp.array_equal(got[1], want_counts))
+
+    @jax.jit
+    def reference(ids, count, table):
+        slots = route_reference(ids, count, table, num_slots, 1, block)
+        return slots, histogram_reference(slots, num_slots)
+
+    runs = {"xla": lambda: reference(*args)}
+    if mosaic_gpu_available():
+        runs["mosaic_gpu"] = lambda: route_mosaic_gpu(*args, 1, num_slots, block)
+    if triton_in_auto():
+        runs["pallas"] = lambda: route_pallas(*args, 1, num_slots, block, block_sizes)
+    return runs
