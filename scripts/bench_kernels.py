@@ -44,10 +44,10 @@ def candidates(num_bins, on_gpu):
     from jax_eplb_kernels._mosaic_gpu import interpret_available
 
     if on_gpu or interpret_available():  # Mosaic GPU: compiled on Hopper, else its interpreter (JAX >= 0.11)
-        for block in (2048, 8192):
-            c[f"mosaic_gpu_{block}"] = functools.partial(
+        for method, block in (("scan", 2048), ("scan", 8192), ("per_bin", 2048)):
+            c[f"mosaic_{method}_{block}"] = functools.partial(
                 routing_histogram, num_bins=num_bins, implementation="mosaic_gpu" if on_gpu else "mosaic_gpu_interpret",
-                mosaic_block_sizes=MosaicHistogramBlockSizes(block=block))
+                mosaic_block_sizes=MosaicHistogramBlockSizes(block=block, method=method))
     return c
 
 

@@ -64,10 +64,14 @@ def mosaic_gpu_kernels(text: str) -> int:
     return sum(MOSAIC_GPU_CALL in line and "custom_call" in line for line in text.splitlines())
 
 
+@pytest.mark.parametrize("method", ["scan", "per_bin"])
 @pytest.mark.parametrize("num_ids,num_bins", [(65_536, 256), (8_388_608, 288), (1000, 384), (77, 5)])
-def test_mosaic_gpu_histogram_lowers_for_cuda_without_deprecations(num_ids, num_bins):
+def test_mosaic_gpu_histogram_lowers_for_cuda_without_deprecations(num_ids, num_bins, method):
+    from jax_eplb_kernels import MosaicHistogramBlockSizes
+
     ids = jax.ShapeDtypeStruct((num_ids,), jnp.int32)
-    text = lower_for_cuda(lambda x: histogram_mosaic_gpu(x, num_bins), ids, no_deprecations=True)
+    sizes = MosaicHistogramBlockSizes(method=method)
+    text = lower_for_cuda(lambda x: histogram_mosaic_gpu(x, num_bins, sizes), ids, no_deprecations=True)
     assert mosaic_gpu_kernels(text) == 1 and TRITON_CALL not in text
 
 

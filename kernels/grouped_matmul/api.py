@@ -20,7 +20,9 @@ def tile_grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, used_
       w: ``[m, K, N]`` group weights; tile_group: ``[NT]`` int.
       used_tiles: tiles from here on hold no rows (their output is zeros; Pallas skips them).
       implementation: ``auto`` (on a GPU with JAX < 0.11: the faster close one of XLA and Pallas on Triton,
-        measured at this shape; else XLA), ``xla``, ``pallas`` (Triton), ``pallas_interpret``.
+        measured at this shape; else XLA), ``xla``, ``pallas`` (Triton), ``pallas_interpret``; there is no
+        Mosaic GPU version (``mosaic_gpu*``, as the routing kernels' common choice, means XLA here: on GPUs
+        the EP block's grouped matmul is ragged_dot or tokamax, see ``jax_eplb.moe``).
     Returns ``[NT * tile, N]`` float32.
     """
     if x.ndim != 2 or w.ndim != 3 or tile_group.ndim != 1 or x.shape[1] != w.shape[1]:

@@ -1,14 +1,21 @@
 """Routing histogram on Pallas' Mosaic GPU backend (Hopper and newer; JAX's maintained Pallas GPU path).
 
-One program (a CUDA block of one warpgroup) per ``block`` ids: its ids are copied GMEM -> SMEM,
-then, for every bin, the warpgroup compares its ids with the bin and sums the matches into its own
-row of partial counts (no atomics: rows are per program), which XLA sums. The input is padded with
--1 to whole blocks; ids outside ``[0, num_bins)`` (padding, dropped entries) equal no counted bin.
-The ids sit in SMEM as ``[block / 128, 128]`` and the counts as ``[bins / 16, 16]``: TMA copies at most
-256 elements along a dimension, and a 16-int32 row is a whole number of its 16-byte granules.
+One program (a CUDA block of one warpgroup) per ``block`` ids: its ids are copied GMEM -> SMEM (as
+``[block / 128, 128]``: TMA copies at most 256 elements along a dimension), counted into the program's
+own row of partial counts (no atomics), and XLA sums the rows. The input is padded with -1 to whole
+blocks; ids outside ``[0, num_bins)`` (padding, dropped entries) equal no counted bin. Two methods:
 
-Cost per program: ``bins_padded`` x (``block / 128`` compares per thread + one warpgroup sum). Which
-of this and XLA's histogram is faster depends on the shape: ``auto`` measures both (``api.py``).
+- ``scan`` (default): the bins are spread over the warpgroup's threads (``[bins / 128, 128]``, one
+  bin per thread per row); the program walks its ids in order, each id one SMEM read broadcast to
+  every thread and one compare-and-add per bin row. No reduction, no synchronisation: about
+  ``block x bins / 128`` compare-and-adds per thread.
+- ``per_bin``: for every bin the warpgroup compares all of its ids with it and sums the matches (a
+  warpgroup reduction per bin): ``bins x block / 128`` compares per thread plus ``bins`` reductions.
+
+Both do one compare per id and bin (the Triton ``compare`` method's arithmetic; the matrix-unit
+``outer`` method did not pass Mosaic GPU's layout inference). Which of these and XLA's histogram is
+faster depends on the GPU and the shape: ``auto`` measures (``api.py``); ``scripts/bench_kernels.py``
+times both methods.
 """
 
 from __future__ import annotations
@@ -22,18 +29,25 @@ from jax.experimental import pallas as pl
 
 from jax_eplb_kernels._mosaic_gpu import interpret_params
 
-BIN_ALIGN = 16  # int32 bins per row: 64 bytes, a multiple of TMA's 16-byte granule
+BIN_ALIGN = 16  # per_bin: int32 bins per count row, 64 bytes, a multiple of TMA's 16-byte granule
 WARPGROUP = 128
+METHODS = ("scan", "per_bin")
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicHistogramBlockSizes:
     block: int = 2048  # ids per program: [block / 128, 128] in SMEM (whole warpgroup rows, <= 256 of them)
+    method: str = "scan"  # 'scan' | 'per_bin' (module docstring)
+    unroll: int = 8  # scan: ids read per loop step (independent SMEM reads in flight)
 
     def __post_init__(self):
         if self.block < WARPGROUP or self.block % WARPGROUP or self.block > 256 * WARPGROUP:
             raise ValueError(f"block must be a multiple of {WARPGROUP} in [{WARPGROUP}, {256 * WARPGROUP}], "
                              f"got {self.block}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.unroll < 1 or self.block % self.unroll:
+            raise ValueError(f"unroll must be >= 1 and divide block ({self.block}), got {self.unroll}")
 
 
 @functools.partial(jax.jit, static_argnames=("num_bins", "block_sizes", "interpret"))
@@ -44,8 +58,6 @@ def histogram_mosaic_gpu(ids: jax.Array, num_bins: int,
 
     ``interpret``: run the kernel in Mosaic GPU's interpreter (any backend; JAX >= 0.11).
     """
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     flat = ids.reshape(-1).astype(jnp.int32)
     if flat.shape[0] == 0:
         return jnp.zeros((num_bins,), jnp.int32)
@@ -54,6 +66,15 @@ def histogram_mosaic_gpu(ids: jax.Array, num_bins: int,
     rows = block // WARPGROUP
     padded = jnp.pad(flat, (0, num_programs * block - flat.shape[0]), constant_values=-1)
     padded = padded.reshape(num_programs, rows, WARPGROUP)  # TMA copies <= 256 elements per dimension
+    run = _per_bin if block_sizes.method == "per_bin" else _scan
+    partial = run(padded, num_bins, block_sizes, interpret)  # [P, rows of bins, width]
+    return partial.sum(axis=0).reshape(-1)[:num_bins]
+
+
+def _per_bin(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    num_programs, rows, _ = padded.shape
     bin_rows = pl.cdiv(num_bins, BIN_ALIGN)
 
     def routing_histogram_mosaic_gpu(ids_gmem, counts_gmem, ids_smem, counts_smem, barrier):  # the kernel's name
@@ -76,4 +97,45 @@ def histogram_mosaic_gpu(ids: jax.Array, num_bins: int,
         scratch_types=[plgpu.SMEM((rows, WARPGROUP), jnp.int32), plgpu.SMEM((bin_rows, BIN_ALIGN), jnp.int32),
                        plgpu.Barrier()],
         grid=(num_programs,), grid_names=("program",), **({"interpret": interpret_params()} if interpret else {}))
-    return kernel(padded).sum(axis=0).reshape(-1)[:num_bins]
+    return kernel(padded)
+
+
+def _scan(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpret: bool):
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    num_programs, rows, _ = padded.shape
+    block, unroll = rows * WARPGROUP, block_sizes.unroll
+    bin_rows = pl.cdiv(num_bins, WARPGROUP)
+    if bin_rows > 256:
+        raise ValueError(f"the scan method holds at most {256 * WARPGROUP} bins, got {num_bins}")
+    # The bin ids come in as data: a loaded array has a layout Mosaic GPU infers on every JAX line (an
+    # iota needs an explicit layout on some).
+    bin_ids = jnp.arange(bin_rows * WARPGROUP, dtype=jnp.int32).reshape(bin_rows, WARPGROUP)
+
+    def routing_histogram_mosaic_gpu(ids_gmem, bins_gmem, counts_gmem, ids_smem, bins_smem, counts_smem,
+                                     barriers):  # the kernel's name
+        program = jax.lax.axis_index("program")
+        plgpu.copy_gmem_to_smem(ids_gmem.at[program], ids_smem, barriers.at[0])
+        plgpu.copy_gmem_to_smem(bins_gmem, bins_smem, barriers.at[1])
+        plgpu.barrier_wait(barriers.at[0])
+        plgpu.barrier_wait(barriers.at[1])
+        bins = bins_smem[...]  # [bin rows, 128]: one bin per thread per row
+
+        def step(j, counts):
+            for u in range(unroll):  # independent reads in flight
+                i = j * unroll + u
+                counts = counts + (bins == ids_smem[i // WARPGROUP, i % WARPGROUP]).astype(jnp.int32)
+            return counts
+
+        counts_smem[...] = jax.lax.fori_loop(0, block // unroll, step, bins * 0)  # zeros in the bins' layout
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(counts_smem, counts_gmem.at[program])
+        plgpu.wait_smem_to_gmem(0)
+
+    kernel = plgpu.kernel(
+        routing_histogram_mosaic_gpu,
+        out_type=jax.ShapeDtypeStruct((num_programs, bin_rows, WARPGROUP), jnp.int32),
+        scratch_types=[plgpu.SMEM((rows, WARPGROUP), jnp.int32), plgpu.SMEM((bin_rows, WARPGROUP), jnp.int32),
+                       plgpu.SMEM((bin_rows, WARPGROUP), jnp.int32), plgpu.Barrier(num_barriers=2)],
+        grid=(num_programs,), grid_names=("program",), **({"interpret": interpret_params()} if interpret else {}))
+    return kernel(padded, bin_ids)
