@@ -81,10 +81,9 @@ def test_histogram_programs_fill_the_gpu_on_small_inputs():
         HistogramBlockSizes(method="atomic")
 
 
-@settings(max_examples=8, deadline=None)
-@given(st.integers(2, 12), st.integers(0, 6), st.integers(1, 200), st.integers(1, 4), st.integers(0, 5),
-       st.sampled_from([32, 64]), st.integers(0, 2**31 - 1))
-def test_round_robin_routing_matches_rule(num_experts, extra, tokens, k, rank_offset, block, seed):
+def check_round_robin(num_experts, extra, tokens, k, rank_offset, block, seed, implementations, **options):
+    """A random placement and routing (every third case: all on one expert) through ``route_to_slots`` with
+    each implementation == the rule written as a loop (slot ids and their histogram)."""
     rng = np.random.default_rng(seed)
     num_slots = num_experts + extra
     slot_to_expert = rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, extra)]))
@@ -93,14 +92,21 @@ def test_round_robin_routing_matches_rule(num_experts, extra, tokens, k, rank_of
     if seed % 3 == 0:
         ids[:] = rng.integers(0, num_experts)  # everyone on one expert
     expected = python_round_robin(ids, slot_to_expert, num_experts, rank_offset, block)
-    for impl in ("xla", "pallas_interpret"):
+    for impl in implementations:
         got = route_to_slots(jnp.asarray(ids, jnp.int32), jnp.asarray(tables.replica_count[0]),
                              jnp.asarray(tables.expert_slots[0]), num_slots, rank_offset=rank_offset,
-                             with_histogram=True, block=block, implementation=impl,
-                             block_sizes=RoutingBlockSizes(chunk=16))
-        np.testing.assert_array_equal(np.asarray(got.slot_ids), expected)
+                             with_histogram=True, block=block, implementation=impl, **options)
+        np.testing.assert_array_equal(np.asarray(got.slot_ids), expected, err_msg=impl)
         np.testing.assert_array_equal(np.asarray(got.slot_counts),
-                                      np.bincount(expected[expected < num_slots], minlength=num_slots))
+                                      np.bincount(expected[expected < num_slots], minlength=num_slots), err_msg=impl)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.integers(2, 12), st.integers(0, 6), st.integers(1, 200), st.integers(1, 4), st.integers(0, 5),
+       st.sampled_from([32, 64]), st.integers(0, 2**31 - 1))
+def test_round_robin_routing_matches_rule(num_experts, extra, tokens, k, rank_offset, block, seed):
+    check_round_robin(num_experts, extra, tokens, k, rank_offset, block, seed, ("xla", "pallas_interpret"),
+                      block_sizes=RoutingBlockSizes(chunk=16))
 
 
 def test_default_block_is_trtllm_1024():
@@ -285,20 +291,7 @@ def test_triton_is_a_candidate_of_auto_only_before_jax_0_11():
 @given(st.integers(2, 12), st.integers(0, 6), st.integers(1, 120), st.integers(1, 4), st.integers(0, 5),
        st.sampled_from([128, 256]), st.integers(0, 2**31 - 1))
 def test_mosaic_gpu_routing_matches_rule(num_experts, extra, tokens, k, rank_offset, block, seed):
-    rng = np.random.default_rng(seed)
-    num_slots = num_experts + extra
-    slot_to_expert = rng.permutation(np.concatenate([np.arange(num_experts), rng.integers(0, num_experts, extra)]))
-    tables = build_assignment_tables(slot_to_expert, num_experts)
-    ids = rng.integers(-1, num_experts + 1, size=(tokens, k))
-    if seed % 3 == 0:
-        ids[:] = rng.integers(0, num_experts)  # everyone on one expert
-    expected = python_round_robin(ids, slot_to_expert, num_experts, rank_offset, block)
-    got = route_to_slots(jnp.asarray(ids, jnp.int32), jnp.asarray(tables.replica_count[0]),
-                         jnp.asarray(tables.expert_slots[0]), num_slots, rank_offset=rank_offset,
-                         with_histogram=True, block=block, implementation="mosaic_gpu_interpret")
-    np.testing.assert_array_equal(np.asarray(got.slot_ids), expected)
-    np.testing.assert_array_equal(np.asarray(got.slot_counts),
-                                  np.bincount(expected[expected < num_slots], minlength=num_slots))
+    check_round_robin(num_experts, extra, tokens, k, rank_offset, block, seed, ("mosaic_gpu_interpret",))
 
 
 @NEEDS_MOSAIC_INTERPRETER
