@@ -10,7 +10,8 @@ function with ``implementation=``: ``auto`` measures its candidates on a GPU at 
 and takes the fastest correct one (``_dispatch``), XLA elsewhere; explicit choices are taken as they are.
 """
 
-from jax_eplb_kernels._dispatch import IMPLEMENTATIONS, fastest_correct, resolve_implementation, triton_in_auto
+from jax_eplb_kernels._dispatch import (IMPLEMENTATIONS, fastest_correct, relative_close, resolve_implementation,
+                                       triton_in_auto)
 from jax_eplb_kernels.grouped_matmul import MatmulBlockSizes, tile_grouped_matmul, tile_grouped_matmul_reference
 from jax_eplb_kernels.histogram import (HistogramBlockSizes, MosaicHistogramBlockSizes, histogram_reference,
                                         routing_histogram)
@@ -18,7 +19,7 @@ from jax_eplb_kernels.slot_routing import (ROUND_ROBIN_BLOCK, RoutingBlockSizes,
                                            route_to_slots)
 
 __all__ = [
-    "IMPLEMENTATIONS", "resolve_implementation", "fastest_correct", "triton_in_auto",
+    "IMPLEMENTATIONS", "resolve_implementation", "fastest_correct", "relative_close", "triton_in_auto",
     "routing_histogram", "histogram_reference", "HistogramBlockSizes", "MosaicHistogramBlockSizes",
     "route_to_slots", "route_reference", "SlotRouting", "RoutingBlockSizes", "ROUND_ROBIN_BLOCK",
     "tile_grouped_matmul", "tile_grouped_matmul_reference", "MatmulBlockSizes",

@@ -141,6 +141,15 @@ def _agreed(names: list[str], chosen: str) -> str:
     return names[index]
 
 
+def relative_close(tolerance: float) -> Callable[[object, object], bool]:
+    """``close`` for float outputs: every leaf's largest error <= ``tolerance`` x its reference's largest magnitude."""
+    def close(got, want) -> bool:
+        return all(float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+                   <= tolerance * max(float(np.max(np.abs(np.asarray(b, np.float64)), initial=0.0)), 1e-30)
+                   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    return close
+
+
 def _equal(got, want) -> bool:
     return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(got),
                                                                             jax.tree.leaves(want)))

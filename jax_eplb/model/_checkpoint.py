@@ -33,33 +33,36 @@ CONFIG_FILE = "model_config.yaml"
 WEIGHTS_DIR = "weights"
 
 
-def save_checkpoint(path, config: ModelConfig, params: dict, *, _random_seed: int | None = None) -> Path:
-    """Writes ``params`` (``logical_weights``: experts ``[Lm, E, ...]``) to a new directory ``path``.
-
-    ``_random_seed`` (``create_random_checkpoint``): the weights are seeded random ones; an earlier random
-    checkpoint at ``path`` is replaced whole, and the new one is marked as random."""
+def save_checkpoint(path, config: ModelConfig, params: dict) -> Path:
+    """Writes ``params`` (``logical_weights``: experts ``[Lm, E, ...]``) to a new directory ``path``."""
     path = Path(path).absolute()
-    replace = _random_seed is not None and check_random_checkpoint_target(path, "checkpoint directory")
-    if path.exists() and not replace:
+    if path.exists():
         raise EplbInputError(f"checkpoint directory {path} already exists; choose a new path")
-    _, experts = split_logical_experts(params)
-    if experts.gate.shape[1] != config.num_experts:
-        raise ValueError(f"save logical experts [Lm, {config.num_experts}, ...], got {experts.gate.shape}")
-    with atomic_directory(path, replace_existing=replace) as staging:
-        if _random_seed is not None:
-            mark_random_checkpoint(staging, model=config.name, seed=_random_seed)
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(staging / WEIGHTS_DIR, params)
-        checkpointer.wait_until_finished()
-        (staging / CONFIG_FILE).write_text(yaml.safe_dump({"model": dataclasses.asdict(config)}, sort_keys=False))
-    return path
+    return _write(path, config, params, replace=False)
 
 
 def create_random_checkpoint(path, config: ModelConfig, seed: int = 0) -> Path:
     """A seeded random checkpoint for ``config`` (the same weights ``SeededWeights(seed)`` places); replaces
     an earlier random checkpoint at ``path`` whole, refuses any other existing directory."""
-    check_random_checkpoint_target(path, "checkpoint directory")  # before the weights are made
-    return save_checkpoint(path, config, logical_weights(config, SeededWeights(seed)), _random_seed=seed)
+    path = Path(path).absolute()
+    replace = check_random_checkpoint_target(path, "checkpoint directory")  # before the weights are made
+    return _write(path, config, logical_weights(config, SeededWeights(seed)), replace=replace,
+                  random_recipe={"model": config.name, "seed": seed})
+
+
+def _write(path: Path, config: ModelConfig, params: dict, *, replace: bool, random_recipe: dict | None = None) -> Path:
+    """The checkpoint directory, whole or not at all (``random_recipe``: marked as a random checkpoint)."""
+    _, experts = split_logical_experts(params)
+    if experts.gate.shape[1] != config.num_experts:
+        raise ValueError(f"save logical experts [Lm, {config.num_experts}, ...], got {experts.gate.shape}")
+    with atomic_directory(path, replace_existing=replace) as staging:
+        if random_recipe is not None:
+            mark_random_checkpoint(staging, **random_recipe)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(staging / WEIGHTS_DIR, params)
+        checkpointer.wait_until_finished()
+        (staging / CONFIG_FILE).write_text(yaml.safe_dump({"model": dataclasses.asdict(config)}, sort_keys=False))
+    return path
 
 
 class OrbaxCheckpoint:

@@ -15,7 +15,7 @@ import numpy as np
 from jax_eplb.moe._experts import expert_compute
 from jax_eplb.moe._tokamax import require_tokamax, tokamax_unavailable
 from jax_eplb.moe._types import GROUPED_MATMULS
-from jax_eplb_kernels import fastest_correct, triton_in_auto
+from jax_eplb_kernels import fastest_correct, relative_close, triton_in_auto
 
 
 class ExpertShapes(NamedTuple):
@@ -44,7 +44,7 @@ def resolve_grouped_matmul(grouped_matmul: str, platform: str, shapes: ExpertSha
     if shapes is None or len(candidates) == 1:
         return "ragged_dot"
     return fastest_correct(lambda: _trials(shapes, candidates), ("grouped matmul", shapes, tuple(candidates)),
-                           reference="ragged_dot", close=_close,
+                           reference="ragged_dot", close=relative_close(3e-2),
                            subject=f"grouped matmul ({shapes.rows} rows x {shapes.hidden} -> {shapes.ffn}, "
                                    f"{shapes.local_slots} local slots, {shapes.dtype})")
 
@@ -63,7 +63,3 @@ def _trials(shapes: ExpertShapes, candidates: list[str]) -> dict:
         runs[name] = functools.partial(compute, rows, row_slot, *weights)
     return runs
 
-
-def _close(got, want) -> bool:
-    scale = float(jnp.max(jnp.abs(want)))
-    return bool(jnp.max(jnp.abs(got - want)) <= 3e-2 * max(scale, 1e-30))

@@ -10,13 +10,15 @@ from typing import Callable, NamedTuple
 
 import jax
 
+from jax_eplb_kernels import IMPLEMENTATIONS
+
 ROUTERS = ("softmax", "deepseek")
 POLICIES = ("round_robin", "load_aware")
 RECORD_MODES = ("expert", "slot", "expert_total", "traffic")
 TRANSPORTS = ("auto", "all_to_all", "ragged")
 DISPATCH_MODES = ("token", "entry")
 GROUPED_MATMULS = ("auto", "ragged_dot", "padded", "pallas", "pallas_interpret", "tokamax")
-KERNEL_IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
+KERNEL_IMPLEMENTATIONS = IMPLEMENTATIONS  # the kernels' own names (jax_eplb_kernels)
 
 
 @dataclasses.dataclass(frozen=True)

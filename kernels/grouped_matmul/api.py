@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jax_eplb_kernels._dispatch import resolve_implementation, triton_in_auto
+from jax_eplb_kernels._dispatch import relative_close, resolve_implementation, triton_in_auto
 from jax_eplb_kernels.grouped_matmul.pallas_gpu import MatmulBlockSizes, tile_grouped_matmul_pallas
 from jax_eplb_kernels.grouped_matmul.reference import tile_grouped_matmul_reference
 
@@ -36,7 +36,7 @@ def tile_grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, used_
         implementation, trials=(lambda: _trials(x.shape[0] // tile, k, n, w.shape[0], tile, x.dtype, w.dtype,
                                                 block_sizes)) if triton_in_auto() else None,
         key=("tile_grouped_matmul", x.shape[0], k, n, w.shape[0], tile, str(x.dtype), str(w.dtype), block_sizes),
-        close=_close, subject=f"tile-grouped matmul ({x.shape[0]}x{k} @ {w.shape[0]}x{k}x{n}, {x.dtype})")
+        close=relative_close(3e-2), subject=f"tile-grouped matmul ({x.shape[0]}x{k} @ {w.shape[0]}x{k}x{n}, {x.dtype})")
     if impl.startswith("mosaic_gpu"):
         impl = "xla"
     if impl == "xla":
@@ -64,8 +64,3 @@ def _trials(num_tiles: int, k: int, n: int, groups: int, tile: int, x_dtype, w_d
     return {"xla": lambda: reference(x, w, tile_group),
             "pallas": lambda: tile_grouped_matmul_pallas(x, w, tile_group, used, tile=tile, block_sizes=block_sizes)}
 
-
-def _close(got, want) -> bool:
-    """Equal up to float32 summation order and bf16 inputs: 3e-2 of the output's largest magnitude."""
-    scale = float(jax.numpy.max(jax.numpy.abs(want)))
-    return bool(jax.numpy.max(jax.numpy.abs(got - want)) <= 3e-2 * max(scale, 1e-30))

@@ -72,39 +72,20 @@ def histogram_mosaic_gpu(ids: jax.Array, num_bins: int,
 
 
 def _per_bin(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpret: bool):
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    num_programs, rows, _ = padded.shape
     bin_rows = pl.cdiv(num_bins, BIN_ALIGN)
 
-    def routing_histogram_mosaic_gpu(ids_gmem, counts_gmem, ids_smem, counts_smem, barrier):  # the kernel's name
-        program = jax.lax.axis_index("program")
-        plgpu.copy_gmem_to_smem(ids_gmem.at[program], ids_smem, barrier)
-        plgpu.barrier_wait(barrier)
+    def count(ids_smem, counts_smem):
         block_ids = ids_smem[...]  # [rows, 128]
 
         @pl.loop(0, bin_rows * BIN_ALIGN)
         def _(b):
             counts_smem[b // BIN_ALIGN, b % BIN_ALIGN] = jnp.sum((block_ids == b).astype(jnp.int32))
 
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(counts_smem, counts_gmem.at[program])
-        plgpu.wait_smem_to_gmem(0)
-
-    kernel = plgpu.kernel(
-        routing_histogram_mosaic_gpu,
-        out_type=jax.ShapeDtypeStruct((num_programs, bin_rows, BIN_ALIGN), jnp.int32),
-        scratch_types=[plgpu.SMEM((rows, WARPGROUP), jnp.int32), plgpu.SMEM((bin_rows, BIN_ALIGN), jnp.int32),
-                       plgpu.Barrier()],
-        grid=(num_programs,), grid_names=("program",), **({"interpret": interpret_params()} if interpret else {}))
-    return kernel(padded)
+    return _launch(count, padded, (), (bin_rows, BIN_ALIGN), interpret)
 
 
 def _scan(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpret: bool):
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
-    num_programs, rows, _ = padded.shape
-    block, unroll = rows * WARPGROUP, block_sizes.unroll
+    block, unroll = padded.shape[1] * WARPGROUP, block_sizes.unroll
     bin_rows = pl.cdiv(num_bins, WARPGROUP)
     if bin_rows > 256:
         raise ValueError(f"the scan method holds at most {256 * WARPGROUP} bins, got {num_bins}")
@@ -112,13 +93,7 @@ def _scan(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpr
     # iota needs an explicit layout on some).
     bin_ids = jnp.arange(bin_rows * WARPGROUP, dtype=jnp.int32).reshape(bin_rows, WARPGROUP)
 
-    def routing_histogram_mosaic_gpu(ids_gmem, bins_gmem, counts_gmem, ids_smem, bins_smem, counts_smem,
-                                     barriers):  # the kernel's name
-        program = jax.lax.axis_index("program")
-        plgpu.copy_gmem_to_smem(ids_gmem.at[program], ids_smem, barriers.at[0])
-        plgpu.copy_gmem_to_smem(bins_gmem, bins_smem, barriers.at[1])
-        plgpu.barrier_wait(barriers.at[0])
-        plgpu.barrier_wait(barriers.at[1])
+    def count(ids_smem, bins_smem, counts_smem):
         bins = bins_smem[...]  # [bin rows, 128]: one bin per thread per row
 
         def step(j, counts):
@@ -128,14 +103,35 @@ def _scan(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpr
             return counts
 
         counts_smem[...] = jax.lax.fori_loop(0, block // unroll, step, bins * 0)  # zeros in the bins' layout
+
+    return _launch(count, padded, (bin_ids,), (bin_rows, WARPGROUP), interpret)
+
+
+def _launch(count, padded, tables: tuple, counts_shape: tuple[int, int], interpret: bool):
+    """One program per block of ``padded`` ``[P, rows, 128]``: its ids and every table (whole) GMEM -> SMEM,
+    ``count(ids_smem, *table_smems, counts_smem)``, the counts SMEM -> row ``program`` of ``[P, *counts_shape]``."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    num_programs, rows, _ = padded.shape
+    copies = 1 + len(tables)
+
+    def routing_histogram_mosaic_gpu(*refs):  # the kernel's name
+        gmem_in, counts_gmem, smem_in, counts_smem, barriers = (
+            refs[:copies], refs[copies], refs[copies + 1:2 * copies + 1], refs[2 * copies + 1], refs[-1])
+        program = jax.lax.axis_index("program")
+        for i, (source, target) in enumerate(zip((gmem_in[0].at[program], *gmem_in[1:]), smem_in)):
+            plgpu.copy_gmem_to_smem(source, target, barriers.at[i])
+        for i in range(copies):
+            plgpu.barrier_wait(barriers.at[i])
+        count(*smem_in, counts_smem)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(counts_smem, counts_gmem.at[program])
         plgpu.wait_smem_to_gmem(0)
 
     kernel = plgpu.kernel(
         routing_histogram_mosaic_gpu,
-        out_type=jax.ShapeDtypeStruct((num_programs, bin_rows, WARPGROUP), jnp.int32),
-        scratch_types=[plgpu.SMEM((rows, WARPGROUP), jnp.int32), plgpu.SMEM((bin_rows, WARPGROUP), jnp.int32),
-                       plgpu.SMEM((bin_rows, WARPGROUP), jnp.int32), plgpu.Barrier(num_barriers=2)],
+        out_type=jax.ShapeDtypeStruct((num_programs, *counts_shape), jnp.int32),
+        scratch_types=[plgpu.SMEM((rows, WARPGROUP), jnp.int32), *(plgpu.SMEM(t.shape, t.dtype) for t in tables),
+                       plgpu.SMEM(counts_shape, jnp.int32), plgpu.Barrier(num_barriers=copies)],
         grid=(num_programs,), grid_names=("program",), **({"interpret": interpret_params()} if interpret else {}))
-    return kernel(padded, bin_ids)
+    return kernel(padded, *tables)
