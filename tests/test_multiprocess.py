@@ -46,7 +46,9 @@ def test_two_processes_match_one(tmp_path):
                    check=True, capture_output=True, timeout=120)
     (tmp_path / "online.yaml").write_text(ONLINE)
 
-    single = subprocess.run(bench_command(tmp_path, devices=8) + ["--output_tokens", str(tmp_path / "single.json")],
+    # lockstep in one process too: plans then land at the same iterations whatever the machine's load
+    single = subprocess.run(bench_command(tmp_path, devices=8)
+                            + ["--online_lockstep", "--output_tokens", str(tmp_path / "single.json")],
                             env=run_env(tmp_path / "stats_single"), capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
 

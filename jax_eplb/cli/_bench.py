@@ -60,6 +60,10 @@ def add_bench_parser(sub):
                      help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, the flow "
                           "planner (per-iteration load; with --replica_policy load_aware), or TensorRT-LLM's greedy "
                           "re-planned from scratch")
+    thr.add_argument("--online_lockstep", action="store_true",
+                     help="online mode: apply each plan exactly one iteration after it started, waiting for the "
+                          "planner if it is slower (multi-process runs always do): figures that do not depend on "
+                          "how fast the host plans")
     thr.add_argument("--online_state", default=None,
                      help="online mode: restore decayed statistics and placement from this directory if it "
                           "exists, save them there at exit (a restarted server keeps its placement)")
@@ -137,7 +141,7 @@ def run_bench(args) -> int:
         replica_policy=args.replica_policy, transport=args.transport, dispatch=args.dispatch,
         grouped_matmul=args.grouped_matmul,
         prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
-        online_planner=args.online_planner, traffic=args.report_traffic,
+        online_planner=args.online_planner, online_lockstep=args.online_lockstep, traffic=args.report_traffic,
         progress=not args.no_progress and sys.stderr.isatty())
     for note in notes:
         print(f"note: {note}")

@@ -53,6 +53,9 @@ class ThroughputSettings:
     moe_max_num_tokens: int | None = None  # TensorRT-LLM's MoE chunking
     # migration_aware (balanced, keeps slots), flow (per-iteration load, keeps slots) or trtllm (from scratch)
     online_planner: str = "migration_aware"
+    # apply each online plan exactly one iteration after it started (as every multi-process run must):
+    # reproducible figures; default False in one process: a plan is applied as soon as it is done
+    online_lockstep: bool = False
     traffic: bool = False  # record each step's dispatch rows: the exchange's bytes in the figures
     progress: bool = True
 
@@ -203,7 +206,8 @@ def _online_balancer(model, weights: WeightSource, plan, settings: ThroughputSet
 
     algorithm = {"migration_aware": "balanced"}.get(settings.online_planner, settings.online_planner)
     balancer = OnlineBalancer(model, weights.expert_source(model.config), plan.layer_updates_per_iter,
-                              algorithm=algorithm, migration_aware=algorithm != "trtllm")
+                              algorithm=algorithm, migration_aware=algorithm != "trtllm",
+                              lockstep=True if settings.online_lockstep else None)
     if online_state and Path(online_state).exists():
         balancer.restore_state(online_state)
         log(f"online balancer state (statistics + placement) restored from {online_state}")
