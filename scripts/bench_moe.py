@@ -9,10 +9,10 @@ those frequencies. Prints per-rank received entries, realized imbalance (max/mea
 step time (median of repeats, host clock) per configuration. On CPU the layer is scaled down
 and the devices are emulated (``--emulate_devices``), so times compare configurations only.
 A second table times one rank's grouped SwiGLU (the same methods) against a dense matmul of
-the same useful FLOPs, in TFLOP/s; a third the load-aware split alone (bench_split.py: the
-vectorised passes vs the sequential water-filling they replaced) at this geometry and at
-DeepSeek-V3's EP36/288, next to the layer step above. A configuration that fails is reported
-and skipped.
+the same useful FLOPs, in TFLOP/s; a third the layer with a shared expert, its rows balanced or
+not (more than one rank); a fourth the load-aware split alone (bench_split.py: the accelerated
+passes vs the 16 damped ones they replaced) at this geometry and at DeepSeek-V3's EP36/288, next
+to the layer step above. A configuration that fails is reported and skipped.
 
   python scripts/bench_moe.py [--ep 8] [--tokens 2048] [--hidden 256] [--ffn 128]
 """
@@ -106,9 +106,48 @@ def main():
                       f"{per_rank.max():>9} {ms:>8.1f} {baseline[key] / ms:>9.2f}x", flush=True)
         _traffic_of_batch(jax, jnp, np, config, router, x, tables, slot_to_expert, R, name, dtype)
     grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=matmuls)
+    if R > 1:  # one rank has no one to hand shared rows to
+        shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, plans["balanced"], matmuls[0],
+                             args.repeats)
     from bench_split import split_table
 
     split_table(load, [(R, args.slots_per_rank * R), (36, 288)], max(args.tokens // R, 1), k)
+
+
+def shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, slot_to_expert, matmul, repeats):
+    """The layer with one shared expert (FFN = the experts'), its rows balanced or not: step time and the
+    rows each rank computes (routed + shared) - ours (on) vs every rank computing its own (off)."""
+    import dataclasses
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_eplb import build_assignment_tables
+    from jax_eplb.moe import ExpertWeights, MoEOptions, ep_moe_forward, slot_weights_from_logical
+
+    E, H, F, R = config.num_experts, config.hidden_size, config.expert_ffn_size, mesh.shape["ep"]
+    config = dataclasses.replace(config, num_shared_experts=1)
+    keys = jax.random.split(jax.random.key(7), 3)
+    shared = ExpertWeights(*(jax.random.normal(k, s, x.dtype) * 0.05 for k, s in zip(keys, ((H, F), (H, F), (F, H)))))
+    tables = build_assignment_tables(slot_to_expert, E)
+    slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
+    xs = jax.device_put(x, NamedSharding(mesh, P("ep")))
+    args = (router, slots, xs, jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0]))
+    print(f"\nshared expert (FFN {F}) in the balance: balanced placement, load_aware, {matmul}; rows = what each rank "
+          f"computes (routed entries + shared rows)")
+    print(f"{'shared rows':>12} {'rows imbalance':>14} {'max rows/rank':>13} {'ms/step':>8} {'vs off':>7}")
+    outs, base = {}, None
+    for balance in ("off", "on"):
+        options = MoEOptions(replica_policy="load_aware", grouped_matmul=matmul, shared_expert_balance=balance)
+        fn = jax.jit(lambda *a, options=options: ep_moe_forward(config, mesh, *a, options=options, shared=shared))
+        result = fn(*args)
+        ms = 1e3 * _time(lambda: fn(*args).out, repeats)
+        rows = np.asarray(result.rank_load) + (x.shape[0] // R if balance == "off" else 0)
+        base = base or ms
+        outs[balance] = np.asarray(result.out)
+        print(f"{balance:>12} {rows.max() / rows.mean() - 1:>14.3f} {rows.max():>13} {ms:>8.1f} {base / ms:>6.2f}x",
+              flush=True)
+    scale = float(np.abs(outs["off"]).max()) or 1.0
+    print(f"outputs on vs off: max |difference| {np.abs(outs['on'] - outs['off']).max() / scale:.1e} (relative)")
 
 
 class Layer(NamedTuple):

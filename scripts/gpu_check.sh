@@ -61,7 +61,8 @@ step tests 170 python3 -m pytest tests/test_kernels.py tests/test_moe_block.py t
 step kernels 120 python3 scripts/bench_kernels.py --reps 100 --json "$OUT/bench_kernels.json"
 # 3. DeepSeek-V3-shaped MoE layer on one GPU (ep=1, 288 slots; at ep=1 both transports are local, so the
 #    ragged one only): ragged_dot vs the Pallas tile-grouped matmul, TFLOP/s vs dense, step times; then the
-#    load-aware split alone on the GPU (vectorised passes vs the old sequential pour) at EP36/288.
+#    load-aware split alone on the GPU (32 accelerated passes vs the 16 damped ones, tables tight and padded) at
+#    EP1/288 and EP36/288.
 #    ragged_dot vs tokamax vs ours (Triton), TFLOP/s next to dense. Both dispatch modes (token: once per
 #    rank, combined there; entry); the timed auto transport is checked by the GPU tests of step 1.
 DATA_ARG=(); [[ -f "$DATA" ]] && DATA_ARG=(--data "$DATA")

@@ -36,6 +36,10 @@ def add_bench_parser(sub):
                      help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
     thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin",
                      help="which replica of an expert a token uses: TensorRT-LLM's round_robin, or ours by load")
+    thr.add_argument("--shared_expert_balance", choices=("auto", "on", "off"), default="auto",
+                     help="models with shared experts: their rows join the load-aware split (a rank computes part of "
+                          "another's shared rows, riding along with tokens it receives anyway); auto: on with "
+                          "--replica_policy load_aware on more than one rank")
     thr.add_argument("--transport", choices=("auto", "all_to_all", "ragged"), default="auto",
                      help="MoE exchange: fixed-capacity all_to_all (any backend), ragged_all_to_all (GPU; real rows "
                           "only), or auto: on a single-process GPU mesh the faster correct one, timed once at the "
@@ -139,7 +143,7 @@ def run_bench(args) -> int:
     settings = ThroughputSettings(
         max_batch_size=args.max_batch_size, warmup=args.warmup, eos_id=args.eos_id,
         replica_policy=args.replica_policy, transport=args.transport, dispatch=args.dispatch,
-        grouped_matmul=args.grouped_matmul,
+        grouped_matmul=args.grouped_matmul, shared_expert_balance=args.shared_expert_balance,
         prefill_chunk=prefill_chunk(args), moe_max_num_tokens=inputs.options.moe_max_num_tokens,
         online_planner=args.online_planner, online_lockstep=args.online_lockstep, traffic=args.report_traffic,
         progress=not args.no_progress and sys.stderr.isatty())

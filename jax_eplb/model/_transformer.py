@@ -37,7 +37,8 @@ class StepOutput(NamedTuple):
     ``[Lm, R]`` entries computed per rank per MoE layer; expert_counts ``[Lm, R, E]``,
     slot_counts ``[Lm, R, S]`` and expert_totals ``[Lm, E]`` (summed over ranks) when recorded,
     else None; logits ``[B, T, V]`` float32 of every position when asked for, else None;
-    dispatch_rows ``[Lm, R, 2, R]`` (``MoEOutput.dispatch_rows`` per MoE layer) when recorded."""
+    dispatch_rows ``[Lm, R, 2, R]`` (``MoEOutput.dispatch_rows`` per MoE layer) when recorded;
+    rank_rows ``[Lm, R]`` rows computed per rank (routed entries + shared-expert rows)."""
 
     next_token: jax.Array
     cache: KVCache
@@ -47,6 +48,7 @@ class StepOutput(NamedTuple):
     expert_totals: jax.Array | None
     logits: jax.Array | None = None
     dispatch_rows: jax.Array | None = None
+    rank_rows: jax.Array | None = None
 
 
 class MoETransformer(nnx.Module):
@@ -92,7 +94,7 @@ class MoETransformer(nnx.Module):
         logits = jnp.dot(normed[jnp.arange(b), last], head, preferred_element_type=jnp.float32)  # [B, V]
         all_logits = jnp.dot(normed, head, preferred_element_type=jnp.float32) if return_logits else None
         return StepOutput(jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, moe.rank_load, moe.expert_counts,
-                          moe.slot_counts, moe.expert_totals, all_logits, moe.dispatch_rows)
+                          moe.slot_counts, moe.expert_totals, all_logits, moe.dispatch_rows, moe.rank_rows)
 
     def _layers(self, x, cache: KVCache, **layer_inputs):
         """The decoder layers in order: each run of same-kind layers is one scan over its stack's

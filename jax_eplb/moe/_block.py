@@ -67,13 +67,12 @@ class EPMoEBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> MoEOutput:
         """``x`` ``[T, H]`` -> MoEOutput with ``out`` ``[T, H]`` in x.dtype (shared experts added)."""
+        shared = None if self.shared is None else ExpertWeights(
+            self.shared.gate.get_value(), self.shared.up.get_value(), self.shared.down.get_value())
         result = ep_moe_forward(self.config, self.mesh, self.router(), self.slot_experts(), x,
                                 self.replica_count.get_value(), self.expert_slots.get_value(),
-                                token_mask=token_mask, options=self.options)
-        out = result.out
-        if self.shared is not None:
-            out = out + self.shared(x)
-        return result._replace(out=out.astype(x.dtype))
+                                token_mask=token_mask, options=self.options, shared=shared)
+        return result._replace(out=result.out.astype(x.dtype))
 
     def router(self) -> RouterWeights:
         return RouterWeights(self.router_kernel.get_value(), self.correction_bias.get_value())

@@ -9,15 +9,18 @@ Axis legend: T local tokens, K top-k, E experts, M max replicas, S slots, R rank
   all replicated experts at once, so no long chain of dependent steps); an entry's global
   index within its expert (lower ranks first, then local order) picks its replica. The batch
   keeps the round-robin choice instead if that happens to give a lower max rank load, so
-  load_aware is never worse than round_robin.
+  load_aware is never worse than round_robin. With shared-expert balancing the tokens' shared rows
+  join the split (``moe._split.balanced_shares``) and each token's shared row gets a rank too.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from jax_eplb.planning._split import SPLIT_PASSES
+from jax_eplb.moe._split import balanced_shares, replica_quotas, rounded
 from jax_eplb_kernels import SlotRouting, routing_histogram, route_to_slots
 from jax_eplb_kernels.slot_routing.reference import replica_occurrence
 
@@ -29,95 +32,43 @@ def round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, 
                           with_histogram=with_histogram, implementation=implementation)
 
 
-def replica_shares(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks,
-                   passes: int = SPLIT_PASSES):
-    """``[E, M]`` entries (fractional) each replica should take so that rank loads come out even.
+class SharedRouting(NamedTuple):
+    """Where each token's shared-expert rows are computed (``shared_rank`` ``[T]``, R for masked
+    tokens) and this rank's ``[R]`` count of its tokens' shared rows sent to each rank."""
 
-    Args:
-      expert_counts: ``[E]`` global entries per expert this batch.
-    Experts with one replica are fixed load. From the even split, every replicated expert (at
-    most S - E of them) re-pours its entries into its replicas' ranks lowest-first (water-filling
-    against the others' current shares; its replicas on one rank fill that rank together), all at
-    once, ``passes`` times; a step is ``2 / (n + 1)`` with n the most replicated experts on one of
-    its ranks, so simultaneous pours do not overshoot. ``planning.split_rank_loads`` is the same
-    computation in NumPy (the flow planner's objective).
-    """
-    num_experts, max_replicas = expert_slots.shape
-    counts = expert_counts.astype(jnp.float32)
-    valid = expert_slots >= 0  # [E, M]
-    replica_rank = jnp.where(valid, expert_slots // slots_per_rank, 0)  # [E, M]
-    even = jnp.where(valid, counts[:, None] / jnp.maximum(replica_count, 1)[:, None], 0.0)  # [E, M]
-    # Only replicated experts have a choice, and at most S - E experts are replicated.
-    candidates = min(num_experts, max(slots_per_rank * num_ranks - num_experts, 0))
-    if candidates == 0 or passes == 0:
-        return even
-    chosen = jnp.argsort(replica_count <= 1, stable=True)[:candidates]  # [X] replicated experts first
-    rank_x, valid_x, counts_x = replica_rank[chosen], valid[chosen], counts[chosen]  # [X, M], [X]
-    fixed = (jnp.zeros((num_ranks,), jnp.float32).at[replica_rank.reshape(-1)].add(even.reshape(-1))
-             .at[rank_x.reshape(-1)].add(-even[chosen].reshape(-1)))  # [R] load of the others
-    # One expert's replicas on one rank fill it together: each counts 1/(their number) of the rank.
-    same_rank = (valid_x[:, :, None] & valid_x[:, None, :]
-                 & (rank_x[:, :, None] == rank_x[:, None, :])).astype(jnp.float32)  # [X, M, M]
-    weight = jnp.where(valid_x, 1.0 / jnp.maximum(same_rank.sum(axis=2), 1.0), 0.0)  # [X, M]
-    moving = jnp.where((replica_count[chosen] > 1)[:, None], weight, 0.0)
-    experts_on = jnp.zeros((num_ranks,), jnp.float32).at[rank_x.reshape(-1)].add(moving.reshape(-1))  # [R]
-    crowd = jnp.max(jnp.where(moving > 0, experts_on[rank_x], 0.0), axis=1)  # [X]
-    step = (2.0 / (jnp.maximum(jnp.round(crowd), 1.0) + 1.0))[:, None]  # [X, 1]
-
-    on_rank = jax.nn.one_hot(rank_x.reshape(-1), num_ranks, dtype=jnp.float32) * valid_x.reshape(-1, 1)  # [X*M, R]
-
-    def one_pass(_, share):  # share [X, M]; rank sums and gathers as small matmuls (no scatter)
-        rank_load = fixed + share.reshape(-1) @ on_rank
-        own = jnp.einsum("xmn,xn->xm", same_rank, share)  # the expert's own load on that rank
-        base = jnp.where(valid_x, (on_rank @ rank_load).reshape(share.shape) - own, jnp.inf)
-        return share + step * (_water_fill(counts_x, base, weight) - share)
-
-    return even.at[chosen].set(jax.lax.fori_loop(0, passes, one_pass, even[chosen]))
-
-
-def _water_fill(amount, base, weight):
-    """``amount`` ``[X]`` poured onto levels ``base`` ``[X, M]`` (inf: no replica) lowest-first -> ``[X, M]``;
-    ``weight`` ``[X, M]``: 1 / the replicas sharing that level (the same rank), which fill it together.
-
-    The level when exactly the replicas at or below ``base[m]`` are filled is
-    ``(amount + weighted sum of those bases) / their weight``. Over the bases in rising order these
-    levels fall while the next base is below the level and rise after, so the water level is the
-    smallest of them (a pairwise comparison instead of a sort: M is small; no under-water test
-    that rounding could fail for every m)."""
-    finite = jnp.isfinite(base)
-    level_base = jnp.where(finite, base, 0.0)
-    below = (base[:, None, :] <= base[:, :, None]) & finite[:, None, :]  # [X, M(m), M(m')]: base[m'] <= base[m]
-    total = jnp.sum(jnp.where(below, (weight * level_base)[:, None, :], 0.0), axis=2)
-    width = jnp.sum(jnp.where(below, weight[:, None, :], 0.0), axis=2)
-    level = (amount[:, None] + total) / jnp.maximum(width, 1e-30)  # [X, M]
-    level = jnp.min(jnp.where(finite, level, jnp.inf), axis=1)
-    return jnp.where(finite, jnp.maximum(level[:, None] - level_base, 0.0) * weight, 0.0)
-
-
-def replica_quotas(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks,
-                   passes: int = SPLIT_PASSES):
-    """``[E, M]`` integer entries per replica: ``replica_shares`` rounded so that each expert's
-    quotas sum exactly to its count (each within one of its share: the rounded running sum)."""
-    quota = replica_shares(expert_counts, replica_count, expert_slots, slots_per_rank, num_ranks, passes)
-    running = jnp.round(jnp.cumsum(quota, axis=1))  # [E, M]; the last valid one is the count
-    running = jnp.minimum(running, expert_counts.astype(jnp.float32)[:, None])
-    quotas = jnp.diff(running, axis=1, prepend=0.0)
-    return jnp.where(expert_slots >= 0, quotas, 0).astype(jnp.int32)
+    shared_rank: jax.Array
+    shared_counts: jax.Array
 
 
 def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, axis_name: str,
-                     implementation: str = "auto") -> SlotRouting:
+                     implementation: str = "auto", shared_mask=None,
+                     rows_per_token: int = 1) -> SlotRouting | tuple[SlotRouting, SharedRouting]:
     """``[T, K]`` slots so that, over all ranks, the batch's per-rank loads are as even as possible,
-    with this rank's ``[S]`` histogram of the chosen slots (it is computed anyway)."""
+    with this rank's ``[S]`` histogram of the chosen slots (it is computed anyway).
+
+    ``shared_mask``: ``[T]`` bool, the tokens whose shared-expert row this rank brings (shared-expert
+    balancing; ``rows_per_token`` rows of the experts' FFN width each): the shared rows join the split
+    (any rank may compute them) and a SharedRouting comes back too. A rank keeps its own tokens'
+    rows up to its quota; the rest, in rank order, fill the ranks whose quota exceeds their own rows."""
     num_experts, max_replicas = expert_slots.shape
     num_ranks = jax.lax.axis_size(axis_name)
+    slots_per_rank = num_slots // num_ranks
     flat = expert_ids.reshape(-1)
     valid = (flat >= 0) & (flat < num_experts)
     safe = jnp.where(valid, flat, 0)
     local_counts = routing_histogram(flat, num_experts, implementation=implementation)
-    all_counts = jax.lax.all_gather(local_counts, axis_name)  # [R, E]
+    if shared_mask is None:
+        all_counts = jax.lax.all_gather(local_counts, axis_name)  # [R, E]
+        quotas = replica_quotas(all_counts.sum(axis=0), replica_count, expert_slots, slots_per_rank, num_ranks)
+    else:
+        gathered = jax.lax.all_gather(jnp.append(local_counts, jnp.sum(shared_mask, dtype=jnp.int32)), axis_name)
+        all_counts, own_shared = gathered[:, :-1], gathered[:, -1]  # [R, E], [R]
+        counts = all_counts.sum(axis=0)
+        split = balanced_shares(counts, replica_count, expert_slots, own_shared * rows_per_token, slots_per_rank,
+                                num_ranks)
+        quotas = jnp.where(expert_slots >= 0, rounded(split.replica, counts), 0)
+        shared_quota = rounded(split.shared / rows_per_token, jnp.sum(own_shared))  # [R] tokens
     lower_ranks = jnp.sum(jnp.where(jnp.arange(num_ranks)[:, None] < rank, all_counts, 0), axis=0)  # [E]
-    quotas = replica_quotas(all_counts.sum(axis=0), replica_count, expert_slots, num_slots // num_ranks, num_ranks)
     bounds = jnp.cumsum(quotas, axis=1)  # [E, M]
     global_index = lower_ranks[safe] + replica_occurrence(flat, num_experts, block=flat.shape[0])
     replica = jnp.sum(global_index[:, None] >= bounds[safe], axis=1)
@@ -126,12 +77,37 @@ def load_aware_slots(expert_ids, replica_count, expert_slots, num_slots, rank, a
     water = jnp.where(valid, slot, num_slots).astype(jnp.int32).reshape(expert_ids.shape)
     # Integer rounding and the sweep order can leave water-filling a hair behind the fixed rule on
     # small batches: keep whichever of the two gives the lower max rank load (same choice on
-    # every rank, decided from psum-ed slot counts).
+    # every rank, decided from psum-ed slot counts; shared rows counted where each choice puts them).
     robin = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, implementation,
                               with_histogram=True)
     local_slots = jnp.stack([routing_histogram(water, num_slots, implementation=implementation),
                              robin.slot_counts])  # [2, S]
-    peak = jax.lax.psum(local_slots, axis_name).reshape(2, num_ranks, -1).sum(axis=2).max(axis=1)  # [2]
+    rows = jax.lax.psum(local_slots, axis_name).reshape(2, num_ranks, -1).sum(axis=2)  # [2, R]
+    if shared_mask is not None:
+        rows = rows + rows_per_token * jnp.stack([shared_quota, own_shared])
+    peak = rows.max(axis=1)  # [2]
     keep_water = peak[0] <= peak[1]
-    return SlotRouting(jnp.where(keep_water, water, robin.slot_ids),
-                       jnp.where(keep_water, local_slots[0], local_slots[1]))
+    routing = SlotRouting(jnp.where(keep_water, water, robin.slot_ids),
+                          jnp.where(keep_water, local_slots[0], local_slots[1]))
+    if shared_mask is None:
+        return routing
+    home = jnp.where(shared_mask, rank, num_ranks).astype(jnp.int32)
+    moved = _shared_destinations(shared_mask, own_shared, shared_quota, rank)
+    shared_rank = jnp.where(keep_water, moved, home)
+    counts = jnp.zeros((num_ranks,), jnp.int32).at[shared_rank].add(1, mode="drop")
+    return routing, SharedRouting(shared_rank, counts)
+
+
+def _shared_destinations(shared_mask, own, quota, rank):
+    """``[T]`` rank computing each of this rank's tokens' shared rows (R: masked), for ``own`` ``[R]``
+    rows brought and ``quota`` ``[R]`` rows computed per rank: every rank keeps min(own, quota) of
+    its tokens (the first ones); the others, in rank order, fill the ranks with quota > own in
+    rank order."""
+    num_ranks = own.shape[0]
+    keep = jnp.minimum(own, quota)
+    given = own - keep  # [R]
+    wanted = jnp.cumsum(quota - keep)  # [R] running total of the rows ranks take from others
+    index = jnp.cumsum(shared_mask) - 1  # [T] among this rank's tokens
+    donated = jnp.sum(jnp.where(jnp.arange(num_ranks) < rank, given, 0)) + index - keep[rank]
+    taker = jnp.minimum(jnp.searchsorted(wanted, donated, side="right"), num_ranks - 1).astype(jnp.int32)
+    return jnp.where(~shared_mask, num_ranks, jnp.where(index < keep[rank], rank, taker)).astype(jnp.int32)

@@ -14,6 +14,7 @@ from jax_eplb_kernels import IMPLEMENTATIONS
 
 ROUTERS = ("softmax", "deepseek")
 POLICIES = ("round_robin", "load_aware")
+SHARED_BALANCE = ("auto", "on", "off")
 RECORD_MODES = ("expert", "slot", "expert_total", "traffic")
 TRANSPORTS = ("auto", "all_to_all", "ragged")
 DISPATCH_MODES = ("token", "entry")
@@ -78,6 +79,11 @@ class MoEOptions:
       ``jax_eplb_kernels._dispatch``; ``mosaic_gpu``, ``pallas`` (Triton), ``xla``, ``*_interpret``).
     ragged_exchange: replaces ``jax.lax.ragged_all_to_all`` in the ``ragged`` transport (None: the
       primitive; backends without it can pass an emulation).
+    shared_expert_balance: layers with shared experts: ``on`` - the tokens' shared-expert rows join the
+      load-aware split (a rank computes part of another's shared rows, riding along with tokens it
+      receives anyway, or as a trip of their own), ``off`` - every rank computes its own tokens'
+      shared rows, ``auto`` (default) - ``on`` under ``load_aware`` on more than one rank. ``on``
+      needs ``load_aware``.
     """
 
     replica_policy: str = "round_robin"
@@ -88,6 +94,7 @@ class MoEOptions:
     grouped_matmul: str = "auto"
     kernel_implementation: str = "auto"
     ragged_exchange: Callable | None = None
+    shared_expert_balance: str = "auto"
 
     def __post_init__(self):
         record = (self.record,) if isinstance(self.record, str) else tuple(self.record or ())
@@ -95,12 +102,15 @@ class MoEOptions:
         checks = (("replica_policy", self.replica_policy, POLICIES), ("transport", self.transport, TRANSPORTS),
                   ("dispatch", self.dispatch, DISPATCH_MODES),
                   ("grouped_matmul", self.grouped_matmul, GROUPED_MATMULS),
-                  ("kernel_implementation", self.kernel_implementation, KERNEL_IMPLEMENTATIONS))
+                  ("kernel_implementation", self.kernel_implementation, KERNEL_IMPLEMENTATIONS),
+                  ("shared_expert_balance", self.shared_expert_balance, SHARED_BALANCE))
         for name, value, choices in checks:
             if value not in choices:
                 raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         if not set(record) <= set(RECORD_MODES):
             raise ValueError(f"record must hold some of {RECORD_MODES}, got {record!r}")
+        if self.shared_expert_balance == "on" and self.replica_policy != "load_aware":
+            raise ValueError("shared_expert_balance='on' needs replica_policy='load_aware' (the split moves the rows)")
         if self.moe_max_num_tokens is not None and self.moe_max_num_tokens < 1:
             raise ValueError(f"moe_max_num_tokens must be >= 1, got {self.moe_max_num_tokens}")
 
@@ -122,9 +132,10 @@ class RouterWeights(NamedTuple):
 class MoEOutput(NamedTuple):
     """What one MoE layer returns.
 
-    out:       ``[T, H]`` routed-expert output (float32 from the pure forward; the block adds the
-               shared experts and casts to the input dtype).
-    rank_load: ``[R]`` int32 (token, k) entries each rank computed this call (in-graph balance).
+    out:       ``[T, H]`` float32 from the pure forward: the routed experts, plus the shared experts
+               when it is given them (the block does; it casts to the input dtype).
+    rank_load: ``[R]`` int32 routed (token, k) entries each rank computed this call (in-graph
+               balance; TensorRT-LLM's measure).
     expert_counts: ``[R, E]`` int32 per-rank histogram of routed logical expert ids, or None
                when not recorded (then it is not computed at all).
     slot_counts: ``[R, S]`` int32 per-rank histogram of the chosen slots, or None.
@@ -132,6 +143,9 @@ class MoEOutput(NamedTuple):
     dispatch_rows: ``[R_src, 2, R_dst]`` int32 rows each rank's dispatch plans send to each rank
                (``[:, 0]`` entry mode, ``[:, 1]`` token mode; summed over chunks, the rank's own
                block included), or None (``moe/_traffic.py`` turns them into bytes).
+    rank_rows: ``[R]`` int32 rows each rank computed: ``rank_load`` plus the shared-expert rows it
+               computed (its own tokens', or what the split gave it when they are balanced; one row
+               per token and expert FFN width); None only where a caller builds the tuple itself.
     """
 
     out: jax.Array
@@ -140,3 +154,4 @@ class MoEOutput(NamedTuple):
     slot_counts: jax.Array | None
     expert_totals: jax.Array | None = None
     dispatch_rows: jax.Array | None = None
+    rank_rows: jax.Array | None = None

@@ -31,7 +31,7 @@ import numpy as np
 
 from jax_eplb._assignment import build_assignment_tables
 from jax_eplb._metrics import project_onto_plan, rank_loads_from_counts
-from jax_eplb.moe import as_expert_source
+from jax_eplb.moe import as_expert_source, shared_balance_on
 from jax_eplb.planning import plan_placement
 from jax_eplb.sharding import replicated
 from jax_eplb.online._schedule import OnlineSchedule
@@ -180,14 +180,24 @@ class OnlineBalancer:
             plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm,
                                   entries_per_iteration=entries)
             return _Planned(tuple(layers), plan.slot_to_expert, time.perf_counter() - start)
+        shared = self._shared_rows(entries) if self.algorithm == "flow" else 0.0
         plan = plan_placement(loads, model.num_slots, model.num_ranks, self.algorithm, previous=previous,
-                              migration_tolerance=self.tolerance, entries_per_iteration=entries)
+                              migration_tolerance=self.tolerance, entries_per_iteration=entries, shared_rows=shared)
         if self.algorithm == "flow":
             return _Planned(tuple(layers), plan.slot_to_expert, time.perf_counter() - start)
         current_peak = rank_loads_from_counts(project_onto_plan(loads[None], previous)[0], model.num_ranks).max(axis=1)
         keep = current_peak <= plan.rank_load.max(axis=1) * (1 + self.tolerance)
         chosen = np.where(keep[:, None], previous, plan.slot_to_expert)
         return _Planned(tuple(layers), chosen, time.perf_counter() - start)
+
+    def _shared_rows(self, entries) -> float:
+        """Shared-expert rows per rank per iteration the split moves (0 unless the layers balance them)."""
+        model = self.model
+        moe = model.config.moe
+        if not moe.num_shared_experts or not shared_balance_on(model.options, model.num_ranks):
+            return 0.0
+        pieces = -(-moe.shared_width // moe.expert_ffn_size)
+        return float(np.mean(entries)) / moe.top_k / model.num_ranks * pieces
 
     def _apply(self, planned: _Planned) -> UpdateReport:
         start = time.perf_counter()

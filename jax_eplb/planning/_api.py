@@ -60,7 +60,8 @@ class PlacementPlan(NamedTuple):
 
 def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balanced", *,
                    num_groups: int = 1, num_nodes: int = 1, previous=None, migration_tolerance: float = 0.0,
-                   failed_ranks: Sequence[int] = (), samples=None, entries_per_iteration=None) -> PlacementPlan:
+                   failed_ranks: Sequence[int] = (), samples=None, entries_per_iteration=None,
+                   shared_rows: float = 0.0) -> PlacementPlan:
     """Plans all layers at once.
 
     Args:
@@ -77,6 +78,9 @@ def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balance
       samples: ``flow``: per-iteration counts ``[K, L, E]`` to plan for (recorded iterations);
         default: drawn by the noise model around ``load`` with ``entries_per_iteration`` (token,
         expert) entries per iteration (``[L]`` or one number; default 256 tokens per rank x 8).
+      shared_rows: ``flow``: shared-expert rows per serving rank per iteration that the split may
+        move between ranks (the MoE layer's ``shared_expert_balance``; 0: the model has none or
+        does not balance them); the plans are scored with them.
     """
     load = _checked(load, "load")
     num_experts = load.shape[1]
@@ -97,7 +101,10 @@ def plan_placement(load, num_slots: int, ep_size: int, algorithm: str = "balance
         serving_previous = serving_columns(previous, ep_size, ranks)
     if algorithm == "flow":
         samples = _flow_samples(load, samples, entries_per_iteration, len(ranks))
-        plan = flow_plan(load, samples, serving_slots, len(ranks), serving_previous, migration_tolerance)
+        if not np.isfinite(shared_rows) or shared_rows < 0:
+            raise EplbInputError(f"shared_rows must be finite and >= 0, got {shared_rows}")
+        plan = flow_plan(load, samples, serving_slots, len(ranks), serving_previous, migration_tolerance,
+                         shared_rows=shared_rows)
     else:
         plan = _plan_layers(load, serving_slots, len(ranks), algorithm, num_groups, num_nodes)
         if previous is not None:

@@ -67,8 +67,10 @@ def sample_iterations(load, entries_per_iteration, num_samples: int = NUM_SAMPLE
 
 
 def flow_plan(load, samples, num_slots: int, ep_size: int, previous=None,
-              tolerance: float = 0.0) -> np.ndarray:
+              tolerance: float = 0.0, shared_rows: float = 0.0) -> np.ndarray:
     """``[L, E]`` loads and ``[K, L, E]`` sample iterations -> ``[L, S]`` slot_to_expert.
+
+    ``shared_rows``: shared-expert rows per rank per iteration that the split moves too (scored with them).
 
     ``previous``: the plan in force; a new plan's ranks are renamed to move fewest slots, and a
     layer keeps its previous plan while that is within ``1 + tolerance`` of the new one's mean
@@ -86,7 +88,7 @@ def flow_plan(load, samples, num_slots: int, ep_size: int, previous=None,
         old = None if previous is None else np.asarray(previous[layer])
         keepable = old is not None and _keepable(load[layer], old, ep_size, limit[layer])
         judged = np.concatenate([options, old[None]]) if keepable else options
-        per_iteration = imbalance(split_rank_loads(judged, samples[:, layer], ep_size))  # [C (+1), K]
+        per_iteration = imbalance(split_rank_loads(judged, samples[:, layer], ep_size, shared_rows=shared_rows))
         winner = _winner(per_iteration[:len(options)])
         out[layer] = options[winner]
         if old is not None:  # renaming ranks changes no rank load: the winner's figures hold for it

@@ -1,9 +1,11 @@
 """The throughput benchmark's figures: accumulated per timed iteration, summarised at the end.
 
-Per-rank load is measured in-graph every iteration (entries each rank's experts computed, per
-MoE layer, ``[Lm, R]``); its imbalance (max/mean - 1), averaged over iterations and layers, is
-TensorRT-LLM's report metric of the same run. With traffic recording, the EP exchange's bytes
-per rank and MoE layer, from each iteration's dispatch rows, for every transport and dispatch mode.
+Per-rank load is measured in-graph every iteration (routed entries each rank's experts computed,
+per MoE layer, ``[Lm, R]``); its imbalance (max/mean - 1), averaged over iterations and layers, is
+TensorRT-LLM's report metric of the same run. Next to it, the rows each rank computed with the
+shared experts' (its own tokens', or what the split gave it when they are balanced). With traffic
+recording, the EP exchange's bytes per rank and MoE layer, from each iteration's dispatch rows, for
+every transport and dispatch mode.
 """
 
 from __future__ import annotations
@@ -68,15 +70,21 @@ class ThroughputFigures:
         self.traffic = traffic
         self.prefill_s: list[float] = []  # mixed iterations
         self.decode_s: list[float] = []
-        self.rank_loads: list[np.ndarray] = []  # [Lm, R] per iteration
+        self.rank_loads: list[np.ndarray] = []  # [Lm, R] per iteration: routed entries
+        self.rank_rows: list[np.ndarray] = []  # [Lm, R] per iteration: rows computed (+ shared experts')
         self.per_iteration: list[dict] = []
 
-    def add(self, iteration: int, mixed: bool, seconds: float, rank_load: np.ndarray, rows: int, update=None) -> None:
-        """One timed iteration; ``update``: the online balancer's report of it, if any."""
+    def add(self, iteration: int, mixed: bool, seconds: float, rank_load: np.ndarray, rows: int, update=None,
+            rank_rows: np.ndarray | None = None) -> None:
+        """One timed iteration; ``update``: the online balancer's report of it, if any; ``rank_rows``:
+        rows computed per rank (routed + shared experts'; default: ``rank_load``)."""
         (self.prefill_s if mixed else self.decode_s).append(seconds)
         self.rank_loads.append(rank_load)
+        self.rank_rows.append(rank_load if rank_rows is None else rank_rows)
         row = {"iteration": iteration, "phase": "mixed" if mixed else "decode", "rows": rows,
-               "imbalance": float(load_metrics(rank_load[None]).imbalance.mean()), "step_ms": 1e3 * seconds}
+               "imbalance": float(load_metrics(rank_load[None]).imbalance.mean()),
+               "rows_imbalance": float(load_metrics(self.rank_rows[-1][None]).imbalance.mean()),
+               "step_ms": 1e3 * seconds}
         if update is not None:
             row.update(slots_moved=update.slots_moved, slots_from_devices=update.slots_from_devices,
                        bytes_moved=update.bytes_moved, plan_ms=1e3 * update.plan_seconds,
@@ -98,6 +106,7 @@ class ThroughputFigures:
             "mean_step_ms": mean_ms(self.prefill_s + self.decode_s),
             "mean_imbalance": float(per_layer.mean()),
             "mean_imbalance_per_layer": {int(l): float(v) for l, v in zip(layer_ids, per_layer)},
+            "mean_rows_imbalance": float(load_metrics(np.stack(self.rank_rows)).imbalance.mean()),
             **traffic,
         }
 
@@ -139,6 +148,8 @@ def format_figures(figures: dict) -> str:
             ("mean prefill (mixed) step (ms)", f"{figures['mean_prefill_step_ms'] or float('nan'):.2f}"),
             ("mean decode step (ms)", f"{figures['mean_decode_step_ms'] or float('nan'):.2f}"),
             ("avg per-rank imbalance (in-graph)", f"{figures['mean_imbalance']:.4f}")]
+    if figures.get("mean_rows_imbalance", figures["mean_imbalance"]) != figures["mean_imbalance"]:
+        rows.append(("  of rows computed (+ shared experts')", f"{figures['mean_rows_imbalance']:.4f}"))
     if "slots_moved" in figures:
         rows += [("layer updates", f"{figures['layer_updates']}"),
                  ("slots moved (total)", f"{figures['slots_moved']}"),

@@ -27,7 +27,8 @@ from jax_eplb._atomic import atomic_write_text
 from jax_eplb._errors import EplbInputError
 from jax_eplb._plan_config import MoeLoadBalancerConfig
 from jax_eplb.model import ModelConfig, ModelRunner, WeightSource, build_model
-from jax_eplb.moe import DISPATCH_MODES, GROUPED_MATMULS, POLICIES, TRANSPORTS, MoEOptions, require_tokamax
+from jax_eplb.moe import (DISPATCH_MODES, GROUPED_MATMULS, POLICIES, SHARED_BALANCE, TRANSPORTS, MoEOptions,
+                          require_tokamax, shared_balance_on)
 from jax_eplb.serving._batcher import InFlightBatcher
 from jax_eplb.serving._dataset import Request
 from jax_eplb.serving._devices import to_host
@@ -46,6 +47,8 @@ class ThroughputSettings:
     warmup: int = 0  # requests run first, untimed and not in the figures
     eos_id: int = -1  # < 0: ignore EOS, always generate output_tokens
     replica_policy: str = "round_robin"
+    # shared experts' rows in the load-aware split: auto (on under load_aware), on, off
+    shared_expert_balance: str = "auto"
     transport: str = "auto"  # all_to_all | ragged (GPU) | auto (the faster correct one on a GPU, else all_to_all)
     dispatch: str = "token"  # token (once per destination rank) | entry (every (token, k) entry)
     grouped_matmul: str = "auto"  # ragged_dot | padded | pallas (GPU) | tokamax | auto (padded on CPU, measured on GPU)
@@ -68,14 +71,17 @@ class ThroughputSettings:
                                      ("transport", self.transport, TRANSPORTS),
                                      ("dispatch", self.dispatch, DISPATCH_MODES),
                                      ("grouped matmul", self.grouped_matmul, GROUPED_MATMULS),
-                                     ("online planner", self.online_planner, ONLINE_PLANNERS)):
+                                     ("online planner", self.online_planner, ONLINE_PLANNERS),
+                                     ("shared expert balance", self.shared_expert_balance, SHARED_BALANCE)):
             if value not in choices:
                 raise EplbInputError(f"{name} must be one of {choices}, got {value!r}")
+        if self.shared_expert_balance == "on" and self.replica_policy != "load_aware":
+            raise EplbInputError("--shared_expert_balance on needs --replica_policy load_aware")
 
     def moe_options(self, record: tuple[str, ...]) -> MoEOptions:
         return MoEOptions(replica_policy=self.replica_policy, moe_max_num_tokens=self.moe_max_num_tokens,
                           record=record, transport=self.transport, dispatch=self.dispatch,
-                          grouped_matmul=self.grouped_matmul)
+                          grouped_matmul=self.grouped_matmul, shared_expert_balance=self.shared_expert_balance)
 
 
 @dataclasses.dataclass
@@ -188,6 +194,8 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
     figures = {"model": config.name, "ep": num_ranks(mesh), "num_slots": runner.model.num_slots,
                "platform": platform(mesh), "load_balancer": "static plan" if plan is not None else "none",
                "replica_policy": settings.replica_policy,
+               "shared_expert_balance": bool(config.num_shared_experts)
+               and shared_balance_on(settings.moe_options(()), num_ranks(mesh)),
                **loop.figures.summary(wall, sum(map(len, tokens.values())), len(timed), config.moe_layer_ids)}
     if balancer is not None:
         figures.update(online_summary(balancer.reports, plan.layer_updates_per_iter, settings.online_planner))
@@ -285,7 +293,7 @@ class _ServingLoop:
                                     starts=step.starts)
         else:
             out = self.runner.decode(step.next_token, step.positions, step.decoding, cache)
-        fresh, rank_load = to_host(out.next_token), to_host(out.rank_load)
+        fresh, rank_load, rank_rows = to_host(out.next_token), to_host(out.rank_load), to_host(out.rank_rows)
         elapsed = time.perf_counter() - t0
         if self.recorder is not None and self.recorder.wants(it):
             self.recorder.add(it, to_host(out.slot_counts if out.slot_counts is not None else out.expert_counts))
@@ -293,7 +301,7 @@ class _ServingLoop:
             self.balancer.observe(out.expert_totals)
         rows = batcher.advance(step, fresh)
         if timed:
-            self.figures.add(it, step.mixed, elapsed, rank_load, rows, update)
+            self.figures.add(it, step.mixed, elapsed, rank_load, rows, update, rank_rows)
             if self.figures.traffic is not None:
                 tokens = self.batch * (self.chunk if step.mixed else 1) // num_ranks(self.runner.model.mesh)
                 self.figures.traffic.add(step.mixed, to_host(out.dispatch_rows), tokens)

@@ -118,9 +118,12 @@ def run_model_workflow(output_dir, settings: WorkflowSettings = WorkflowSettings
         aware_after = load_report(stats_aware, ep_size=s.ep).columns["imbalance-ratio"][-1]
         summary.update(imbalance_after_load_aware=float(aware_after),
                        tokens_identical=summary["tokens_identical"] and aware.tokens == plain.tokens)
+        rows = (balanced.figures["mean_rows_imbalance"], aware.figures["mean_rows_imbalance"])
+        summary.update(rows_imbalance_round_robin=rows[0], rows_imbalance_load_aware=rows[1])
         log(f"average imbalance with the plan: round_robin {summary['imbalance_after']:.3f}, load_aware "
             f"{aware_after:.3f} ({summary['imbalance_before'] / max(aware_after, 1e-12):.1f}x lower than without "
-            f"EPLB); generated tokens identical: {summary['tokens_identical']}")
+            f"EPLB); of rows computed with the shared experts' (in-graph): {rows[0]:.3f} -> {rows[1]:.3f}; "
+            f"generated tokens identical: {summary['tokens_identical']}")
     return summary
 
 
