@@ -9,7 +9,11 @@ dependency; the outputs are committed.
 
 Per fixture: ``config.json`` and safetensors as ``save_pretrained`` writes them (one fixture
 sharded, with an index), ``reference.npz`` (prompts, transformers' prefill logits of every
-position, 16 greedy tokens per prompt), and for one fixture a ``tokenizer.json``.
+position, 16 greedy tokens per prompt), and for one fixture a tokenizer: ``tokenizer.json`` (a word
+vocabulary with special tokens), ``tokenizer_config.json`` with a ChatML ``chat_template`` as
+transformers' ``save_pretrained`` writes them, and ``chat_reference.json``: transformers'
+``apply_chat_template`` text and ids of a few chats (and the ones it refuses). Only the tokenizer
+files (transformers without torch is enough): ``--tokenizer_only``.
 
 * ``deepseek_v3``: MLA with query compression, DeepSeek-V3's own RoPE settings (YaRN factor 40 from
   4096 positions, rotary dim 64, interleaved), sigmoid group-limited routing with a random selection
@@ -22,7 +26,7 @@ position, 16 greedy tokens per prompt), and for one fixture a ``tokenizer.json``
   (``rows // scale_rows``: 80 rows per block for 160 rows), which is wrong for edge blocks (and
   refuses DeepSeek-V3's 576-row ``kv_a_proj_with_mqa``), so it is not used.
 * ``qwen3_moe``: q/k norms, softmax routing with ``norm_topk_prob``, dense and MoE layers alternating
-  (``decoder_sparse_step`` 2), tied embeddings, sharded, with a tokenizer.
+  (``decoder_sparse_step`` 2), tied embeddings, sharded, with a tokenizer and a chat template.
 * ``mixtral``: ``block_sparse_moe.experts.N.w1/w2/w3``, top-2.
 """
 
@@ -141,13 +145,59 @@ def dequantized_model(directory: Path, transformers, torch):
         return transformers.AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).eval()
 
 
-def write_tokenizer(directory: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0].role == 'system' %}"
+    "{{ '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- set rest = messages[1:] %}"
+    "{%- else %}{%- set rest = messages %}{%- endif %}\n"
+    "{% for message in rest %}\n"
+    "    {% if message.role not in ['user', 'assistant'] %}"
+    "{{ raise_exception('roles after an optional system message must be user or assistant') }}{% endif %}\n"
+    "{{ '<|im_start|>' + message.role + '\\n' + message.content | trim + '<|im_end|>\\n' }}"
+    "{% if loop.last and message.name is defined %}{{ message.name | tojson }}{% endif %}\n"
+    "{% endfor %}\n"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{%- endif %}")
+CHATS = [
+    [{"role": "user", "content": "the quick brown fox"}],
+    [{"role": "system", "content": "every rank gets the same work"},
+     {"role": "user", "content": "  route tokens to experts  "},
+     {"role": "assistant", "content": "the load balancer moves hot experts"},
+     {"role": "user", "content": "so each step of the model", "name": "dog <&>"}],
+]
+REFUSED_CHATS = [[{"role": "user", "content": "hot"}, {"role": "tool", "content": "dog"}]]
 
-    words = sorted(set(TEXT.split()))[:vocab_size - 1]
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """tokenizer.json, tokenizer_config.json (chat template) and chat_reference.json, written by transformers."""
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(TEXT.split()))[:vocab_size - 4]
     tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(directory / "tokenizer.json"))
+    tokenizer.add_special_tokens([AddedToken(t, special=True) for t in ("<s>", "<|im_start|>", "<|im_end|>")])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="<|im_end|>",
+                                   unk_token="[UNK]")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(directory)
+    reference = {"chats": [], "refused": []}
+    for chat in CHATS:
+        for generation_prompt in (True, False):
+            text = fast.apply_chat_template(chat, tokenize=False, add_generation_prompt=generation_prompt)
+            ids = fast.apply_chat_template(chat, tokenize=True, add_generation_prompt=generation_prompt,
+                                           return_dict=False)
+            reference["chats"].append({"messages": chat, "add_generation_prompt": generation_prompt, "text": text,
+                                       "ids": list(ids)})
+    for chat in REFUSED_CHATS:
+        try:
+            fast.apply_chat_template(chat, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - jinja2's TemplateError, whatever transformers wraps it in
+            reference["refused"].append({"messages": chat, "error": str(err)})
+        else:
+            raise AssertionError("the template should refuse a tool message")
+    reference["prompt"] = {"text": TEXT, "ids": fast(TEXT)["input_ids"]}
+    (directory / "chat_reference.json").write_text(json.dumps(reference, indent=1) + "\n")
 
 
 def reference(model, torch) -> dict:
@@ -171,7 +221,15 @@ def reference(model, torch) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/hf")
+    parser.add_argument("--tokenizer_only", action="store_true",
+                        help="only rewrite qwen3_moe's tokenizer files and chat reference (needs transformers, "
+                             "not torch)")
     args = parser.parse_args()
+    if args.tokenizer_only:
+        directory = args.output / "qwen3_moe"
+        write_tokenizer(directory, json.loads((directory / "config.json").read_text())["vocab_size"])
+        print(f"tokenizer and chat reference -> {directory}")
+        return
     import torch
     import transformers
 

@@ -180,7 +180,7 @@ def test_ep_block_paths_auto_can_take_on_new_jax_lower_without_deprecations(poli
 @explicit_triton
 def test_model_step_lowers_for_cuda_with_gpu_options(triton_sees_h100):
     """The tiny model's jitted step (scanned layers, KV cache, 8 ranks) with the ragged transport and
-    the Pallas grouped matmul, lowered for CUDA."""
+    the Pallas grouped matmul, lowered for CUDA, greedy and sampling."""
     from flax import nnx
     from jax.sharding import Mesh
 
@@ -200,3 +200,11 @@ def test_model_step_lowers_for_cuda_with_gpu_options(triton_sees_h100):
                               cache).lower(lowering_platforms=("cuda",)).as_text()
     assert "ragged_all_to_all" in text
     assert "tile_grouped_matmul" in triton_kernels(text)
+    # the server's sampling step (temperature / top-p per row) lowers for CUDA too
+    from jax_eplb.model import Sampling
+
+    rows = lambda dtype, value: jnp.full((16,), value, dtype)  # noqa: E731
+    sampling = Sampling(rows(jnp.float32, 0.7), rows(jnp.float32, 0.9), rows(jnp.uint32, 3), rows(jnp.int32, 0))
+    text = runner._step.trace(graphdef, False, state, tokens, tokens, tokens == 0, cache,
+                              sampling).lower(lowering_platforms=("cuda",)).as_text()
+    assert "sort" in text and "ragged_all_to_all" in text

@@ -172,3 +172,29 @@ def test_tokamax_without_tokamax_names_the_extra(files, capsys, monkeypatch):
              str(files / "d.jsonl"), "--emulate_devices", "8", "--grouped_matmul", "tokamax"]
     line = one_line_error(capsys, bench, "--grouped_matmul tokamax: tokamax")
     assert "pip install 'jax-eplb[gpu]'" in line
+
+
+def test_serve_refuses_bad_input_before_work(files, capsys, monkeypatch):
+    import socket
+
+    serve = ["serve", str(files / "small.yaml"), "--emulate_devices", "8"]
+    for argv, match in [
+        ([*serve, "--ep_size", "3"], "must be divisible"),
+        ([*serve, "--ep_size", "2", "--tp_size", "4"], "--tp_size 4 must equal --ep_size 2"),
+        ([*serve, "--ep_size", "2", "--max_batch_size", "0"], "--max_batch_size must be >= 1"),
+        ([*serve, "--ep_size", "2", "--port", "70000"], "--port must be <= 65535"),
+        ([*serve, "--ep_size", "2", "--online_state", str(files / "state")], "--online_state needs an online"),
+        ([*serve, "--ep_size", "2", "--max_seq_len", "1"], "--max_seq_len must be >= 2"),
+        ([*serve, "--ep_size", "2", "--extra_llm_api_options", str(files / "missing.yaml")], "missing.yaml"),
+        ([*serve, "--ep_size", "2", "--grace_period", "-1"], "--grace_period must be >= 0"),
+    ]:
+        one_line_error(capsys, argv, match)
+    with socket.socket() as taken:  # a port another program holds
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        one_line_error(capsys, [*serve, "--ep_size", "2", "--port", str(taken.getsockname()[1])], "cannot listen on")
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    one_line_error(capsys, [*serve, "--ep_size", "2"], "pip install 'jax-eplb[serve]'")

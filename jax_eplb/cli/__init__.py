@@ -2,7 +2,7 @@
 
 Subcommands mirror TensorRT-LLM's scripts and flags (``report`` = report_load_statistics.py,
 ``generate`` = generate_eplb_config.py, ``bench ... throughput`` = trtllm-bench,
-``prepare-dataset`` = prepare_dataset.py); ``demo`` runs the whole workflow;
+``prepare-dataset`` = prepare_dataset.py, ``serve`` = trtllm-serve); ``demo`` runs the whole workflow;
 ``create-checkpoint`` writes random checkpoints. Input errors print one line and exit 2.
 """
 
@@ -16,6 +16,7 @@ from jax_eplb._errors import EplbInputError
 from jax_eplb.cli._bench import add_bench_parser, add_prepare_dataset_parser, prefill_chunk
 from jax_eplb.cli._checkpoint import add_checkpoint_parser
 from jax_eplb.cli._demo import add_demo_parser
+from jax_eplb.cli._serve import add_serve_parser
 from jax_eplb.cli._statistics import add_generate_parser, add_report_parser
 
 __all__ = ["main", "build_parser", "prefill_chunk", "HelpWithDefaults"]
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(sub)
     add_prepare_dataset_parser(sub)
     add_checkpoint_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb.cli._checks import at_least, output_file
+from jax_eplb.cli._checks import at_least, output_file, trtllm_parallel_flags
 
 
 def add_bench_parser(sub):
@@ -34,19 +34,7 @@ def add_bench_parser(sub):
                           "request)")
     thr.add_argument("--emulate_devices", type=int, default=None,
                      help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
-    thr.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin",
-                     help="which replica of an expert a token uses: TensorRT-LLM's round_robin, or ours by load")
-    thr.add_argument("--shared_expert_balance", choices=("auto", "on", "off"), default="auto",
-                     help="models with shared experts: their rows join the load-aware split (a rank computes part of "
-                          "another's shared rows, riding along with tokens it receives anyway); auto: on with "
-                          "--replica_policy load_aware on more than one rank")
-    thr.add_argument("--transport", choices=("auto", "all_to_all", "ragged"), default="auto",
-                     help="MoE exchange: fixed-capacity all_to_all (any backend), ragged_all_to_all (GPU; real rows "
-                          "only), or auto: on a single-process GPU mesh the faster correct one, timed once at the "
-                          "model's shapes; else all_to_all")
-    thr.add_argument("--dispatch", choices=("token", "entry"), default="token",
-                     help="token: each token once per destination rank, its entries combined there; entry: every "
-                          "(token, k) entry on its own")
+    add_moe_options(thr)
     thr.add_argument("--prefill_chunk", type=int, default=None,
                      help="chunked prefill: prompt tokens a request prefills per iteration (default: whole prompts)")
     thr.add_argument("--enable_chunked_prefill", action="store_true",
@@ -54,23 +42,10 @@ def add_bench_parser(sub):
                           "over the batch rows (steps here are [batch, chunk])")
     thr.add_argument("--max_num_tokens", type=int, default=None,
                      help="with --enable_chunked_prefill: token budget per iteration")
-    thr.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas", "tokamax"),
-                     default="auto",
-                     help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, our Pallas tile-grouped "
-                          "kernel (Triton; GPU), or tokamax.ragged_dot (the gpu extra: pip install 'jax-eplb[gpu]'); "
-                          "auto: padded on CPU, on a GPU the fastest close one of ragged_dot, tokamax (if installed) "
-                          "and, on JAX < 0.11, pallas, timed once at the model's shapes")
-    thr.add_argument("--online_planner", choices=("migration_aware", "flow", "trtllm"), default="migration_aware",
-                     help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, the flow "
-                          "planner (per-iteration load; with --replica_policy load_aware), or TensorRT-LLM's greedy "
-                          "re-planned from scratch")
     thr.add_argument("--online_lockstep", action="store_true",
                      help="online mode: apply each plan exactly one iteration after it started, waiting for the "
                           "planner if it is slower (multi-process runs always do): figures that do not depend on "
                           "how fast the host plans")
-    thr.add_argument("--online_state", default=None,
-                     help="online mode: restore decayed statistics and placement from this directory if it "
-                          "exists, save them there at exit (a restarted server keeps its placement)")
     thr.add_argument("--output_tokens", default=None, help="write the generated ids per task (JSON lines)")
     thr.add_argument("--report_json", default=None, help="write all figures as JSON")
     thr.add_argument("--report_traffic", action="store_true",
@@ -79,6 +54,36 @@ def add_bench_parser(sub):
     thr.add_argument("--no_progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     _add_trtllm_bench_flags(thr)
     parser.set_defaults(handler=run_bench)
+
+
+def add_moe_options(parser) -> None:
+    """How the MoE layers run and how the online balancer plans: shared by ``bench throughput`` and ``serve``."""
+    parser.add_argument("--replica_policy", choices=("round_robin", "load_aware"), default="round_robin",
+                        help="which replica of an expert a token uses: TensorRT-LLM's round_robin, or ours by load")
+    parser.add_argument("--shared_expert_balance", choices=("auto", "on", "off"), default="auto",
+                        help="models with shared experts: their rows join the load-aware split (a rank computes part "
+                             "of another's shared rows, riding along with tokens it receives anyway); auto: on with "
+                             "--replica_policy load_aware on more than one rank")
+    parser.add_argument("--transport", choices=("auto", "all_to_all", "ragged"), default="auto",
+                        help="MoE exchange: fixed-capacity all_to_all (any backend), ragged_all_to_all (GPU; real "
+                             "rows only), or auto: on a single-process GPU mesh the faster correct one, timed once at "
+                             "the model's shapes; else all_to_all")
+    parser.add_argument("--dispatch", choices=("token", "entry"), default="token",
+                        help="token: each token once per destination rank, its entries combined there; entry: every "
+                             "(token, k) entry on its own")
+    parser.add_argument("--grouped_matmul", choices=("auto", "ragged_dot", "padded", "pallas", "tokamax"),
+                        default="auto",
+                        help="expert compute: XLA ragged_dot, tile-padded XLA batched matmul, our Pallas "
+                             "tile-grouped kernel (Triton; GPU), or tokamax.ragged_dot (the gpu extra: pip install "
+                             "'jax-eplb[gpu]'); auto: padded on CPU, on a GPU the fastest close one of ragged_dot, "
+                             "tokamax (if installed) and, on JAX < 0.11, pallas, timed once at the model's shapes")
+    parser.add_argument("--online_planner", choices=("migration_aware", "flow", "trtllm"), default="migration_aware",
+                        help="online mode (layer_updates_per_iter > 0): our migration-aware balanced planner, the "
+                             "flow planner (per-iteration load; with --replica_policy load_aware), or TensorRT-LLM's "
+                             "greedy re-planned from scratch")
+    parser.add_argument("--online_state", default=None,
+                        help="online mode: restore decayed statistics and placement from this directory if it "
+                             "exists, save them there at exit (a restarted server keeps its placement)")
 
 
 def _add_trtllm_bench_flags(thr) -> None:
@@ -91,21 +96,8 @@ def _add_trtllm_bench_flags(thr) -> None:
 
 def _trtllm_bench_flags(args) -> list[str]:
     """Checks trtllm-bench's flags; returns notes about them."""
-    notes = []
-    if args.tp is not None and args.tp != args.ep:
-        raise EplbInputError(f"--tp {args.tp} must equal --ep {args.ep}: attention is data-parallel over the ep "
-                             f"ranks here (TensorRT-LLM's enable_attention_dp)")
-    if args.tp is not None:
-        notes.append(f"--tp {args.tp}: attention data-parallel over the {args.ep} ep ranks")
-    if args.backend is not None and args.backend not in ("pytorch", "_autodeploy"):
-        raise EplbInputError(f"--backend {args.backend!r}: jax_eplb runs one backend (pytorch's place in "
-                             f"trtllm-bench); got an unknown one")
-    if args.kv_cache_free_gpu_mem_fraction is not None:
-        if not 0 < args.kv_cache_free_gpu_mem_fraction <= 1:
-            raise EplbInputError(f"--kv_cache_free_gpu_mem_fraction must be in (0, 1], got "
-                                 f"{args.kv_cache_free_gpu_mem_fraction}")
-        notes.append("--kv_cache_free_gpu_mem_fraction has no effect (the KV cache is --max_seq_len x batch rows)")
-    return notes
+    return trtllm_parallel_flags("trtllm-bench", ("--tp", args.tp), ("--ep", args.ep), args.backend,
+                                 ("--kv_cache_free_gpu_mem_fraction", args.kv_cache_free_gpu_mem_fraction))
 
 
 def prefill_chunk(args) -> int | None:

@@ -43,3 +43,24 @@ def output_folder(path, flag: str) -> None:
     folder = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
     if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
         raise EplbInputError(f"{flag} {path}: cannot create files in {folder}")
+
+
+def trtllm_parallel_flags(tool: str, tp: tuple[str, int | None], ep: tuple[str, int], backend: str | None,
+                          kv_fraction: tuple[str, float | None]) -> list[str]:
+    """Checks the flags TensorRT-LLM's ``tool`` (trtllm-bench, trtllm-serve) takes that mean little or
+    nothing here (each given as (flag name, value)); returns notes about them."""
+    (tp_flag, tp_value), (ep_flag, ep_value), (kv_flag, kv_value) = tp, ep, kv_fraction
+    notes = []
+    if tp_value is not None and tp_value != ep_value:
+        raise EplbInputError(f"{tp_flag} {tp_value} must equal {ep_flag} {ep_value}: attention is data-parallel "
+                             f"over the ep ranks here (TensorRT-LLM's enable_attention_dp)")
+    if tp_value is not None:
+        notes.append(f"{tp_flag} {tp_value}: attention data-parallel over the {ep_value} ep ranks")
+    if backend is not None and backend not in ("pytorch", "_autodeploy"):
+        raise EplbInputError(f"--backend {backend!r}: jax_eplb runs one backend (pytorch's place in {tool}); got an "
+                             f"unknown one")
+    if kv_value is not None:
+        if not 0 < kv_value <= 1:
+            raise EplbInputError(f"{kv_flag} must be in (0, 1], got {kv_value}")
+        notes.append(f"{kv_flag} has no effect (the KV cache is --max_seq_len x batch rows)")
+    return notes

@@ -2,7 +2,8 @@
 
 config (``_config``) -> modules (``_layers``: norm, RoPE, attention; ``_decoder``: decoder layer
 and scanned layer stacks; ``_transformer``: the model) -> weights into the modules
-(``_weights``: seeded; ``_checkpoint``: orbax) -> running steps (``_runner``).
+(``_weights``: seeded; ``_checkpoint``: orbax) -> running steps (``_runner``; the next token,
+greedy or sampled: ``_sampling``).
 """
 
 from jax_eplb.model._checkpoint import OrbaxCheckpoint, create_random_checkpoint, save_checkpoint
@@ -10,6 +11,7 @@ from jax_eplb.model._config import ModelConfig, load_model_config, resolve_model
 from jax_eplb.model._decoder import DecoderLayer, LayerStack
 from jax_eplb.model._layers import Attention, AttentionCache, RMSNorm, apply_rope, rms_norm
 from jax_eplb.model._runner import ModelRunner
+from jax_eplb.model._sampling import Sampling, next_tokens
 from jax_eplb.model._transformer import KVCache, MoETransformer, StepOutput
 from jax_eplb.model._weights import (SeededWeights, WeightSource, build_model, expert_weights, logical_experts,
                                      logical_weights, router_bias, seeded_params, split_logical_experts)
@@ -21,5 +23,5 @@ __all__ = [
     "WeightSource", "SeededWeights", "OrbaxCheckpoint", "build_model", "seeded_params", "expert_weights",
     "logical_experts", "logical_weights", "split_logical_experts", "router_bias",
     "save_checkpoint", "create_random_checkpoint",
-    "ModelRunner",
+    "ModelRunner", "Sampling", "next_tokens",
 ]

@@ -20,6 +20,7 @@ from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._decoder import ATTENTIONS, DecoderLayer, LayerStack, layer_runs
 from jax_eplb.model._layers import AttentionCache, RMSNorm
 from jax_eplb.model._mla import LatentCache
+from jax_eplb.model._sampling import Sampling, next_tokens
 from jax_eplb.moe import EPMoEBlock, ExpertWeights, MoEOptions, slot_weights_from_logical
 from jax_eplb.sharding import num_ranks, stacked_over_ranks
 
@@ -33,7 +34,7 @@ class KVCache(NamedTuple):
 
 
 class StepOutput(NamedTuple):
-    """next_token ``[B]`` (greedy, at each row's last valid position); cache; rank_load
+    """next_token ``[B]`` (at each row's last valid position: greedy, or sampled per ``Sampling``); cache; rank_load
     ``[Lm, R]`` entries computed per rank per MoE layer; expert_counts ``[Lm, R, E]``,
     slot_counts ``[Lm, R, S]`` and expert_totals ``[Lm, E]`` (summed over ranks) when recorded,
     else None; logits ``[B, T, V]`` float32 of every position when asked for, else None;
@@ -79,11 +80,13 @@ class MoETransformer(nnx.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def __call__(self, tokens, positions, token_mask, cache: KVCache, *, return_logits: bool = False) -> StepOutput:
+    def __call__(self, tokens, positions, token_mask, cache: KVCache, *, return_logits: bool = False,
+                 sampling: Sampling | None = None) -> StepOutput:
         """One step over ``tokens`` ``[B, T]`` at ``positions`` ``[B, T]``.
 
         ``token_mask`` ``[B, T]`` marks real tokens (False: padding / idle rows: they route to no
-        expert, write no cache and are not counted).
+        expert, write no cache and are not counted). ``sampling``: per-row temperature / top-p /
+        seed (None: greedy).
         """
         b = tokens.shape[0]
         x = self.embed.get_value()[tokens]
@@ -93,7 +96,7 @@ class MoETransformer(nnx.Module):
         head = self.lm_head.get_value()
         logits = jnp.dot(normed[jnp.arange(b), last], head, preferred_element_type=jnp.float32)  # [B, V]
         all_logits = jnp.dot(normed, head, preferred_element_type=jnp.float32) if return_logits else None
-        return StepOutput(jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, moe.rank_load, moe.expert_counts,
+        return StepOutput(next_tokens(logits, sampling), cache, moe.rank_load, moe.expert_counts,
                           moe.slot_counts, moe.expert_totals, all_logits, moe.dispatch_rows, moe.rank_rows)
 
     def _layers(self, x, cache: KVCache, **layer_inputs):

@@ -5,7 +5,8 @@ Axis legend: B batch rows, P prompt tokens a row prefills in one iteration (the 
 Whenever rows are free and requests wait, requests are admitted in queue order; an iteration in
 which some rows prefill (a whole prompt, or a chunk of it with chunked prefill) while the others
 decode one token is *mixed*, otherwise it is a *decode* iteration. A request leaves after its
-``output_tokens`` (or ``eos_id``).
+``output_tokens`` (or ``eos_id``, or one of its ``stop_ids``), or when it is cancelled (a server's
+client went away), which frees its row at once.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from jax_eplb.model import Sampling
 from jax_eplb.serving._dataset import Request
 
 
@@ -27,6 +29,15 @@ class StepInputs(NamedTuple):
     decoding: np.ndarray  # [B] bool: rows decoding one token
     next_token: np.ndarray  # [B] the decoding rows' input tokens
     positions: np.ndarray  # [B] the decoding rows' positions
+    sampling: Sampling | None = None  # per-row sampling when some active row samples (None: all greedy)
+
+
+class Emitted(NamedTuple):
+    """A token one request got in an iteration; ``finished``: it was its last."""
+
+    task_id: int | str
+    token: int
+    finished: bool
 
 
 class InFlightBatcher:
@@ -47,6 +58,7 @@ class InFlightBatcher:
         self.positions = np.zeros(batch, np.int32)
         self.next_token = np.zeros(batch, np.int32)
         self.done: dict = {}  # task_id -> generated ids
+        self.emitted: list[Emitted] = []  # the tokens of the last ``advance``, in row order
 
     @property
     def busy(self) -> bool:
@@ -56,6 +68,35 @@ class InFlightBatcher:
         """Free rows take the next waiting requests."""
         for i in [i for i in range(self.batch) if self.owner[i] is None][:len(self.queue)]:
             self.owner[i], self.generated[i], self.prefilled[i] = self.queue.pop(0), [], 0
+
+    @property
+    def running(self) -> int:
+        return sum(o is not None for o in self.owner)
+
+    @property
+    def prefilling(self) -> bool:
+        """Some row has prompt tokens left: the next iteration is mixed anyway."""
+        return bool(np.any(self.prefilled < self._prompt_lengths()))
+
+    def cancel(self, task_id) -> bool:
+        """Drops a waiting or running request (its row is free for the next ``admit``); whether it was here."""
+        for i, owner in enumerate(self.owner):
+            if owner is not None and owner.task_id == task_id:
+                self.owner[i] = None
+                return True
+        before = len(self.queue)
+        self.queue = [r for r in self.queue if r.task_id != task_id]
+        return len(self.queue) < before
+
+    def _sampling(self, active: np.ndarray) -> Sampling | None:
+        if not any(self.owner[i].temperature > 0 for i in np.flatnonzero(active)):
+            return None
+        sampling = Sampling.greedy(self.batch)
+        for i in np.flatnonzero(active):
+            request = self.owner[i]
+            sampling.temperature[i], sampling.top_p[i] = request.temperature, request.top_p
+            sampling.seed[i], sampling.counter[i] = request.seed % 2 ** 32, len(self.generated[i])
+        return sampling
 
     def _prompt_lengths(self) -> np.ndarray:
         return np.array([len(o.input_ids) if o is not None else 0 for o in self.owner])
@@ -70,7 +111,7 @@ class InFlightBatcher:
             prompt[i, :lengths[i]] = self.owner[i].input_ids[start:start + lengths[i]]
         return StepInputs(bool(lengths.any()), prompt, lengths.astype(np.int32),
                           np.where(lengths > 0, self.prefilled, 0).astype(np.int32), decoding,
-                          self.next_token.copy(), self.positions.copy())
+                          self.next_token.copy(), self.positions.copy(), self._sampling(decoding | (lengths > 0)))
 
     def advance(self, step: StepInputs, fresh: np.ndarray) -> int:
         """Takes the iteration's next tokens ``fresh`` ``[B]``; returns how many rows produced one."""
@@ -82,11 +123,18 @@ class InFlightBatcher:
         stepping[finishing] = True
         self.positions = self.positions + step.decoding  # decoded rows wrote one more position
         self.positions[finishing] = prompt_len[finishing]  # prefilled rows: the next token goes here
+        self.emitted = []
         for i in np.flatnonzero(stepping):
-            self.next_token[i] = fresh[i]
-            self.generated[i].append(int(fresh[i]))
             request = self.owner[i]
-            if len(self.generated[i]) >= request.output_tokens or (self.eos_id >= 0 and fresh[i] == self.eos_id):
+            if request is None:  # cancelled during the step
+                continue
+            token = int(fresh[i])
+            self.next_token[i] = token
+            self.generated[i].append(token)
+            finished = (len(self.generated[i]) >= request.output_tokens or (0 <= self.eos_id == token)
+                        or token in request.stop_ids)
+            self.emitted.append(Emitted(request.task_id, token, finished))
+            if finished:
                 self.done[request.task_id] = self.generated[i]
                 self.owner[i] = None
         return int(stepping.sum())

@@ -19,9 +19,16 @@ from jax_eplb._files import read_text_file
 
 
 class Request(NamedTuple):
+    """One generation: its prompt ids, how many tokens at most, and how to pick them (datasets are
+    greedy; a server's requests may sample and stop early)."""
+
     task_id: int | str
     input_ids: tuple[int, ...]
     output_tokens: int
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int = 0  # the sampling draw of token i depends on (seed, i) only
+    stop_ids: frozenset = frozenset()  # the request ends after generating one of these (it is kept)
 
 
 def load_dataset(path, vocab_size: int, max_seq_len: int, tokenizer=None) -> list[Request]:

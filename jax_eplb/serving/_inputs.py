@@ -99,6 +99,14 @@ def read_bench_inputs(model: str, dataset: str, ep: int, *, model_path: str | No
     config = _cache_length(config, requests, max_seq_len, fit=hugging_face)
     if hugging_face:
         weights = weights.with_config(config)
+    options, recorder = _balancer_and_recorder(config, ep, extra_llm_api_options, environ)
+    return BenchInputs(config, weights, requests, options, recorder)
+
+
+def _balancer_and_recorder(config: ModelConfig, ep: int, extra_llm_api_options: str | None,
+                           environ: Mapping[str, str]) -> tuple[ExtraOptions, StatisticsRecorder | None]:
+    """``--extra_llm_api_options`` (its plan checked against the model's experts and ``ep``) and the
+    ``EXPERT_STATISTIC_*`` recorder, if asked for."""
     options = load_extra_options(extra_llm_api_options)
     plan = options.load_balancer
     num_slots = plan.resolved_num_slots(config.num_experts) if plan is not None else config.num_experts
@@ -107,4 +115,55 @@ def read_bench_inputs(model: str, dataset: str, ep: int, *, model_path: str | No
     except EplbInputError as err:
         raise EplbInputError(f"{plan.source}: {err}" if plan is not None else str(err)) from None
     recorder = StatisticsRecorder.from_environment(config.moe_layer_ids, config.top_k, environ)
-    return BenchInputs(config, weights, requests, options, recorder)
+    return options, recorder
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeInputs:
+    config: ModelConfig  # max_seq_len: the KV-cache length per row
+    weights: WeightSource
+    options: ExtraOptions
+    recorder: StatisticsRecorder | None
+    eos_ids: frozenset  # the checkpoint's end-of-sequence ids (config.json / generation_config.json)
+
+
+SERVE_DEFAULT_SEQ_LEN = 2048  # Hugging Face models without --max_seq_len: the cache length (not 163840)
+
+
+def read_serve_inputs(model: str, ep: int, *, model_path: str | None = None, seed: int = 0,
+                      extra_llm_api_options: str | None = None, max_seq_len: int | None = None,
+                      environ: Mapping[str, str] = os.environ) -> ServeInputs:
+    """``jax-eplb serve``'s model, weights, options and recorder, checked before any device work.
+    The KV-cache length: ``--max_seq_len``, else the config's (Hugging Face models: at most
+    ``SERVE_DEFAULT_SEQ_LEN``)."""
+    if max_seq_len is not None and max_seq_len < 2:
+        raise EplbInputError(f"--max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
+    config, weights = model_source(model, model_path, seed)
+    hugging_face = _is_hugging_face(model_path)
+    limit = config.max_position_embeddings
+    length = max_seq_len or (min(SERVE_DEFAULT_SEQ_LEN, limit or SERVE_DEFAULT_SEQ_LEN) if hugging_face
+                             else config.max_seq_len)
+    if limit is not None and length > limit:
+        raise EplbInputError(f"--max_seq_len {length} exceeds the model's max_position_embeddings ({limit})")
+    config = dataclasses.replace(config, max_seq_len=length)
+    if hugging_face:
+        weights = weights.with_config(config)
+    options, recorder = _balancer_and_recorder(config, ep, extra_llm_api_options, environ)
+    return ServeInputs(config, weights, options, recorder, _eos_ids(model_path) if hugging_face else frozenset())
+
+
+def _eos_ids(model_path: str) -> frozenset:
+    """``eos_token_id`` (an id or a list) of ``generation_config.json``, else of ``config.json``."""
+    import json
+
+    for name in ("generation_config.json", "config.json"):
+        path = Path(model_path) / name
+        if path.is_file():
+            try:
+                value = json.loads(path.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+                raise EplbInputError(f"{path}: not a JSON object") from None
+            if value is not None:
+                values = value if isinstance(value, list) else [value]
+                return frozenset(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+    return frozenset()

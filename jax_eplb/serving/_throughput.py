@@ -121,6 +121,11 @@ def _check(config: ModelConfig, settings: ThroughputSettings, requests: Sequence
     if not 0 <= settings.warmup < len(requests):
         raise EplbInputError(f"--warmup must be in [0, {len(requests)}) (requests in the dataset), "
                              f"got {settings.warmup}")
+    check_serving(config, settings, mesh, plan, online_state)
+
+
+def check_serving(config: ModelConfig, settings: ThroughputSettings, mesh, plan, online_state) -> None:
+    """What serving ``config`` under ``plan`` on ``mesh`` needs, checked before any device work."""
     online = plan is not None and plan.layer_updates_per_iter > 0
     if online_state and not online:
         raise EplbInputError("--online_state needs an online moe_load_balancer (layer_updates_per_iter > 0)")
@@ -157,22 +162,13 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
     Every input is checked before any device work.
     """
     _check(config, settings, requests, mesh, plan, online_state)
-    tables = placement_tables(config, plan, num_ranks(mesh))
-    online = plan is not None and plan.layer_updates_per_iter > 0
-    record = () if recorder is None else (("slot",) if plan is not None else ("expert",))
-    record = tuple(sorted(set(record) | {"expert_total"})) if online else record
-    record = record + ("traffic",) if settings.traffic else record
-    start = time.perf_counter()
-    runner = ModelRunner(build_model(config, mesh, tables, weights, options=settings.moe_options(record)))
-    balancer = _online_balancer(runner.model, weights, plan, settings, online_state, log) if online else None
     batch = -(-min(settings.max_batch_size, len(requests)) // num_ranks(mesh)) * num_ranks(mesh)
     chunk = max(len(r.input_ids) for r in requests)
     chunk = min(chunk, settings.prefill_chunk) if settings.prefill_chunk else chunk
-    runner.compile(batch, chunk)
-    log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
-        f"{runner.model.num_slots} slots on ep={num_ranks(mesh)} ({platform(mesh)}); batch {batch}, "
-        f"prefill {chunk}; weights + compile {time.perf_counter() - start:.1f} s")
-    loop = _ServingLoop(runner, settings, batch, chunk, recorder, balancer, before_iteration,
+    runner, balancer, tables = prepare_serving(config, weights, mesh, settings, plan=plan,
+                                               recording=recorder is not None, online_state=online_state,
+                                               batch=batch, chunk=chunk, log=log)
+    loop = ServingLoop(runner, settings, batch, chunk, recorder, balancer, before_iteration,
                         _new_figures(config, settings))
     timed = requests[settings.warmup:]
     interrupted = True  # until the run completes (Ctrl-C, an error): the dump is marked partial
@@ -189,7 +185,7 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
                 log(f"online balancer state saved to {online_state}")
         interrupted = False
     finally:
-        statistics_path = _flush(recorder, log, interrupted)
+        statistics_path = flush_statistics(recorder, log, interrupted)
     tokens = {r.task_id: finished[r.task_id] for r in timed}  # request order
     figures = {"model": config.name, "ep": num_ranks(mesh), "num_slots": runner.model.num_slots,
                "platform": platform(mesh), "load_balancer": "static plan" if plan is not None else "none",
@@ -201,6 +197,29 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
         figures.update(online_summary(balancer.reports, plan.layer_updates_per_iter, settings.online_planner))
     final = balancer.slot_to_expert if balancer is not None else tables.slot_to_expert
     return ThroughputResult(figures, tokens, statistics_path, final, loop.figures.per_iteration)
+
+
+def prepare_serving(config: ModelConfig, weights: WeightSource, mesh, settings: ThroughputSettings, *,
+                    plan: MoeLoadBalancerConfig | None, recording: bool, online_state, batch: int, chunk: int,
+                    log: Callable[[str], None], sampling: bool = False, expert_totals: bool = False):
+    """The model on ``mesh`` under ``plan``'s tables with its steps compiled for ``batch`` rows and
+    prompt chunks of ``chunk`` (and the sampling programs with ``sampling``), and the online balancer
+    when the plan is online. ``recording``: the step records expert (no plan) or slot (a plan)
+    histograms; ``expert_totals``: it returns each step's ``[Lm, E]`` expert totals (always when online).
+    Returns (runner, balancer or None, the initial tables)."""
+    tables = placement_tables(config, plan, num_ranks(mesh))
+    online = plan is not None and plan.layer_updates_per_iter > 0
+    record = () if not recording else (("slot",) if plan is not None else ("expert",))
+    record = tuple(sorted(set(record) | {"expert_total"})) if online or expert_totals else record
+    record = record + ("traffic",) if settings.traffic else record
+    start = time.perf_counter()
+    runner = ModelRunner(build_model(config, mesh, tables, weights, options=settings.moe_options(record)))
+    balancer = _online_balancer(runner.model, weights, plan, settings, online_state, log) if online else None
+    runner.compile(batch, chunk, sampling=sampling)
+    log(f"model {config.name}: {config.num_moe_layers} MoE layers, {config.num_experts} experts -> "
+        f"{runner.model.num_slots} slots on ep={num_ranks(mesh)} ({platform(mesh)}); batch {batch}, "
+        f"prefill {chunk}; weights + compile {time.perf_counter() - start:.1f} s")
+    return runner, balancer, tables
 
 
 def _new_figures(config: ModelConfig, settings: ThroughputSettings) -> ThroughputFigures:
@@ -222,7 +241,7 @@ def _online_balancer(model, weights: WeightSource, plan, settings: ThroughputSet
     return balancer
 
 
-def _flush(recorder: StatisticsRecorder | None, log, interrupted: bool = False) -> str | None:
+def flush_statistics(recorder: StatisticsRecorder | None, log, interrupted: bool = False) -> str | None:
     if recorder is None:
         return None
     path = recorder.flush(partial=interrupted)
@@ -252,7 +271,7 @@ class _Progress:
             self.bar.close()
 
 
-class _ServingLoop:
+class ServingLoop:
     """The iteration loop: batcher inputs -> step -> statistics, balancer and figures."""
 
     def __init__(self, runner: ModelRunner, settings: ThroughputSettings, batch: int, chunk: int,
@@ -263,6 +282,7 @@ class _ServingLoop:
         self.iteration = 0
         self.timed_start: int | None = None  # first timed iteration (the online schedule counts from it)
         self.figures = figures
+        self.expert_totals = None  # the last step's [Lm, E] expert totals, when the step returns them
 
     def serve(self, requests: Sequence[Request], timed: bool) -> dict:
         """Serves ``requests`` to completion; returns {task_id: generated ids}."""
@@ -273,13 +293,13 @@ class _ServingLoop:
         cache = self.runner.new_cache(self.batch)
         while batcher.busy:
             batcher.admit()
-            cache, rows = self._iteration(batcher, cache, timed)
+            cache, rows = self.step(batcher, cache, timed)
             progress.update(rows)
-            self.iteration += 1
         progress.close()
         return batcher.done
 
-    def _iteration(self, batcher: InFlightBatcher, cache, timed: bool):
+    def step(self, batcher: InFlightBatcher, cache, timed: bool):
+        """One iteration over the batcher's admitted rows; returns (the cache, rows that produced a token)."""
         it = self.iteration
         if self.recorder is not None:
             self.recorder.begin_iteration(it)
@@ -290,19 +310,21 @@ class _ServingLoop:
         step = batcher.inputs()
         if step.mixed:  # prompts (chunks) prefill while the active rows decode
             out = self.runner.mixed(step.prompt, step.lengths, step.next_token, step.positions, step.decoding, cache,
-                                    starts=step.starts)
+                                    starts=step.starts, sampling=step.sampling)
         else:
-            out = self.runner.decode(step.next_token, step.positions, step.decoding, cache)
+            out = self.runner.decode(step.next_token, step.positions, step.decoding, cache, sampling=step.sampling)
         fresh, rank_load, rank_rows = to_host(out.next_token), to_host(out.rank_load), to_host(out.rank_rows)
         elapsed = time.perf_counter() - t0
         if self.recorder is not None and self.recorder.wants(it):
             self.recorder.add(it, to_host(out.slot_counts if out.slot_counts is not None else out.expert_counts))
         if self.balancer is not None and timed:
             self.balancer.observe(out.expert_totals)
+        self.expert_totals = out.expert_totals
         rows = batcher.advance(step, fresh)
         if timed:
             self.figures.add(it, step.mixed, elapsed, rank_load, rows, update, rank_rows)
             if self.figures.traffic is not None:
                 tokens = self.batch * (self.chunk if step.mixed else 1) // num_ranks(self.runner.model.mesh)
                 self.figures.traffic.add(step.mixed, to_host(out.dispatch_rows), tokens)
+        self.iteration += 1
         return out.cache, rows

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""The server under load next to the benchmark: ``jax-eplb serve`` vs ``jax-eplb bench throughput``.
+
+For each configuration (no EPLB; online EPLB, ``layer_updates_per_iter`` 1) the same requests
+(token-norm-dist, greedy, EOS ignored) run, one after the other:
+
+* ``jax-eplb bench ... throughput`` (the same batch size and prefill chunk): its output tokens/s;
+* the serving engine alone (``jax_eplb.server.ServingEngine`` in this process, no HTTP): every
+  request submitted at once - what the server's engine costs over the benchmark's loop;
+* ``jax-eplb serve`` on loopback, loaded twice by an asyncio httpx client in this process:
+  "burst": every request sent at once, whole answers (the queue stays full, as the benchmark's
+  dataset); "stream": ``--clients`` concurrent streaming clients taking the requests in order
+  (each sends its next request when its last one ended). Output tokens/s and requests/s from the
+  first request sent to the last token received; time to first token and inter-token latency
+  (p50 / p99) as the streaming clients see them; the server's in-graph imbalance (``/eplb``); the
+  CPU seconds the client itself used (on a machine with few cores it competes with the server).
+
+"serve / bench" is the server's tokens/s over the benchmark's (the goal: >= 0.90 at the same batch
+size); the generated tokens of the server (both loads) and the benchmark must be identical.
+
+  python scripts/bench_serve.py [--model tiny] [--ep 8] [--requests 256] [--clients 64]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from jax_eplb.cli import HelpWithDefaults  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_bench(args, folder: Path, dataset: Path, extra: list[str], label: str) -> tuple[dict, dict]:
+    report, tokens = folder / f"bench_{label}.json", folder / f"tokens_{label}.jsonl"
+    subprocess.run([sys.executable, "-m", "jax_eplb.cli", "bench", "--model", args.model, "throughput", "--ep",
+                    str(args.ep), "--emulate_devices", str(args.ep), "--dataset", str(dataset), "--max_batch_size",
+                    str(args.max_batch_size), "--prefill_chunk", str(args.prefill_chunk), "--no_progress",
+                    "--report_json", str(report), "--output_tokens", str(tokens), *extra],
+                   check=True, stdout=subprocess.DEVNULL)
+    ids = {row["task_id"]: row["output_ids"] for row in map(json.loads, tokens.read_text().splitlines())}
+    return json.loads(report.read_text()), ids
+
+
+async def _client(http, url, model, queue, results, stream: bool):
+    while queue:
+        task_id, prompt, output = queue.pop(0)
+        sent, stamps, ids = time.perf_counter(), [], []
+        body = {"model": model, "prompt": prompt, "max_tokens": output, "temperature": 0, "stream": stream,
+                "ignore_eos": True, "return_token_ids": True}
+        if stream:
+            async with http.stream("POST", url + "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        stamps.append(time.perf_counter())
+                        ids += json.loads(line[6:])["choices"][0]["token_ids"]
+        else:
+            response = await http.post(url + "/v1/completions", json=body)
+            response.raise_for_status()
+            stamps.append(time.perf_counter())
+            ids = response.json()["choices"][0]["token_ids"]
+        results[task_id] = (sent, stamps, ids)
+
+
+async def _load(url, model, requests, clients, stream):
+    import httpx
+
+    queue, results = list(requests), {}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(_client(http, url, model, queue, results, stream) for _ in range(clients)))
+        return time.perf_counter() - start, results
+
+
+def _figures(wall, results, cpu_s) -> dict:
+    ttft = [stamps[0] - sent for sent, stamps, _ in results.values()]
+    itl = [b - a for _, stamps, _ in results.values() for a, b in zip(stamps, stamps[1:])]
+    tokens = sum(len(ids) for _, _, ids in results.values())
+    return {"wall_s": wall, "tokens_per_s": tokens / wall, "requests_per_s": len(results) / wall,
+            "ttft_ms": np.percentile(ttft, [50, 99]) * 1e3,
+            "itl_ms": np.percentile(itl, [50, 99]) * 1e3 if itl else [np.nan, np.nan],
+            "ids": {k: ids for k, (_, _, ids) in results.items()}, "client_cpu_s": cpu_s}
+
+
+def run_engine(args, requests, online: bool) -> dict:
+    """The engine in this process on ``args.ep`` emulated devices: all requests submitted at once."""
+    import threading
+
+    from jax_eplb import MoeLoadBalancerConfig
+    from jax_eplb.model import SeededWeights, load_model_config
+    from jax_eplb.server import ServingEngine
+    from jax_eplb.serving import Request, ThroughputSettings
+    from jax_eplb.sharding import ep_mesh
+
+    plan = MoeLoadBalancerConfig.from_dict({"num_slots": args.num_slots, "layer_updates_per_iter": 1}) \
+        if online else None
+    engine = ServingEngine(load_model_config(args.model), SeededWeights(0), ep_mesh(args.ep, args.ep),
+                           ThroughputSettings(max_batch_size=args.max_batch_size, progress=False), plan=plan,
+                           prefill_chunk=args.prefill_chunk, max_queue=len(requests), log=lambda _: None).start()
+    results, done, lock = {}, threading.Event(), threading.Lock()
+
+    def listener(task_id):
+        def listen(token, reason):
+            with lock:
+                sent, stamps, ids = results[task_id]
+                stamps.append(time.perf_counter())
+                ids.append(token)
+                if reason is not None and sum(len(r[2]) for r in results.values()) == total:
+                    done.set()
+        return listen
+
+    total = sum(output for _, _, output in requests)
+    start = time.perf_counter()
+    for task_id, prompt, output in requests:
+        results[task_id] = (time.perf_counter(), [], [])
+        engine.submit(Request(task_id, tuple(prompt), output), listener(task_id))
+    done.wait()
+    wall = time.perf_counter() - start
+    engine.stop(0)
+    return _figures(wall, results, float("nan"))
+
+
+def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, float, int]:
+    """{load: figures} for the burst and the streaming load, the server's mean imbalance, its exit code."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = folder / f"serve_{port}.log"
+    log = open(log_path, "w")
+    server = subprocess.Popen([sys.executable, "-m", "jax_eplb.cli", "serve", args.model, "--ep_size", str(args.ep),
+                               "--emulate_devices", str(args.ep), "--max_batch_size", str(args.max_batch_size),
+                               "--prefill_chunk", str(args.prefill_chunk), "--port", str(port),
+                               "--max_queue_size", str(len(requests)), *extra], stdout=log, stderr=subprocess.STDOUT)
+    loads = {}
+    try:
+        deadline = time.time() + 600
+        while True:
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"the server did not start: {log_path.read_text()}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        for load, clients, stream in (("burst", len(requests), False), ("stream", args.clients, True)):
+            cpu = time.process_time()
+            wall, results = asyncio.run(_load(url, model, requests, clients, stream))
+            loads[load] = _figures(wall, results, time.process_time() - cpu)
+        imbalance = httpx.get(url + "/eplb").json()["imbalance"]["mean"]
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        log.close()
+    return loads, imbalance, server.returncode
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--ep", type=int, default=8)
+    parser.add_argument("--num_slots", type=int, default=80, help="slots of the online configuration")
+    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--input_mean", type=int, default=32)
+    parser.add_argument("--output_mean", type=int, default=32)
+    parser.add_argument("--max_batch_size", type=int, default=64)
+    parser.add_argument("--prefill_chunk", type=int, default=32)
+    parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
+    args = parser.parse_args()
+    from jax_eplb.model import load_model_config
+    from jax_eplb.serving import prepare_dataset
+    from jax_eplb.serving._dataset import load_dataset
+
+    os.environ.pop("EXPERT_STATISTIC_ITER_RANGE", None)
+    config = load_model_config(args.model)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        dataset = prepare_dataset(folder / "dataset.json", num_requests=args.requests, input_mean=args.input_mean,
+                                  output_mean=args.output_mean, input_stdev=0, output_stdev=0,
+                                  vocab_size=config.vocab_size, seed=0)
+        requests = [(r.task_id, list(r.input_ids), r.output_tokens)
+                    for r in load_dataset(dataset, config.vocab_size, config.max_seq_len)]
+        (folder / "online.yaml").write_text(f"moe_load_balancer:\n  num_slots: {args.num_slots}\n"
+                                            f"  layer_updates_per_iter: 1\n")
+        print(f"{args.model} on {args.ep} CPU-emulated ranks, batch {args.max_batch_size}, prefill chunk "
+              f"{args.prefill_chunk}; {args.requests} requests (in {args.input_mean} / out {args.output_mean}), "
+              f"{args.clients} streaming clients", flush=True)
+        header = (f"{'configuration':<24} {'load':>6} {'bench tok/s':>11} {'serve tok/s':>11} {'serve/bench':>11} "
+                  f"{'req/s':>6} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU s':>12} "
+                  f"{'imbalance':>9} {'same tokens':>11}")
+        print(header, flush=True)
+        rows = []
+        for label, extra in (("no EPLB", []), (f"online k=1, {args.num_slots} slots",
+                                               ["--extra_llm_api_options", str(folder / "online.yaml")])):
+            bench, bench_ids = run_bench(args, folder, dataset, extra, label.split()[0])
+            loads, imbalance, code = run_server(args, folder, requests, extra)
+            loads = {"engine": run_engine(args, requests, online=bool(extra)), **loads}
+            for load, served in loads.items():
+                same = all(served["ids"][task] == ids for task, ids in bench_ids.items())
+                rows.append(f"{label:<24} {load:>6} {bench['output_tokens_per_s']:>11.1f} "
+                            f"{served['tokens_per_s']:>11.1f} "
+                            f"{served['tokens_per_s'] / bench['output_tokens_per_s']:>10.2f}x "
+                            f"{served['requests_per_s']:>6.2f} "
+                            f"{served['ttft_ms'][0]:>7.0f} / {served['ttft_ms'][1]:>6.0f} "
+                            f"{served['itl_ms'][0]:>6.1f} / {served['itl_ms'][1]:>6.1f} "
+                            f"{served['client_cpu_s']:>12.2f} {imbalance:>9.4f} {str(same):>11}")
+                print(rows[-1], flush=True)
+            if code != 0:
+                print(f"warning: the server exited with {code} after SIGTERM")
+        print("\n" + header)
+        print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
