@@ -12,11 +12,15 @@ For each configuration (no EPLB; online EPLB, ``layer_updates_per_iter`` 1) the 
   dataset); "stream": ``--clients`` concurrent streaming clients taking the requests in order
   (each sends its next request when its last one ended). Output tokens/s and requests/s from the
   first request sent to the last token received; time to first token and inter-token latency
-  (p50 / p99) as the streaming clients see them; the server's in-graph imbalance (``/eplb``); the
-  CPU seconds the client itself used (on a machine with few cores it competes with the server).
+  (p50 / p99) as the streaming clients see them; the CPU seconds the client itself used (on a
+  machine with few cores it competes with the server).
 
-"serve / bench" is the server's tokens/s over the benchmark's (the goal: >= 0.90 at the same batch
-size); the generated tokens of the server (both loads) and the benchmark must be identical.
+Every row also gives its mixed (prefill) and decode steps with their mean step time (the
+benchmark's report; the engine's and the server's ``jax_eplb_iteration_seconds`` histogram over
+that load) and the in-graph imbalance (the benchmark's mean; the engine's and server's ``/eplb``
+window after the load). "vs bench" is tokens/s over the benchmark's (the goal: >= 0.90 at the same
+batch size); the generated tokens of the engine, the server (both loads) and the benchmark must be
+identical. ``--max_waiting_steps 0 --batch_wait_ms 0`` turns the engine's prefill batching off.
 
   python scripts/bench_serve.py [--model tiny] [--ep 8] [--requests 256] [--clients 64]
 """
@@ -49,7 +53,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_bench(args, folder: Path, dataset: Path, extra: list[str], label: str) -> tuple[dict, dict]:
+def run_bench(args, folder: Path, dataset: Path, extra: list[str], label: str) -> tuple[dict, dict, dict]:
+    """The benchmark's figures, its tokens and {phase: (steps, mean ms)}."""
     report, tokens = folder / f"bench_{label}.json", folder / f"tokens_{label}.jsonl"
     subprocess.run([sys.executable, "-m", "jax_eplb.cli", "bench", "--model", args.model, "throughput", "--ep",
                     str(args.ep), "--emulate_devices", str(args.ep), "--dataset", str(dataset), "--max_batch_size",
@@ -57,7 +62,10 @@ def run_bench(args, folder: Path, dataset: Path, extra: list[str], label: str) -
                     "--report_json", str(report), "--output_tokens", str(tokens), *extra],
                    check=True, stdout=subprocess.DEVNULL)
     ids = {row["task_id"]: row["output_ids"] for row in map(json.loads, tokens.read_text().splitlines())}
-    return json.loads(report.read_text()), ids
+    figures = json.loads(report.read_text())
+    steps = {phase: [row["step_ms"] for row in figures["per_iteration"] if row["phase"] == phase]
+             for phase in ("mixed", "decode")}
+    return figures, ids, {phase: (len(ms), float(np.mean(ms)) if ms else float("nan")) for phase, ms in steps.items()}
 
 
 async def _client(http, url, model, queue, results, stream: bool):
@@ -92,6 +100,27 @@ async def _load(url, model, requests, clients, stream):
         return time.perf_counter() - start, results
 
 
+def _step_counts(metrics_text: str) -> dict:
+    """{phase: (steps, seconds)} of the server's ``jax_eplb_iteration_seconds`` histogram."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out = {"mixed": [0.0, 0.0], "decode": [0.0, 0.0]}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in ("jax_eplb_iteration_seconds_count", "jax_eplb_iteration_seconds_sum"):
+                out[sample.labels["phase"]][sample.name.endswith("_sum")] = sample.value
+    return out
+
+
+def _steps_between(before: dict, after: dict) -> dict:
+    """{phase: (steps, mean ms)} of the iterations between two ``_step_counts``."""
+    out = {}
+    for phase in ("mixed", "decode"):
+        steps = after[phase][0] - before[phase][0]
+        out[phase] = (int(steps), 1e3 * (after[phase][1] - before[phase][1]) / steps if steps else float("nan"))
+    return out
+
+
 def _figures(wall, results, cpu_s) -> dict:
     ttft = [stamps[0] - sent for sent, stamps, _ in results.values()]
     itl = [b - a for _, stamps, _ in results.values() for a, b in zip(stamps, stamps[1:])]
@@ -116,7 +145,9 @@ def run_engine(args, requests, online: bool) -> dict:
         if online else None
     engine = ServingEngine(load_model_config(args.model), SeededWeights(0), ep_mesh(args.ep, args.ep),
                            ThroughputSettings(max_batch_size=args.max_batch_size, progress=False), plan=plan,
-                           prefill_chunk=args.prefill_chunk, max_queue=len(requests), log=lambda _: None).start()
+                           prefill_chunk=args.prefill_chunk, max_queue=len(requests),
+                           max_waiting_steps=args.max_waiting_steps, batch_wait_ms=args.batch_wait_ms,
+                           log=lambda _: None).start()
     results, done, lock = {}, threading.Event(), threading.Lock()
 
     def listener(task_id):
@@ -129,19 +160,25 @@ def run_engine(args, requests, online: bool) -> dict:
                     done.set()
         return listen
 
+    from prometheus_client import generate_latest
+
     total = sum(output for _, _, output in requests)
+    before = _step_counts(generate_latest(engine.monitor.registry).decode())
     start = time.perf_counter()
     for task_id, prompt, output in requests:
         results[task_id] = (time.perf_counter(), [], [])
         engine.submit(Request(task_id, tuple(prompt), output), listener(task_id))
     done.wait()
     wall = time.perf_counter() - start
+    steps = _steps_between(before, _step_counts(generate_latest(engine.monitor.registry).decode()))
+    imbalance = engine.monitor.snapshot()["imbalance"]["mean"]
     engine.stop(0)
-    return _figures(wall, results, float("nan"))
+    return {**_figures(wall, results, float("nan")), "steps": steps, "imbalance": imbalance}
 
 
-def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, float, int]:
-    """{load: figures} for the burst and the streaming load, the server's mean imbalance, its exit code."""
+def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, int]:
+    """{load: figures} for the burst and the streaming load (steps and imbalance from the server's
+    /metrics and /eplb), the server's exit code."""
     import httpx
 
     port = free_port()
@@ -151,7 +188,9 @@ def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, fl
     server = subprocess.Popen([sys.executable, "-m", "jax_eplb.cli", "serve", args.model, "--ep_size", str(args.ep),
                                "--emulate_devices", str(args.ep), "--max_batch_size", str(args.max_batch_size),
                                "--prefill_chunk", str(args.prefill_chunk), "--port", str(port),
-                               "--max_queue_size", str(len(requests)), *extra], stdout=log, stderr=subprocess.STDOUT)
+                               "--max_queue_size", str(len(requests)), "--max_waiting_steps",
+                               str(args.max_waiting_steps), "--batch_wait_ms", str(args.batch_wait_ms), *extra],
+                              stdout=log, stderr=subprocess.STDOUT)
     loads = {}
     try:
         deadline = time.time() + 600
@@ -165,15 +204,16 @@ def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, fl
                 time.sleep(0.5)
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         for load, clients, stream in (("burst", len(requests), False), ("stream", args.clients, True)):
-            cpu = time.process_time()
+            cpu, before = time.process_time(), _step_counts(httpx.get(url + "/metrics").text)
             wall, results = asyncio.run(_load(url, model, requests, clients, stream))
-            loads[load] = _figures(wall, results, time.process_time() - cpu)
-        imbalance = httpx.get(url + "/eplb").json()["imbalance"]["mean"]
+            loads[load] = {**_figures(wall, results, time.process_time() - cpu),
+                           "steps": _steps_between(before, _step_counts(httpx.get(url + "/metrics").text)),
+                           "imbalance": httpx.get(url + "/eplb").json()["imbalance"]["mean"]}
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
         log.close()
-    return loads, imbalance, server.returncode
+    return loads, server.returncode
 
 
 def main():
@@ -187,10 +227,11 @@ def main():
     parser.add_argument("--max_batch_size", type=int, default=64)
     parser.add_argument("--prefill_chunk", type=int, default=32)
     parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
+    parser.add_argument("--max_waiting_steps", type=int, default=8, help="the engine's prefill batching (serve's flag)")
+    parser.add_argument("--batch_wait_ms", type=float, default=5.0, help="the engine's idle wait (serve's flag)")
     args = parser.parse_args()
     from jax_eplb.model import load_model_config
-    from jax_eplb.serving import prepare_dataset
-    from jax_eplb.serving._dataset import load_dataset
+    from jax_eplb.serving import load_dataset, prepare_dataset
 
     os.environ.pop("EXPERT_STATISTIC_ITER_RANGE", None)
     config = load_model_config(args.model)
@@ -205,27 +246,36 @@ def main():
                                             f"  layer_updates_per_iter: 1\n")
         print(f"{args.model} on {args.ep} CPU-emulated ranks, batch {args.max_batch_size}, prefill chunk "
               f"{args.prefill_chunk}; {args.requests} requests (in {args.input_mean} / out {args.output_mean}), "
-              f"{args.clients} streaming clients", flush=True)
-        header = (f"{'configuration':<24} {'load':>6} {'bench tok/s':>11} {'serve tok/s':>11} {'serve/bench':>11} "
-                  f"{'req/s':>6} {'TTFT p50/p99 ms':>16} {'ITL p50/p99 ms':>15} {'client CPU s':>12} "
-                  f"{'imbalance':>9} {'same tokens':>11}")
+              f"{args.clients} streaming clients; --max_waiting_steps {args.max_waiting_steps} --batch_wait_ms "
+              f"{args.batch_wait_ms}", flush=True)
+        header = (f"{'configuration':<21} {'load':>6} {'tok/s':>7} {'vs bench':>8} {'req/s':>6} "
+                  f"{'TTFT p50/p99 ms':>15} {'ITL p50/p99 ms':>14} {'mixed steps/ms':>14} {'decode steps/ms':>15} "
+                  f"{'client CPU s':>12} {'imbalance':>9} {'same tokens':>11}")
         print(header, flush=True)
         rows = []
+
+        def row(label, load, tokens_per_s, ratio, f, steps, imbalance, same):
+            ttft = f"{f['ttft_ms'][0]:>6.0f} / {f['ttft_ms'][1]:>6.0f}" if f else f"{'':>15}"
+            itl = f"{f['itl_ms'][0]:>5.1f} / {f['itl_ms'][1]:>6.1f}" if f else f"{'':>14}"
+            req = f"{f['requests_per_s']:>6.2f}" if f else f"{'':>6}"
+            cpu = f"{f['client_cpu_s']:>12.2f}" if f and not np.isnan(f["client_cpu_s"]) else f"{'':>12}"
+            rows.append(f"{label:<21} {load:>6} {tokens_per_s:>7.1f} {ratio:>7.2f}x {req} {ttft} {itl} "
+                        f"{steps['mixed'][0]:>5} / {steps['mixed'][1]:>6.1f} "
+                        f"{steps['decode'][0]:>6} / {steps['decode'][1]:>6.1f} {cpu} {imbalance:>9.4f} "
+                        f"{same:>11}")
+            print(rows[-1], flush=True)
+
         for label, extra in (("no EPLB", []), (f"online k=1, {args.num_slots} slots",
                                                ["--extra_llm_api_options", str(folder / "online.yaml")])):
-            bench, bench_ids = run_bench(args, folder, dataset, extra, label.split()[0])
-            loads, imbalance, code = run_server(args, folder, requests, extra)
+            bench, bench_ids, bench_steps = run_bench(args, folder, dataset, extra, label.split()[0])
+            base = bench["output_tokens_per_s"]
+            row(label, "bench", base, 1.0, None, bench_steps, bench["mean_imbalance"], "")
+            loads, code = run_server(args, folder, requests, extra)
             loads = {"engine": run_engine(args, requests, online=bool(extra)), **loads}
             for load, served in loads.items():
                 same = all(served["ids"][task] == ids for task, ids in bench_ids.items())
-                rows.append(f"{label:<24} {load:>6} {bench['output_tokens_per_s']:>11.1f} "
-                            f"{served['tokens_per_s']:>11.1f} "
-                            f"{served['tokens_per_s'] / bench['output_tokens_per_s']:>10.2f}x "
-                            f"{served['requests_per_s']:>6.2f} "
-                            f"{served['ttft_ms'][0]:>7.0f} / {served['ttft_ms'][1]:>6.0f} "
-                            f"{served['itl_ms'][0]:>6.1f} / {served['itl_ms'][1]:>6.1f} "
-                            f"{served['client_cpu_s']:>12.2f} {imbalance:>9.4f} {str(same):>11}")
-                print(rows[-1], flush=True)
+                row(label, load, served["tokens_per_s"], served["tokens_per_s"] / base, served, served["steps"],
+                    served["imbalance"], str(same))
             if code != 0:
                 print(f"warning: the server exited with {code} after SIGTERM")
         print("\n" + header)

@@ -196,5 +196,6 @@ def test_serve_refuses_bad_input_before_work(files, capsys, monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
     one_line_error(capsys, [*serve, "--ep_size", "2"], "pip install 'jax-eplb[serve]'")

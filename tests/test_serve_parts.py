@@ -84,6 +84,7 @@ def test_batcher_cancel_stop_ids_and_sampling_rows():
     assert batcher.inputs().sampling.counter.tolist() == [1, 1]  # the next token's index
     batcher.advance(batcher.inputs(), np.array([7, 9]))  # b generates its stop id: done, stop id kept
     assert batcher.done["b"] == [6, 9] and batcher.emitted[-1].finished
+    assert [e.finish_reason for e in batcher.emitted] == [None, "stop"]
     assert batcher.cancel("a") and not batcher.cancel("a") and batcher.running == 0
     batcher.admit()
     assert batcher.owner[0].task_id == "c" and batcher.inputs().sampling is None  # greedy rows only: no sampling
@@ -121,7 +122,7 @@ def test_stop_strings_end_the_text_and_are_never_streamed():
     from jax_eplb.server._app import _Choice
 
     choice = _Choice(0, _Bytes(), ("STOP",))
-    streamed, reason = "", None
+    streamed = ""
     for b in "abc STOPxyz".encode():
         piece, _ = choice.add(b, None)
         streamed += piece

@@ -102,8 +102,9 @@ class ServingEngine:
         self._lock = threading.Condition()
         self._incoming: list[Request] = []
         self._cancelled: set = set()
-        self._listeners: dict = {}  # task_id -> (Request, Listener) of every waiting or running request
+        self._listeners: dict = {}  # task_id -> Listener of every waiting or running request
         self._accepting, self._draining, self._abort = True, False, False
+        self._aborted_any = False  # some request was aborted by the shutdown: the dump is partial
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="jax-eplb-engine", daemon=True)
 
@@ -132,7 +133,7 @@ class ServingEngine:
                 raise QueueFull(f"{self.max_queue} requests are waiting for a row already")
             if request.task_id in self._listeners:
                 raise ValueError(f"request id {request.task_id!r} is being served already")
-            self._listeners[request.task_id] = (request, listener)
+            self._listeners[request.task_id] = listener
             self._incoming.append(request)
             self.monitor.queue_depth.set(len(self._incoming) + len(self._batcher.queue))
             self.monitor.submitted(request.task_id, len(request.input_ids))
@@ -180,8 +181,6 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ the engine thread
 
-    _aborted_any = False
-
     def _run(self) -> None:
         try:
             while self._next():
@@ -215,7 +214,7 @@ class ServingEngine:
                     self._finish_all("abort")
                     return False
                 if self._batcher.running:
-                    self._admit_if_due(now)
+                    self._admit_if_due()
                     return True
                 if self._batcher.queue:  # idle: let a burst of arrivals gather into one prefill
                     quiet = now - self._last_arrival
@@ -231,7 +230,7 @@ class ServingEngine:
                     return False
                 self._lock.wait(timeout=1.0)
 
-    def _admit_if_due(self, now: float) -> None:
+    def _admit_if_due(self) -> None:
         """While rows decode, waiting requests join when the next step prefills anyway, when they fill
         every free row, or when the oldest has waited ``max_waiting_steps`` iterations: a mixed step
         costs the whole ``[batch, chunk]`` however few rows prefill, so prefills are gathered
@@ -244,9 +243,8 @@ class ServingEngine:
             self._admit()
 
     def _admit(self) -> None:
-        for request in self._batcher.queue[:self.batch - self._batcher.running]:
+        for request in self._batcher.admit():
             self._waiting_since.pop(request.task_id, None)
-        self._batcher.admit()
 
     def _iteration(self) -> None:
         self.monitor.queue_depth.set(len(self._batcher.queue))
@@ -254,19 +252,15 @@ class ServingEngine:
         self.monitor.expert_totals(self._loop.expert_totals)
         self.monitor.rows(self._batcher.running)
         for emitted in self._batcher.emitted:
-            reason = None
             if emitted.finished:
                 self._batcher.done.pop(emitted.task_id, None)  # the listener has every token already
-                request = self._listeners[emitted.task_id][0]
-                stopped = emitted.token in request.stop_ids or 0 <= self.settings.eos_id == emitted.token
-                reason = "stop" if stopped else "length"
-            self._end(emitted.task_id, emitted.token, reason)
+            self._end(emitted.task_id, emitted.token, emitted.finish_reason)
 
     def _end(self, task_id, token, reason) -> None:
         """Hands one request's event to its listener (batched per iteration when ``deliver`` is set)."""
         if task_id not in self._listeners:
             return
-        listener = self._listeners[task_id][1]
+        listener = self._listeners[task_id]
         if reason is not None:
             del self._listeners[task_id]
             self.monitor.finished(task_id, reason)

@@ -33,11 +33,16 @@ class StepInputs(NamedTuple):
 
 
 class Emitted(NamedTuple):
-    """A token one request got in an iteration; ``finished``: it was its last."""
+    """A token one request got in an iteration; ``finish_reason``: None while the request goes on, else
+    "stop" (EOS or one of its stop ids, kept) or "length" (its ``output_tokens`` reached)."""
 
     task_id: int | str
     token: int
-    finished: bool
+    finish_reason: str | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 class InFlightBatcher:
@@ -64,10 +69,13 @@ class InFlightBatcher:
     def busy(self) -> bool:
         return bool(self.queue) or any(o is not None for o in self.owner)
 
-    def admit(self) -> None:
-        """Free rows take the next waiting requests."""
+    def admit(self) -> list[Request]:
+        """Free rows take the next waiting requests; returns them."""
+        admitted = []
         for i in [i for i in range(self.batch) if self.owner[i] is None][:len(self.queue)]:
             self.owner[i], self.generated[i], self.prefilled[i] = self.queue.pop(0), [], 0
+            admitted.append(self.owner[i])
+        return admitted
 
     @property
     def running(self) -> int:
@@ -126,15 +134,13 @@ class InFlightBatcher:
         self.emitted = []
         for i in np.flatnonzero(stepping):
             request = self.owner[i]
-            if request is None:  # cancelled during the step
-                continue
             token = int(fresh[i])
             self.next_token[i] = token
             self.generated[i].append(token)
-            finished = (len(self.generated[i]) >= request.output_tokens or (0 <= self.eos_id == token)
-                        or token in request.stop_ids)
-            self.emitted.append(Emitted(request.task_id, token, finished))
-            if finished:
+            reason = ("stop" if 0 <= self.eos_id == token or token in request.stop_ids
+                      else "length" if len(self.generated[i]) >= request.output_tokens else None)
+            self.emitted.append(Emitted(request.task_id, token, reason))
+            if reason is not None:
                 self.done[request.task_id] = self.generated[i]
                 self.owner[i] = None
         return int(stepping.sum())

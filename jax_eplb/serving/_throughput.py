@@ -169,7 +169,7 @@ def run_throughput(config: ModelConfig, weights: WeightSource, requests: Sequenc
                                                recording=recorder is not None, online_state=online_state,
                                                batch=batch, chunk=chunk, log=log)
     loop = ServingLoop(runner, settings, batch, chunk, recorder, balancer, before_iteration,
-                        _new_figures(config, settings))
+                       _new_figures(config, settings))
     timed = requests[settings.warmup:]
     interrupted = True  # until the run completes (Ctrl-C, an error): the dump is marked partial
     try:
