@@ -7,11 +7,13 @@ routing histogram and the expert-to-slot routing on Mosaic GPU, the maintained P
 all three kernels on Triton,
 which JAX deprecates from 0.11 on; ``*_interpret`` runs either on any backend), and one public
 function with ``implementation=``: ``auto`` measures its candidates on a GPU at the call's shapes
-and takes the fastest correct one (``_dispatch``), XLA elsewhere; explicit choices are taken as they are.
+and takes the fastest correct one (``_dispatch``, ``_probe``), XLA elsewhere; explicit choices are
+taken as they are.
 """
 
-from jax_eplb_kernels._dispatch import (IMPLEMENTATIONS, fastest_correct, relative_close, resolve_implementation,
-                                       triton_in_auto)
+from jax_eplb_kernels._dispatch import (IMPLEMENTATIONS, dtype_tolerance, kernel_platform, on_platform,
+                                       platform_device, relative_close, resolve_implementation, triton_in_auto)
+from jax_eplb_kernels._probe import fastest_correct, settle_choices
 from jax_eplb_kernels.grouped_matmul import MatmulBlockSizes, tile_grouped_matmul, tile_grouped_matmul_reference
 from jax_eplb_kernels.histogram import (HistogramBlockSizes, MosaicHistogramBlockSizes, histogram_reference,
                                         routing_histogram)
@@ -19,7 +21,8 @@ from jax_eplb_kernels.slot_routing import (ROUND_ROBIN_BLOCK, RoutingBlockSizes,
                                            route_to_slots)
 
 __all__ = [
-    "IMPLEMENTATIONS", "resolve_implementation", "fastest_correct", "relative_close", "triton_in_auto",
+    "IMPLEMENTATIONS", "resolve_implementation", "fastest_correct", "settle_choices", "relative_close",
+    "dtype_tolerance", "triton_in_auto", "on_platform", "kernel_platform", "platform_device",
     "routing_histogram", "histogram_reference", "HistogramBlockSizes", "MosaicHistogramBlockSizes",
     "route_to_slots", "route_reference", "SlotRouting", "RoutingBlockSizes", "ROUND_ROBIN_BLOCK",
     "tile_grouped_matmul", "tile_grouped_matmul_reference", "MatmulBlockSizes",

@@ -1,12 +1,12 @@
-"""Choosing an implementation: explicit requests are taken as they are; ``auto`` measures.
+"""Choosing an implementation: explicit requests are taken as they are; ``auto`` measures on a GPU.
 
-On a GPU, ``auto`` runs every candidate of a kernel once, at the shapes of the call, on its own
-thread (so it runs eagerly even while the caller is traced by jit / shard_map): a candidate that
-fails to compile or disagrees with the XLA reference is out; of the others the fastest (median
-of a few timed runs) wins. One line on stderr gives every candidate's figure and the choice; the
-choice is cached per kernel configuration and shape. With several processes, process 0 measures
-and broadcasts its choice, so every process compiles the same program. Off a GPU ``auto`` is the
-XLA reference (``$JAX_EPLB_KERNELS`` overrides what ``auto`` means everywhere).
+``auto`` is decided by the platform the kernel will run on - the mesh's, which the EP block states
+with :func:`on_platform` around its trace - not by ``jax.default_backend()`` (a CPU mesh on a GPU
+host runs XLA). On a GPU every candidate runs once at the call's shapes and the fastest correct
+one wins (``_probe``: own threads, a time limit per candidate, one line on stderr, cached per
+kernel configuration, shape and platform; several processes settle their choices outside tracing).
+Elsewhere ``auto`` is the XLA reference (``$JAX_EPLB_KERNELS`` overrides what ``auto`` means
+everywhere).
 
 Candidates: the XLA reference; Pallas on Mosaic GPU (``mosaic_gpu``) where a kernel has one;
 Pallas on Triton (``pallas``) only on JAX < 0.11 - JAX deprecates that backend from 0.11 on, so
@@ -15,23 +15,20 @@ there it runs only when asked for by name.
 
 from __future__ import annotations
 
-import concurrent.futures
-import logging
+import contextlib
 import os
-import sys
-import time
-from typing import Callable, Hashable, Mapping
+import threading
+from typing import Callable, Hashable
 
 import jax
 import numpy as np
 
-logger = logging.getLogger("jax_eplb_kernels")
+from jax_eplb_kernels._probe import Trials, fastest_correct
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "pallas_interpret", "mosaic_gpu", "mosaic_gpu_interpret")
 AUTO_OVERRIDE = "JAX_EPLB_KERNELS"  # e.g. JAX_EPLB_KERNELS=xla: what 'auto' resolves to, everywhere
-TIMED_RUNS = 5
 
-_choices: dict[Hashable, str] = {}
+_platform = threading.local()  # .name: the platform the kernels traced on this thread will run on
 
 
 def jax_version() -> tuple[int, int]:
@@ -43,12 +40,35 @@ def triton_in_auto() -> bool:
     return jax_version() < (0, 11)
 
 
-Trials = Mapping[str, Callable[[], object]]  # implementation -> run it once on the call's shapes
+@contextlib.contextmanager
+def on_platform(platform: str):
+    """Kernels called (traced) inside run on ``platform`` ('gpu', 'cpu', ...): what ``auto`` decides by."""
+    previous = getattr(_platform, "name", None)
+    _platform.name = platform
+    try:
+        yield
+    finally:
+        _platform.name = previous
+
+
+def kernel_platform() -> str:
+    """The platform set by :func:`on_platform` on this thread, else JAX's default backend."""
+    return getattr(_platform, "name", None) or jax.default_backend()
+
+
+def platform_device(platform: str):
+    """The first local device of ``platform`` (where ``auto``'s candidates run), or None if there is none."""
+    try:
+        return jax.local_devices(backend=platform)[0]
+    except (RuntimeError, IndexError):
+        return None
 
 
 def resolve_implementation(implementation: str, trials: Callable[[], Trials] | None = None, key: Hashable = None,
-                           close: Callable[[object, object], bool] | None = None, subject: str = "") -> str:
-    """``auto`` -> the fastest correct of ``trials()`` on a GPU (measured once per ``key``), else ``xla``.
+                           close: Callable[[object, object], bool] | None = None, subject: str = "",
+                           platform: str | None = None) -> str:
+    """``auto`` -> on a GPU (``platform``, default :func:`kernel_platform`) the fastest correct of
+    ``trials()``, measured once per ``key`` and platform; elsewhere ``xla``.
 
     Args:
       trials: builds ``{implementation: run}`` for the call's shapes, ``xla`` (the reference) among them.
@@ -64,81 +84,11 @@ def resolve_implementation(implementation: str, trials: Callable[[], Trials] | N
         if override not in IMPLEMENTATIONS[1:]:
             raise ValueError(f"${AUTO_OVERRIDE} must be one of {IMPLEMENTATIONS[1:]}, got {override!r}")
         return override
-    if jax.default_backend() != "gpu" or trials is None:
+    on = platform or kernel_platform()
+    if on != "gpu" or trials is None:
         return "xla"
-    return fastest_correct(trials, key, reference="xla", close=close, subject=subject or str(key))
-
-
-def fastest_correct(trials: Callable[[], Trials], key: Hashable, *, reference: str,
-                    close: Callable[[object, object], bool] | None = None, subject: str = "",
-                    log: Callable[[str], None] | None = None) -> str:
-    """The fastest of ``trials()`` whose output is ``close`` to ``reference``'s; measured once per ``key``.
-
-    Runs on a fresh thread (no trace of the caller's is active there). A candidate that raises or
-    differs is out; the reference itself is always a valid answer. Prints one line with every
-    candidate's median time (or why it is out) and the choice. Several processes: process 0's
-    choice, broadcast.
-    """
-    if key in _choices:
-        return _choices[key]
-    close = close or _equal
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        names, figures, chosen = pool.submit(_decide, trials, reference, close).result()
-    line = (f"{subject or key}: " + ", ".join(
-        f"{name} {figures[name] * 1e6:.1f} us" if isinstance(figures[name], float) else f"{name} out ({figures[name]})"
-        for name in names) + f" -> {chosen}")
-    if jax.process_index() == 0:
-        (log or _stderr)(line)
-    logger.info(line)
-    _choices[key] = chosen
-    return chosen
-
-
-def _decide(trials, reference: str, close) -> tuple[list[str], dict[str, float | str], str]:
-    names, figures = _measure(trials, reference, close)
-    chosen = min((name for name in names if isinstance(figures[name], float)), key=lambda n: figures[n])
-    return names, figures, _agreed(names, chosen)
-
-
-def _measure(trials: Callable[[], Trials], reference: str, close) -> tuple[list[str], dict[str, float | str]]:
-    runs = dict(trials())
-    if reference not in runs:
-        raise ValueError(f"trials must include the reference {reference!r}, got {sorted(runs)}")
-    names = [reference] + sorted(n for n in runs if n != reference)
-    want = jax.block_until_ready(runs[reference]())
-    figures: dict[str, float | str] = {}
-    for name in names:
-        try:
-            got = want if name == reference else jax.block_until_ready(runs[name]())
-            if name != reference and not close(got, want):
-                figures[name] = "differs from the reference"
-                continue
-            figures[name] = median_time(runs[name])
-        except Exception as error:  # noqa: BLE001 - a candidate that fails to compile or run is out
-            if name == reference:
-                raise
-            figures[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-    return names, figures
-
-
-def median_time(run: Callable[[], object], repeats: int | None = None) -> float:
-    """Median seconds of ``repeats`` (default ``TIMED_RUNS``) runs of ``run`` (compiled already), each waited for."""
-    times = []
-    for _ in range(repeats or TIMED_RUNS):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _agreed(names: list[str], chosen: str) -> str:
-    """Process 0's choice on every process (one program for all of them)."""
-    if jax.process_count() == 1:
-        return chosen
-    from jax.experimental import multihost_utils
-
-    index = int(multihost_utils.broadcast_one_to_all(np.int32(names.index(chosen))))
-    return names[index]
+    return fastest_correct(trials, (on, key), reference="xla", close=close, subject=subject or str(key),
+                           device=platform_device(on))
 
 
 def relative_close(tolerance: float) -> Callable[[object, object], bool]:
@@ -150,13 +100,11 @@ def relative_close(tolerance: float) -> Callable[[object, object], bool]:
     return close
 
 
-def _equal(got, want) -> bool:
-    return all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(got),
-                                                                            jax.tree.leaves(want)))
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+def dtype_tolerance(dtype) -> float:
+    """How far a float result computed in ``dtype`` may stray from the reference, relative to the reference's
+    largest magnitude: 16-bit 2e-2; float32 2e-3 (GPUs multiply float32 in TF32 by default, 10-bit mantissas);
+    float64 1e-9."""
+    return {2: 2e-2, 4: 2e-3}.get(np.dtype(dtype).itemsize, 1e-9)
 
 
 def triton_compiler_params(num_warps: int, num_stages: int):

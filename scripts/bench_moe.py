@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import itertools
 import os
 import statistics
 import sys
@@ -53,16 +52,22 @@ def main():
                         help="grouped matmuls; default: ragged_dot and pallas on GPU, ragged_dot and padded on CPU")
     parser.add_argument("--data", type=Path,
                         default=SHARED_DATA / "prefill_in1024.json")
+    parser.add_argument("--plans", nargs="+", choices=("no_eplb", "balanced"), default=["no_eplb", "balanced"],
+                        help="placements to run (the first is each configuration's baseline)")
+    parser.add_argument("--policies", nargs="+", choices=("round_robin", "load_aware"),
+                        default=["round_robin", "load_aware"], help="replica choices to run")
+    parser.add_argument("--table_matmuls", nargs="+", default=None,
+                        help="grouped matmuls of the matmul-vs-dense table (default: --matmuls)")
+    parser.add_argument("--no_split_table", action="store_true", help="leave out the load-aware split table")
     args = parser.parse_args()
     if "jax" not in sys.modules and args.emulate_devices:
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.emulate_devices}")
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh
 
     from jax_eplb import build_assignment_tables, default_slot_to_expert, plan_placement
-    from jax_eplb.moe import MoEOptions, ep_moe_forward, slot_weights_from_logical
 
     if len(jax.devices()) < args.ep:
         sys.exit(f"error: {len(jax.devices())} devices < --ep {args.ep}")
@@ -70,48 +75,82 @@ def main():
     config, router, logical, x, load, source = recorded_layer(args.data, E, k, H, F, args.tokens)
     dtype = x.dtype
     mesh = Mesh(np.array(jax.devices()[:R]), ("ep",))
-    plans = {"no EPLB": default_slot_to_expert(E, E, R),
-             "balanced": plan_placement(load[None], args.slots_per_rank * R, R).slot_to_expert[0]}
+    plans = {"no EPLB": lambda: default_slot_to_expert(E, E, R),
+             "balanced": lambda: plan_placement(load[None], args.slots_per_rank * R, R).slot_to_expert[0]}
+    plans = {name: plans[name] for name in ("no EPLB", "balanced") if name.replace(" ", "_").lower() in args.plans}
     print(f"device: {jax.devices()[0].device_kind} x{R}, jax {jax.__version__}; skew from {source}; "
           f"T={args.tokens} H={H} F={F} E={E} k={k}")
     on_gpu = jax.devices()[0].platform == "gpu"
     transports = args.transports or (["all_to_all", "ragged"] if on_gpu else ["all_to_all"])
     # padded gathers a weight copy per tile (CPU only); pallas reads them in place (compiled: GPU only)
     matmuls = args.matmuls or (["ragged_dot", "pallas"] if on_gpu else ["ragged_dot", "padded"])
+    print("compile s: the first call (trace, compile, run); ms/step: median of the repeats after it; peak GiB: the "
+          "device's peak memory so far; diff: largest |out - first configuration's out| / its largest |out|")
     print(f"{'placement':>10} {'policy':>12} {'transport':>10} {'dispatch':>8} {'matmul':>10} {'slots':>6} "
-          f"{'imbalance':>9} {'max/rank':>9} {'ms/step':>8} {'vs no-EPLB':>10}")
-    baseline = {}
-    for name, slot_to_expert in plans.items():
-        tables = build_assignment_tables(slot_to_expert, E)
-        slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
-        xs = jax.device_put(x, NamedSharding(mesh, P("ep")))
-        rc, es = jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0])
-        for policy in ("round_robin", "load_aware"):
-            for transport, dispatch, matmul in itertools.product(transports, args.dispatches, matmuls):
-                options = MoEOptions(replica_policy=policy, transport=transport, grouped_matmul=matmul,
-                                     dispatch=dispatch)
-                fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, options=options))
-                label = f"{name:>10} {policy:>12} {transport:>10} {dispatch:>8} {matmul:>10}"
-                try:
-                    result = fn(router, slots, xs, rc, es)
-                    ms = 1e3 * _time(lambda: fn(router, slots, xs, rc, es).out, args.repeats)
-                except Exception as error:  # noqa: BLE001 - reported, the other configurations still run
-                    print(f"{label} FAILED: {type(error).__name__}: "
-                          f"{str(error).splitlines()[0][:200] if str(error) else ''}")
-                    continue
-                key = (policy, transport, dispatch, matmul)
-                baseline.setdefault(key, ms)  # the first placement is "no EPLB"
-                per_rank = np.asarray(result.rank_load)
-                print(f"{label} {len(slot_to_expert):>6} {per_rank.max() / per_rank.mean() - 1:>9.3f} "
-                      f"{per_rank.max():>9} {ms:>8.1f} {baseline[key] / ms:>9.2f}x", flush=True)
-        _traffic_of_batch(jax, jnp, np, config, router, x, tables, slot_to_expert, R, name, dtype)
-    grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=matmuls)
-    if R > 1:  # one rank has no one to hand shared rows to
-        shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, plans["balanced"], matmuls[0],
+          f"{'imbalance':>9} {'max/rank':>9} {'compile s':>9} {'ms/step':>8} {'vs no-EPLB':>10} {'peak GiB':>8} "
+          f"{'diff':>8}")
+    baseline, reference = {}, []
+    for name, make_plan in plans.items():
+        slot_to_expert = make_plan()
+        layer_table(jax, jnp, np, config, mesh, router, logical, x, slot_to_expert, name, args, transports, matmuls,
+                    baseline, reference)  # the slot weights are freed on return, before the next layout
+        _traffic_of_batch(jax, jnp, np, config, router, x, build_assignment_tables(slot_to_expert, E), slot_to_expert,
+                          R, name, dtype)
+    if R > 1 and "balanced" in plans:  # one rank has no one to hand shared rows to
+        shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, plans["balanced"](), matmuls[0],
                              args.repeats)
-    from bench_split import split_table
+    del logical, reference  # the grouped-matmul table's weights take their place
+    grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=args.table_matmuls or matmuls)
+    if not args.no_split_table:
+        from bench_split import split_table
 
-    split_table(load, [(R, args.slots_per_rank * R), (36, 288)], max(args.tokens // R, 1), k)
+        split_table(load, [(R, args.slots_per_rank * R), (36, 288)], max(args.tokens // R, 1), k)
+
+
+def layer_table(jax, jnp, np, config, mesh, router, logical, x, slot_to_expert, name, args, transports, matmuls,
+                baseline, reference):
+    """One placement's rows: every policy x transport x dispatch x matmul, timed; ``reference`` holds the first
+    configuration's output (every other one computes the same experts, so must agree to the dtype's rounding)."""
+    import itertools
+
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from jax_eplb import build_assignment_tables
+    from jax_eplb.moe import MoEOptions, ep_moe_forward, slot_weights_from_logical
+
+    tables = build_assignment_tables(slot_to_expert, config.num_experts)
+    slots = slot_weights_from_logical(logical, slot_to_expert, mesh)
+    xs = jax.device_put(x, NamedSharding(mesh, P("ep")))
+    rc, es = jnp.asarray(tables.replica_count[0]), jnp.asarray(tables.expert_slots[0])
+    for policy in args.policies:
+        for transport, dispatch, matmul in itertools.product(transports, args.dispatches, matmuls):
+            options = MoEOptions(replica_policy=policy, transport=transport, grouped_matmul=matmul, dispatch=dispatch)
+            fn = jax.jit(functools.partial(ep_moe_forward, config, mesh, options=options))
+            label = f"{name:>10} {policy:>12} {transport:>10} {dispatch:>8} {matmul:>10}"
+            try:
+                start = time.perf_counter()
+                result = jax.block_until_ready(fn(router, slots, xs, rc, es))
+                compile_s = time.perf_counter() - start
+                ms = 1e3 * _time(lambda: fn(router, slots, xs, rc, es).out, args.repeats)
+            except Exception as error:  # noqa: BLE001 - reported, the other configurations still run
+                print(f"{label} FAILED: {type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:200] if str(error) else ''}", flush=True)
+                continue
+            out = np.asarray(result.out, np.float32)
+            if not reference:
+                reference.append(out)
+            diff = float(np.abs(out - reference[0]).max() / max(float(np.abs(reference[0]).max()), 1e-30))
+            key = (policy, transport, dispatch, matmul)
+            baseline.setdefault(key, ms)  # the first placement is the baseline
+            per_rank = np.asarray(result.rank_load)
+            print(f"{label} {len(slot_to_expert):>6} {per_rank.max() / per_rank.mean() - 1:>9.3f} "
+                  f"{per_rank.max():>9} {compile_s:>9.1f} {ms:>8.1f} {baseline[key] / ms:>9.2f}x "
+                  f"{_peak_gib(mesh):>8} {diff:>8.1e}", flush=True)
+
+
+def _peak_gib(mesh) -> str:
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    return f"{stats['peak_bytes_in_use'] / 2**30:.1f}" if "peak_bytes_in_use" in stats else "-"
 
 
 def shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, slot_to_expert, matmul, repeats):

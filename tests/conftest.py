@@ -12,6 +12,7 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import dataclasses  # noqa: E402
+import signal  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -25,13 +26,19 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 
 def pytest_configure(config):
     """Compiled programs are cached on disk for the session: tests that build the same model and
-    shapes reuse them instead of compiling again (most of this suite's time is XLA compiles)."""
+    shapes reuse them instead of compiling again (most of this suite's time is XLA compiles). SIGINT
+    stops the run with its summary even where a launcher started it with SIGINT ignored (a time limit
+    sends SIGINT: scripts/gpu_check.sh)."""
     import tempfile
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     cache = os.environ.get("JAX_EPLB_TEST_COMPILE_CACHE") or tempfile.mkdtemp(prefix="jax_eplb_compile_cache_")
     jax.config.update("jax_compilation_cache_dir", cache)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    if jax.default_backend() == "gpu":  # float32 comparisons mean float32: GPUs multiply in TF32 by default
+        jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
@@ -58,15 +65,57 @@ def mesh_of():
 
 # ----------------------------------------------------------------------------- MoE oracles
 
+def numpy_router_scores(config, kernel, x) -> np.ndarray:
+    """``[T, E]`` float64 scores the combine weights come from: softmax (Mixtral, Qwen3) or sigmoid (DeepSeek)."""
+    logits = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    if config.router == "deepseek":
+        return 1 / (1 + np.exp(-logits))
+    shifted = np.exp(logits - logits.max(-1, keepdims=True))
+    return shifted / shifted.sum(-1, keepdims=True)
+
+
+def numpy_route(config, kernel, bias, x) -> tuple[np.ndarray, np.ndarray]:
+    """The routers written from their papers in float64 NumPy: expert ids ``[T, K]`` (best first) and combine
+    weights ``[T, K]``. Softmax top-k (renormalised if the config says so); DeepSeek-V3: the bias steers the
+    choice only, a group scores the sum of its two best biased scores, experts only from the ``topk_group``
+    best groups, weights the plain sigmoid scores renormalised, times ``routed_scaling_factor``."""
+    scores = numpy_router_scores(config, kernel, x)
+    if config.router == "deepseek":
+        choice = scores + np.asarray(bias, np.float64)[None]
+        tokens, experts = choice.shape
+        grouped = choice.reshape(tokens, config.n_group, experts // config.n_group)
+        group_score = np.sort(grouped, -1)[..., -2:].sum(-1)  # [T, G]
+        best = np.argsort(-group_score, -1, kind="stable")[:, :config.topk_group]
+        allowed = np.zeros((tokens, config.n_group), bool)
+        np.put_along_axis(allowed, best, True, -1)
+        choice = np.where(np.repeat(allowed, experts // config.n_group, -1), choice, -np.inf)
+    else:
+        choice = scores
+    ids = np.argsort(-choice, -1, kind="stable")[:, :config.top_k]
+    return ids, numpy_combine_weights(config, scores, ids)
+
+
+def numpy_combine_weights(config, scores, ids) -> np.ndarray:
+    """``[T, K]`` combine weights of the chosen ``ids`` from the router's plain ``scores`` (float64)."""
+    weights = np.take_along_axis(scores, ids, -1)
+    if config.renormalize:
+        weights = weights / weights.sum(-1, keepdims=True)
+    return weights * (config.routed_scaling_factor if config.router == "deepseek" else 1.0)
+
+
 def dense_moe_reference(config, router, logical, x, shared=None):
-    """Single-device dense MoE in float32: a loop over logical experts."""
+    """Single-device dense MoE in float32: a loop over logical experts. The experts are those the package's
+    router picks (a choice near a tie may go either way in float32); their combine weights come from the
+    NumPy router's scores (``numpy_combine_weights``), so a wrong weight rule in the package shows here."""
     from jax_eplb.moe import route, swiglu
 
     x = x.astype(jnp.float32)
-    routing = route(config, router, x)
+    ids = np.asarray(route(config, router, x).expert_ids)
+    scores = numpy_router_scores(config, router.kernel, x)
+    weights = jnp.asarray(numpy_combine_weights(config, scores, ids), jnp.float32)
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(config.num_experts):
-        weight = jnp.sum(jnp.where(routing.expert_ids == e, routing.weights, 0.0), axis=1)  # [T]
+        weight = jnp.sum(jnp.where(ids == e, weights, 0.0), axis=1)  # [T]
         out = out + weight[:, None] * swiglu(x, *(w[e].astype(jnp.float32) for w in logical))
     if shared is not None:
         out = out + swiglu(x, *(w.astype(jnp.float32) for w in shared))
@@ -173,7 +222,8 @@ class SmallModels:
 
     def reference_next_token(self, config, params, experts, tokens) -> int:
         """Greedy next token of one sequence, recomputing everything (float64 NumPy; the router's
-        top-k selection comes from the block's router function, the MoE is a loop over experts).
+        top-k selection comes from the block's router function, its combine weights from the NumPy
+        router's scores, the MoE is a loop over experts).
         ``params``: ``seeded_params`` as float64; ``experts``: logical ``[Lm, E, ...]``."""
         c = config
         x = params["embed"][np.asarray(tokens)]
@@ -222,8 +272,8 @@ def _reference_moe(c, mlp, experts, layer, h):
 
     router = RouterWeights(jnp.asarray(mlp["router_kernel"][layer], jnp.float32),
                            jnp.asarray(mlp["correction_bias"][layer], jnp.float32))
-    routing = jax.jit(route, static_argnums=0)(c.moe, router, jnp.asarray(h, jnp.float32))
-    ids, weights = np.asarray(routing.expert_ids), np.asarray(routing.weights, np.float64)
+    ids = np.asarray(jax.jit(route, static_argnums=0)(c.moe, router, jnp.asarray(h, jnp.float32)).expert_ids)
+    weights = numpy_combine_weights(c.moe, numpy_router_scores(c.moe, mlp["router_kernel"][layer], h), ids)
     out = _swiglu(h, *(mlp["shared"][k][layer] for k in ("gate", "up", "down"))) if "shared" in mlp else 0.0
     for e in range(c.num_experts):
         gate = np.sum(np.where(ids == e, weights, 0.0), axis=1)

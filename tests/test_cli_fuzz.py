@@ -1,5 +1,5 @@
 """Property test over the command line's inputs: every case ends in exit 0 or one line + exit 2,
-never a traceback, never a partial or stray file."""
+never a traceback, never a partial or stray file; a case with an input broken on purpose ends in exit 2."""
 
 import contextlib
 import io
@@ -45,16 +45,18 @@ def inputs(tmp_path_factory):
 _COMMON = {
     "statistics": (["dump", "sglang.json", "counts.npy"], ["gap", "binary.json", "text.txt", "empty_dir", "missing"]),
     "ep_size": ([None, None, 1, 2, 4], [0, -2, 3]),
-    "num_slots": ([None, None, 8, 12, 16], [0, -1, 10, 4]),
+    "num_slots": ([None, None, 8, 12, 16], [0, -1, 4]),  # bad whatever the ranks (8 experts)
     "iter_start": ([None, None, 5, 6], [0, 9]),
 }
 _PLANS = (["plan.yaml", "plan_unused.yaml"],
           ["plan_dup.yaml", "plan_bad.yaml", "projection.yaml", "binary.yaml", "empty_dir", "missing.yaml"])
 _INPUTS = {
     "report": {**_COMMON, "iter_stop": ([None, None, 7, 8], [5, 0]),
-               "projection_eplb_config_path": ([None, None, *_PLANS[0], "projection.yaml"], _PLANS[1]),
-               "format": ([None, "json", "table"], []), "per_expert": ([False, True], [])},
-    "generate": {**_COMMON, "output": (["new", "exists"], ["nested/new", "empty_dir", "text.txt/below"]),
+               "projection_eplb_config_path": ([None, None, *_PLANS[0], "projection.yaml"],
+                                               [p for p in _PLANS[1] if p != "projection.yaml"]),
+               "format": ([None, "json", "table"], []), "per_expert": ([False, True], []),
+               "lower_bound": ([False, True], [])},
+    "generate": {**_COMMON, "output": (["new", "exists", "nested/new"], ["empty_dir", "text.txt/below"]),
                  "algorithm": ([None, "balanced", "trtllm", "deepseek"], []),
                  "num_groups": ([None, 1, 2], [0, -1]), "num_nodes": ([None, 1, 2], [0]),
                  "previous_config": ([None, None, None, *_PLANS[0]], _PLANS[1]),
@@ -69,6 +71,8 @@ def _consistent(values: dict) -> dict:
     """Fine values that also fit together (each alone can still be refused in combination)."""
     if values["statistics"] != "dump":  # one recorded iteration window [0, I), no rank split
         values.update(iter_start=None, iter_stop=None, ep_size=values["ep_size"] or 2)
+    if "lower_bound" in values and values["num_slots"] is not None:  # report: --num_slots is --lower_bound's
+        values["lower_bound"] = True
     if values.get("iter_stop") is not None:
         values["iter_stop"] = (values["iter_start"] or 5) + 1 + values["iter_stop"] % 2
     if values.get("previous_config"):
@@ -81,16 +85,21 @@ def _consistent(values: dict) -> dict:
     return values
 
 
+_DUMP_ONLY = ("iter_start", "iter_stop")  # bad only against the dump's recorded iterations
+
+
 @st.composite
 def cases(draw, command):
-    """Fine values everywhere, and in about half the cases one input made bad."""
+    """``(values, spoiled)``: fine values everywhere, and in about half the cases one input made bad
+    (``spoiled`` names it; None: none)."""
     inputs = _INPUTS[command]
     values = _consistent({name: draw(st.sampled_from(good)) for name, (good, _) in inputs.items()})
-    spoilable = [name for name, (_, bad) in inputs.items() if bad]
+    spoilable = [name for name, (_, bad) in inputs.items()
+                 if bad and (name not in _DUMP_ONLY or values["statistics"] == "dump")]
     spoiled = draw(st.sampled_from([None] * len(spoilable) + spoilable))
     if spoiled is not None:
         values[spoiled] = draw(st.sampled_from(inputs[spoiled][1]))
-    return values
+    return values, spoiled
 
 
 def _run(argv):
@@ -117,8 +126,9 @@ def _argv(root, command, values):
     return argv
 
 
-def _check_outcome(code, err, root):
+def _check_outcome(code, err, root, spoiled):
     assert code in (0, 2), (code, err)
+    assert spoiled is None or code == 2, f"the bad {spoiled} was accepted"
     if code == 2:
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:"), err
@@ -127,17 +137,19 @@ def _check_outcome(code, err, root):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=cases("report"))
-def test_report_inputs(inputs, values):
+@given(case=cases("report"))
+def test_report_inputs(inputs, case):
+    values, spoiled = case
     code, out, err = _run(_argv(inputs, "report", values))
-    _check_outcome(code, err, inputs)
+    _check_outcome(code, err, inputs, spoiled)
     if code == 0:
         assert "average" in out
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(values=cases("generate"))
-def test_generate_inputs(inputs, values):
+@given(case=cases("generate"))
+def test_generate_inputs(inputs, case):
+    values, spoiled = case
     target = inputs / values["output"]
     if values["output"] in ("new", "exists"):  # a fresh name per case
         target = target.with_name(f"plan_{next(_case_ids)}.yaml")
@@ -146,7 +158,7 @@ def test_generate_inputs(inputs, values):
     existed = target.exists()
     before = target.read_text() if target.is_file() else None
     code, out, err = _run(_argv(inputs, "generate", values) + ["--output_path", str(target)])
-    _check_outcome(code, err, inputs)
+    _check_outcome(code, err, inputs, spoiled)
     if code == 0:
         assert "wrote" in out
         MoeLoadBalancerConfig.from_yaml(target)  # a whole, strict-valid plan
@@ -154,3 +166,21 @@ def test_generate_inputs(inputs, values):
         assert not target.exists(), "a failed run left its output"
     elif before is not None:
         assert target.read_text() == before, "a failed run changed the earlier output"
+
+
+_EVERY_BAD = [(command, name, bad) for command, inputs in _INPUTS.items() for name, (_, bads) in inputs.items()
+              for bad in bads]
+
+
+@pytest.mark.parametrize("command,name,bad", _EVERY_BAD, ids=[f"{c}-{n}-{b}" for c, n, b in _EVERY_BAD])
+def test_every_bad_value_alone_is_refused_in_one_line(inputs, command, name, bad):
+    """Each bad value on its own, everything else fine (the dump, defaults): exit 2 and one line."""
+    values = {"statistics": "dump", "output": "new"} if command == "generate" else {"statistics": "dump"}
+    values[name] = bad
+    argv = _argv(inputs, command, values)
+    target = inputs / f"alone_{next(_case_ids)}.yaml"
+    if command == "generate":
+        argv += ["--output_path", str(inputs / values["output"]) if name == "output" else str(target)]
+    code, _, err = _run(argv)
+    _check_outcome(code, err, inputs, name)
+    assert not target.exists()

@@ -85,6 +85,34 @@ def test_split_close_to_lp_optimum_on_random_plans():
     assert np.mean(excess_shared) < 1e-3 and np.max(excess_shared) < 0.01
 
 
+LP_CLAIM = {(256, 32, 288): (1e-3, 5e-3), (256, 36, 288): (1e-3, 5e-3),  # (experts, ranks, slots): mean, max
+            (64, 8, 80): (1e-2, 2.5e-2)}  # 10 slots per rank, many links: measurably above the optimum
+
+
+@pytest.mark.parametrize("geometry", list(LP_CLAIM), ids=lambda g: f"E{g[0]}-EP{g[1]}-S{g[2]}")
+@pytest.mark.parametrize("kind", ["balanced", "flow", "trtllm", "random"])
+def test_split_near_lp_optimum_on_every_plan_kind(kind, geometry):
+    """The claim (README, docs/benchmarks.md): the split is within 0.001 of the LP optimum on average at
+    DeepSeek-V3's EP32/288 and EP36/288, whichever plan the runtime serves; at EP8 with 80 slots (the demo's
+    geometry) within 1%. Skewed loads (gamma 0.8), 256 decode tokens per rank x top-8, unseen iterations."""
+    num_experts, ep_size, num_slots = geometry
+    rng = np.random.default_rng(7)
+    load = rng.gamma(0.8, 100.0, size=(1, num_experts))
+    entries = 256 * ep_size * 8
+    plans = {
+        "balanced": lambda: balanced_plan(load, num_slots, ep_size)[0],
+        "flow": lambda: flow_plan(load, sample_iterations(load, entries, num_samples=8), num_slots, ep_size)[0],
+        "trtllm": lambda: trtllm_plan(load, num_slots, ep_size)[0],
+        "random": lambda: rng.permutation(np.concatenate([np.arange(num_experts),
+                                                          rng.integers(0, num_experts, num_slots - num_experts)])),
+    }
+    plan = plans[kind]()
+    excess = [split_rank_loads(plan, batch[None], ep_size)[0, 0].max() / lp_peak(plan, batch, ep_size) - 1
+              for batch in sample_iterations(load, entries, num_samples=8, seed=11)[:, 0]]
+    mean_bound, max_bound = LP_CLAIM[geometry]
+    assert np.mean(excess) < mean_bound and np.max(excess) < max_bound, (np.mean(excess), np.max(excess))
+
+
 def test_split_reaches_lp_optimum_along_a_chain_of_ranks():
     """12 ranks in a line, neighbours linked by a replicated expert, single experts' load rising along
     the line: the load must flow 11 links deep (slow for damped passes: 8 passes are far off)."""
@@ -138,7 +166,8 @@ def test_runtime_split_equals_numpy_model_and_rounds_exactly(data):
     slots = tables.expert_slots[0]
     runtime = np.zeros(ep_size)
     np.add.at(runtime, slots[slots >= 0] // per_rank, shares[slots >= 0])
-    np.testing.assert_allclose(runtime, split_rank_loads(plan, counts[None], ep_size)[0, 0], rtol=1e-5, atol=1e-3)
+    # float32 in the step vs float64 here: 6e-7 relative measured over 300 random cases
+    np.testing.assert_allclose(runtime, split_rank_loads(plan, counts[None], ep_size)[0, 0], rtol=5e-6, atol=1e-4)
     np.testing.assert_array_equal(quotas.sum(axis=1), counts)
     assert np.all(quotas >= 0) and np.all(np.abs(quotas - shares) < 1 + 1e-4)
     assert np.all(quotas[slots < 0] == 0)
@@ -164,7 +193,7 @@ def test_runtime_split_with_shared_rows_equals_numpy_model(data):
     runtime = np.asarray(split.shared, np.float64)
     np.add.at(runtime, slots[slots >= 0] // per_rank, np.asarray(split.replica)[slots >= 0])
     model = split_rank_loads(plan, counts[None], ep_size, shared_rows=shared)[0, 0]
-    np.testing.assert_allclose(runtime, model, rtol=1e-4, atol=1e-2)
+    np.testing.assert_allclose(runtime, model, rtol=5e-6, atol=1e-4)  # 2e-7 relative measured
     np.testing.assert_allclose(np.asarray(split.shared).sum(), shared * serving.sum(), rtol=1e-5)
 
 

@@ -45,12 +45,20 @@ def h100():
 @pytest.fixture
 def triton_sees_h100(monkeypatch):
     """Inside shard_map the context mesh is the (CPU) mesh of the shard_map, not an abstract H100, so on
-    JAX >= 0.11 the Triton lowering is told the GPU kind directly (Mosaic GPU lowers for sm90 by default)."""
-    try:
-        from jax._src.pallas.triton import gpu_info
-    except ImportError:  # JAX < 0.11 reads no device kind when lowering Triton for CUDA
-        return
-    monkeypatch.setattr(gpu_info, "get_device_kind", lambda: H100)
+    JAX >= 0.11 the Triton lowering is told the GPU kind directly (Mosaic GPU lowers for sm90 by default).
+    The module that answers moved: ``jax._src.pallas.triton.gpu_info`` (0.11, 0.12.0), ``jax._src.gpu_info``
+    (0.12.1 on); JAX < 0.11 reads no device kind when lowering Triton for CUDA."""
+    import importlib
+
+    for name in ("jax._src.gpu_info", "jax._src.pallas.triton.gpu_info"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(module, "get_device_kind"):
+            monkeypatch.setattr(module, "get_device_kind", lambda: H100)
+            if hasattr(getattr(module, "get_gpu_info", None), "cache_clear"):
+                module.get_gpu_info.cache_clear()
 
 
 def lower_for_cuda(fn, *args, abstract_gpu: bool = True, no_deprecations: bool = False) -> str:
@@ -208,3 +216,22 @@ def test_model_step_lowers_for_cuda_with_gpu_options(triton_sees_h100):
     text = runner._step.trace(graphdef, False, state, tokens, tokens, tokens == 0, cache,
                               sampling).lower(lowering_platforms=("cuda",)).as_text()
     assert "sort" in text and "ragged_all_to_all" in text
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the stop on a machine without a GPU")
+def test_gpu_check_stops_at_once_without_a_gpu(tmp_path):
+    """scripts/gpu_check.sh spends no device time when JAX sees no GPU: one line, exit 2, within 60 s."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path / "out"), JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path))
+    start = time.perf_counter()
+    done = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert time.perf_counter() - start < 60 and done.returncode == 2, done.stdout + done.stderr
+    stops = [line for line in done.stdout.splitlines() if line.startswith("gpu_check: stopped")]
+    assert stops == ["gpu_check: stopped: JAX's backend is 'cpu', not 'gpu'"]
+    assert not (tmp_path / "out" / "smoke.txt").exists()  # nothing after the assertion ran

@@ -1,5 +1,5 @@
 """Hugging Face checkpoints (tests/fixtures/hf, written by transformers: scripts/make_hf_fixtures.py)
-served on the ep mesh give transformers' own outputs: prefill logits within 1e-4 (relative to the
+served on the ep mesh give transformers' own outputs: prefill logits within 2e-5 (relative to the
 largest logit) and identical greedy tokens, for every architecture, ep size, placement, replica
 policy and transport; a new placement swapped in keeps them and recompiles nothing."""
 
@@ -56,7 +56,7 @@ def run(runner, reference, ranks):
 def assert_matches(reference, logits, tokens):
     for i, got in enumerate(logits):
         want = reference["logits"][i, :len(got)]
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+        assert np.abs(got - want).max() <= 2e-5 * np.abs(want).max()  # <= 2.5e-6 measured
     np.testing.assert_array_equal(tokens, reference["tokens"])
 
 

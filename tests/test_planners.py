@@ -281,3 +281,24 @@ def test_unused_slots_hand_worked(tmp_path):
     plan.write_text("num_slots: 4\ninitial_global_assignments:\n  0: [-1, 0, 2, 0]\n")
     with pytest.raises(EplbInputError, match=r"expert\(s\) \[1\] have no replica"):
         MoeLoadBalancerConfig.from_yaml(plan).slot_to_expert([0], 3, 2)
+
+
+@pytest.mark.parametrize("geometry", [(12, 4, 16), (32, 8, 40), (64, 8, 80), (256, 32, 288), (256, 36, 288)],
+                         ids=lambda g: f"E{g[0]}-EP{g[1]}-S{g[2]}")
+def test_balanced_own_plan_beats_the_baselines_before_any_fallback(geometry):
+    """The planner's own candidates (before it keeps a baseline that did better) on skewed loads (gamma 0.8,
+    24 layers): never above the better of TensorRT-LLM's and DeepSeek's plans, lower on average, and within
+    1% of the lower bound on average (measured 2026-12-06: 0.05-0.7% above it, the baselines 0.3-3.9%)."""
+    from jax_eplb.planning import trtllm_plan
+    from jax_eplb.planning._balanced import own_candidates
+    from jax_eplb.planning._baselines import deepseek_plan
+
+    num_experts, ep_size, num_slots = geometry
+    load = np.random.default_rng(0).gamma(0.8, 1000.0, size=(24, num_experts)).round() + 1
+    peak = lambda plan: rank_loads(load, plan, ep_size).max(axis=1)  # noqa: E731
+    own = np.min([peak(plan) for plan in own_candidates(load, num_slots, ep_size)], axis=0)
+    baseline = np.minimum(peak(trtllm_plan(load, num_slots, ep_size)), peak(deepseek_plan(load, num_slots, ep_size)))
+    bound = lower_bound(load, num_slots, ep_size).max_rank_load
+    assert np.all(own <= baseline * (1 + 1e-9))
+    assert np.mean(own / baseline) < 0.999
+    assert np.mean(own / bound) < 1.01

@@ -175,8 +175,11 @@ def test_numpy_formats(tmp_path):
 
 
 def test_default_layout_matches_trtllm_rule():
-    got = default_slot_to_expert(num_experts=6, num_slots=8, ep_size=4)
-    assert got.tolist() == [(r * 6 // 4 + i) % 6 for r in range(4) for i in range(2)]
+    """Rank r holds experts r*E//R, r*E//R + 1, ... (mod E), worked out by hand."""
+    assert default_slot_to_expert(num_experts=6, num_slots=8, ep_size=4).tolist() == [0, 1, 1, 2, 3, 4, 4, 5]
+    assert default_slot_to_expert(num_experts=4, num_slots=8, ep_size=2).tolist() == [0, 1, 2, 3, 2, 3, 0, 1]
+    assert default_slot_to_expert(num_experts=5, num_slots=6, ep_size=3).tolist() == [0, 1, 1, 2, 3, 4]
+    assert default_slot_to_expert(num_experts=8, num_slots=8, ep_size=8).tolist() == list(range(8))
 
 
 def test_assignment_tables_hand_worked():

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from jax_eplb._assignment import check_slot_geometry
 from jax_eplb._errors import EplbInputError
 from jax_eplb.cli._checks import at_least, output_file
 
@@ -39,6 +40,8 @@ def run_report(args) -> int:
 
     at_least(args.ep_size, 1, "--ep_size")
     at_least(args.num_slots, 1, "--num_slots")
+    if args.num_slots is not None and not args.lower_bound:
+        raise EplbInputError("--num_slots sets the slots of --lower_bound: give --lower_bound too")
     projection, ep_size = None, args.ep_size
     if args.projection_eplb_config_path:
         projection, ep_size = _projection(args.projection_eplb_config_path, args.ep_size)
@@ -56,6 +59,10 @@ def run_report(args) -> int:
     if args.lower_bound:
         num_slots = args.num_slots or (projection.resolved_num_slots(stats.num_experts) if projection
                                        else stats.num_experts)
+        try:
+            check_slot_geometry(stats.num_experts, num_slots, ep_size)
+        except EplbInputError as error:
+            raise EplbInputError(f"--lower_bound: {error}") from None
     report = load_report(stats, ep_size=ep_size, per_expert=args.per_expert,
                          projection=projection, lower_bound_slots=num_slots)
     print(report.to_json() if args.format == "json" else report.to_table())

@@ -20,6 +20,7 @@ from flax import nnx
 from jax_eplb.model._sampling import Sampling
 from jax_eplb.model._transformer import KVCache, MoETransformer, StepOutput
 from jax_eplb.sharding import over_ranks
+from jax_eplb_kernels import settle_choices
 
 
 def _step(graphdef, return_logits: bool, state, tokens, positions, mask, cache, sampling=None) -> StepOutput:
@@ -93,9 +94,15 @@ class ModelRunner:
         state, cache = jax.tree.map(abstract, (state, self.new_cache(batch)))
         row = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=shard)  # noqa: E731
         row_sampling = Sampling(row(jnp.float32), row(jnp.float32), row(jnp.uint32), row(jnp.int32))
+        programs = {}
         for length in (prefill_len, 1):
             tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=shard)
             mask = jax.ShapeDtypeStruct((batch, length), jnp.bool_, sharding=shard)
             for sampled in (False, True) if sampling else (False,):
-                self._compiled[(batch, length, sampled)] = self._step.lower(
-                    graphdef, False, state, tokens, tokens, mask, cache, row_sampling if sampled else None).compile()
+                programs[(batch, length, sampled)] = (state, tokens, tokens, mask, cache,
+                                                      row_sampling if sampled else None)
+        if jax.process_count() > 1:  # 'auto' choices made outside tracing, in one order, agreed by all processes
+            settle_choices(lambda: [jax.eval_shape(functools.partial(_step, graphdef, False), *args)
+                                    for args in programs.values()])
+        for key, args in programs.items():
+            self._compiled[key] = self._step.lower(graphdef, False, *args).compile()

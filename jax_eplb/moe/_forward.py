@@ -26,7 +26,7 @@ from jax_eplb.moe._routers import route
 from jax_eplb.moe._transport import resolve_transport
 from jax_eplb.moe._types import ExpertWeights, MoEConfig, MoEOptions, MoEOutput, RouterWeights
 from jax_eplb.sharding import EP_AXIS, num_ranks as mesh_ranks, platform
-from jax_eplb_kernels import routing_histogram
+from jax_eplb_kernels import on_platform, routing_histogram
 
 
 def chunk_sizes(local_tokens: int, num_ranks: int, moe_max_num_tokens: int | None) -> list[int]:
@@ -58,14 +58,13 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     if token_mask is None:
         token_mask = jnp.ones((x.shape[0],), bool)
     on = platform(mesh)
-    kernels = "xla" if options.kernel_implementation == "auto" and on != "gpu" else options.kernel_implementation
     sizes = chunk_sizes(x.shape[0] // ranks, ranks, options.moe_max_num_tokens)
     num_slots, hidden, ffn = slot_experts.gate.shape
     shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden, ffn=ffn, local_slots=num_slots // ranks,
                           dtype=str(slot_experts.gate.dtype))  # what auto measures at: one rank's biggest chunk
     options = dataclasses.replace(resolve_transport(options, mesh, shapes, config.top_k),
-                                  kernel_implementation=kernels,
-                                  grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on, shapes))
+                                  grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on, shapes,
+                                                                        mesh.devices.flat[0]))
     balance = shared is not None and shared_balance_on(options, ranks)
     pieces = shared_pieces(shared, ffn) if balance else ()
     body = functools.partial(_rank_moe, config, options, sizes)
@@ -75,8 +74,9 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
         + (P(),) * len(pieces),
         out_specs=(P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(), P(EP_AXIS)),
         check_vma=False)
-    out, rank_load, shared_rows, expert_counts, slot_counts, totals, rows = fn(
-        x, token_mask, router.kernel, router.correction_bias, *slot_experts, replica_count, expert_slots, *pieces)
+    with on_platform(on):  # the routing kernels' 'auto' decides by the mesh's platform
+        out, rank_load, shared_rows, expert_counts, slot_counts, totals, rows = fn(
+            x, token_mask, router.kernel, router.correction_bias, *slot_experts, replica_count, expert_slots, *pieces)
     rank_rows = rank_load + shared_rows  # balanced: the shared pieces each rank computed
     if shared is not None and not balance:
         out = out + jnp.where(token_mask[:, None], swiglu(x, *shared), 0.0)

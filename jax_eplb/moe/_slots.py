@@ -57,6 +57,10 @@ def slot_weights_from_logical(experts, slot_to_expert, mesh) -> ExpertWeights:
     ``ExpertWeights`` ``[L, E, ...]``); ``[S]`` -> ``[S, ...]`` from logical ``[E, ...]`` (one layer).
     """
     index = np.asarray(slot_to_expert)
+    on_mesh = lambda w: (isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer)  # noqa: E731
+                         and {d.platform for d in w.devices()} == {mesh.devices.flat[0].platform})
+    if index.ndim == 1 and jax.process_count() == 1 and all(on_mesh(w) for w in experts):
+        return ExpertWeights(*(_gather_on_device(w, index, mesh) for w in experts))  # no host round trip
     if index.ndim == 1:
         one_layer = ExpertWeights(*(np.asarray(w)[None] for w in experts))
         return _layer_slots(HostExperts(one_layer), 0, index, mesh)
@@ -65,6 +69,15 @@ def slot_weights_from_logical(experts, slot_to_expert, mesh) -> ExpertWeights:
     for layer in range(index.shape[0]):
         buffers = set_layer_slots(buffers, _layer_slots(source, layer, index[layer], mesh), layer)
     return buffers
+
+
+def _gather_on_device(logical: jax.Array, slot_experts: np.ndarray, mesh) -> jax.Array:
+    """``[E, ...]`` device array -> ``[S, ...]`` sharded over ``ep`` (unused slots zero), gathered on the devices."""
+    def gather(w, index):
+        rows = jnp.take(w, jnp.maximum(index, 0), axis=0)
+        return jnp.where((index >= 0).reshape((-1,) + (1,) * (w.ndim - 1)), rows, jnp.zeros((), w.dtype))
+
+    return jax.jit(gather, out_shardings=over_ranks(mesh))(logical, jnp.asarray(slot_experts, jnp.int32))
 
 
 def _layer_slots(source: ExpertSource, layer: int, slot_experts: np.ndarray, mesh) -> ExpertWeights:

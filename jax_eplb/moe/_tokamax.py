@@ -4,6 +4,7 @@ the device)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 
@@ -23,6 +24,17 @@ def tokamax_unavailable() -> str | None:
         return f"tokamax needs JAX >= 0.11 (this is {jax.__version__})"
     if importlib.util.find_spec("tokamax") is None:
         return "tokamax is not installed"
+    return _import_error()
+
+
+@functools.cache
+def _import_error() -> str | None:
+    """Why ``import tokamax`` fails here (a missing or mismatched dependency: qwix, typeguard, ...), or None."""
+    try:
+        import tokamax  # noqa: F401
+    except Exception as error:  # noqa: BLE001 - any failure means tokamax cannot run here
+        first_line = str(error).splitlines()[0][:160] if str(error) else ""
+        return f"tokamax does not import ({type(error).__name__}: {first_line})"
     return None
 
 

@@ -76,14 +76,23 @@ def search_replica_counts(load: np.ndarray, count: np.ndarray, ep_size: int,
     return count
 
 
-def balanced_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
-    """``[L, E]`` loads -> ``[L, S]`` slot_to_expert."""
+def own_candidates(load: np.ndarray, num_slots: int, ep_size: int) -> list[np.ndarray]:
+    """The planner's own ``[L, S]`` plans, before any baseline: the greedy counts packed and refined by
+    swaps, and with few slots per rank the searched counts too."""
     load = np.asarray(load, dtype=np.float64)
     count = greedy_replication(load, num_slots, prefer_larger_id=False).replica_count
     candidates = [refine_by_swaps(load, pack_replicas(load, count, ep_size), ep_size)]
     if num_slots // ep_size <= FEW_SLOTS_PER_RANK and num_slots > load.shape[1]:
         searched = search_replica_counts(load, count, ep_size)
         candidates.append(refine_by_swaps(load, pack_replicas(load, searched, ep_size), ep_size))
+    return candidates
+
+
+def balanced_plan(load: np.ndarray, num_slots: int, ep_size: int) -> np.ndarray:
+    """``[L, E]`` loads -> ``[L, S]`` slot_to_expert: per layer the best of :func:`own_candidates` and the
+    TensorRT-LLM and DeepSeek plans (a baseline that wins is refined by swaps)."""
+    load = np.asarray(load, dtype=np.float64)
+    candidates = own_candidates(load, num_slots, ep_size)
     candidates += [trtllm_plan(load, num_slots, ep_size), deepseek_plan(load, num_slots, ep_size)]
     peak = np.stack([_max_load(load, c, ep_size) for c in candidates])  # [C, L]
     best = np.argmin(peak, axis=0)  # ours come first and win ties

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jax_eplb_kernels._dispatch import relative_close, resolve_implementation, triton_in_auto
+from jax_eplb_kernels._dispatch import dtype_tolerance, relative_close, resolve_implementation, triton_in_auto
 from jax_eplb_kernels.grouped_matmul.pallas_gpu import MatmulBlockSizes, tile_grouped_matmul_pallas
 from jax_eplb_kernels.grouped_matmul.reference import tile_grouped_matmul_reference
 
@@ -36,7 +36,8 @@ def tile_grouped_matmul(x: jax.Array, w: jax.Array, tile_group: jax.Array, used_
         implementation, trials=(lambda: _trials(x.shape[0] // tile, k, n, w.shape[0], tile, x.dtype, w.dtype,
                                                 block_sizes)) if triton_in_auto() else None,
         key=("tile_grouped_matmul", x.shape[0], k, n, w.shape[0], tile, str(x.dtype), str(w.dtype), block_sizes),
-        close=relative_close(3e-2), subject=f"tile-grouped matmul ({x.shape[0]}x{k} @ {w.shape[0]}x{k}x{n}, {x.dtype})")
+        close=relative_close(dtype_tolerance(x.dtype)),
+        subject=f"tile-grouped matmul ({x.shape[0]}x{k} @ {w.shape[0]}x{k}x{n}, {x.dtype})")
     if impl.startswith("mosaic_gpu"):
         impl = "xla"
     if impl == "xla":

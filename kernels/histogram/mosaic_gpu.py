@@ -32,6 +32,7 @@ from jax_eplb_kernels._mosaic_gpu import interpret_params
 BIN_ALIGN = 16  # per_bin: int32 bins per count row, 64 bytes, a multiple of TMA's 16-byte granule
 WARPGROUP = 128
 METHODS = ("scan", "per_bin")
+SEMANTICS = ("lane", "warpgroup")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +40,9 @@ class MosaicHistogramBlockSizes:
     block: int = 2048  # ids per program: [block / 128, 128] in SMEM (whole warpgroup rows, <= 256 of them)
     method: str = "scan"  # 'scan' | 'per_bin' (module docstring)
     unroll: int = 8  # scan: ids read per loop step (independent SMEM reads in flight)
+    # Mosaic GPU's lowering semantics, set explicitly: the default changed from Lane (JAX <= 0.10) to
+    # Warpgroup (0.11 on). 'lane' as the slot-routing kernel; scripts/gpu_smoke.py runs both on a GPU.
+    semantics: str = "lane"
 
     def __post_init__(self):
         if self.block < WARPGROUP or self.block % WARPGROUP or self.block > 256 * WARPGROUP:
@@ -46,6 +50,8 @@ class MosaicHistogramBlockSizes:
                              f"got {self.block}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.semantics not in SEMANTICS:
+            raise ValueError(f"semantics must be one of {SEMANTICS}, got {self.semantics!r}")
         if self.unroll < 1 or self.block % self.unroll:
             raise ValueError(f"unroll must be >= 1 and divide block ({self.block}), got {self.unroll}")
 
@@ -81,7 +87,7 @@ def _per_bin(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, inte
         def _(b):
             counts_smem[b // BIN_ALIGN, b % BIN_ALIGN] = jnp.sum((block_ids == b).astype(jnp.int32))
 
-    return _launch(count, padded, (), (bin_rows, BIN_ALIGN), interpret)
+    return _launch(count, padded, (), (bin_rows, BIN_ALIGN), block_sizes.semantics, interpret)
 
 
 def _scan(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpret: bool):
@@ -104,10 +110,10 @@ def _scan(padded, num_bins: int, block_sizes: MosaicHistogramBlockSizes, interpr
 
         counts_smem[...] = jax.lax.fori_loop(0, block // unroll, step, bins * 0)  # zeros in the bins' layout
 
-    return _launch(count, padded, (bin_ids,), (bin_rows, WARPGROUP), interpret)
+    return _launch(count, padded, (bin_ids,), (bin_rows, WARPGROUP), block_sizes.semantics, interpret)
 
 
-def _launch(count, padded, tables: tuple, counts_shape: tuple[int, int], interpret: bool):
+def _launch(count, padded, tables: tuple, counts_shape: tuple[int, int], semantics: str, interpret: bool):
     """One program per block of ``padded`` ``[P, rows, 128]``: its ids and every table (whole) GMEM -> SMEM,
     ``count(ids_smem, *table_smems, counts_smem)``, the counts SMEM -> row ``program`` of ``[P, *counts_shape]``."""
     from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -133,5 +139,8 @@ def _launch(count, padded, tables: tuple, counts_shape: tuple[int, int], interpr
         out_type=jax.ShapeDtypeStruct((num_programs, *counts_shape), jnp.int32),
         scratch_types=[plgpu.SMEM((rows, WARPGROUP), jnp.int32), *(plgpu.SMEM(t.shape, t.dtype) for t in tables),
                        plgpu.SMEM(counts_shape, jnp.int32), plgpu.Barrier(num_barriers=copies)],
-        grid=(num_programs,), grid_names=("program",), **({"interpret": interpret_params()} if interpret else {}))
+        grid=(num_programs,), grid_names=("program",),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=getattr(plgpu.LoweringSemantics, semantics.capitalize())),
+        **({"interpret": interpret_params()} if interpret else {}))
     return kernel(padded, *tables)
