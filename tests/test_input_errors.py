@@ -199,3 +199,31 @@ def test_serve_refuses_bad_input_before_work(files, capsys, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "uvicorn" else find_spec(name, *a))
     one_line_error(capsys, [*serve, "--ep_size", "2"], "pip install 'jax-eplb[serve]'")
+
+
+HIDE_FASTAPI = r"""
+import importlib.util, sys
+
+class Missing:  # FastAPI is not installed: finding and importing it both fail
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "fastapi":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+find_spec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] == "fastapi" else find_spec(name, *a)
+sys.meta_path.insert(0, Missing())
+from jax_eplb.cli import main
+sys.exit(main(["serve", "tiny", "--ep_size", "2", "--emulate_devices", "2"]))
+"""
+
+
+def test_serve_without_the_extra_is_one_line_not_a_traceback():
+    """``pip install -e .`` (no serve extra) then ``jax-eplb serve``: one line naming the extra, exit 2."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", HIDE_FASTAPI], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1] == "error: jax-eplb serve needs fastapi: pip install 'jax-eplb[serve]'", done.stderr

@@ -249,8 +249,15 @@ def test_a_client_that_goes_away_frees_its_row(small_server):
 
 
 def test_metrics_models_version_and_balance_state(small_server, small):
+    before = small_server.metrics()
     completion(small_server, [9, 8, 7], 3, temperature=0)
     samples = small_server.metrics()
+    gained = lambda name, **labels: metric(samples, name, **labels) - metric(before, name, **labels)  # noqa: E731
+    # 3 tokens: one time to first token, two gaps - each a real decode step, none measured as 0 (the last
+    # token's gap was once timed from itself, after the request was forgotten)
+    assert gained("jax_eplb_time_to_first_token_seconds_count") == 1
+    assert gained("jax_eplb_inter_token_latency_seconds_count") == 2
+    assert gained("jax_eplb_inter_token_latency_seconds_bucket", le="0.001") == 0
     layers = [str(l) for l in small.config().moe_layer_ids]
     for name in ("jax_eplb_moe_rank_imbalance", "jax_eplb_moe_rebalances_total", "jax_eplb_moe_slots_moved_total",
                  "jax_eplb_moe_bytes_moved_total", "jax_eplb_moe_planner_seconds_total",

@@ -64,3 +64,16 @@ def trtllm_parallel_flags(tool: str, tp: tuple[str, int | None], ep: tuple[str, 
             raise EplbInputError(f"{kv_flag} must be in (0, 1], got {kv_value}")
         notes.append(f"{kv_flag} has no effect (the KV cache is --max_seq_len x batch rows)")
     return notes
+
+
+SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client", "jinja2")
+
+
+def require_serve_extra() -> None:
+    """One line naming the ``serve`` extra unless FastAPI, uvicorn, prometheus_client and jinja2 are installed
+    (checked here, outside ``jax_eplb.server``, whose import needs them)."""
+    import importlib.util
+
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EplbInputError(f"jax-eplb serve needs {', '.join(missing)}: pip install 'jax-eplb[serve]'")

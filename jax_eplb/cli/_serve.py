@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jax_eplb._errors import EplbInputError
 from jax_eplb.cli._bench import add_moe_options
-from jax_eplb.cli._checks import at_least, trtllm_parallel_flags
+from jax_eplb.cli._checks import at_least, require_serve_extra, trtllm_parallel_flags
 
 
 def add_serve_parser(sub):
@@ -70,8 +70,6 @@ def _trtllm_serve_flags(args) -> list[str]:
 
 
 def run_serve(args) -> int:
-    from jax_eplb.server._extra import require_serve_extra
-
     require_serve_extra()
     for flag, minimum in (("ep_size", 1), ("max_batch_size", 1), ("emulate_devices", 1), ("max_num_tokens", 1),
                           ("prefill_chunk", 1), ("max_queue_size", 1), ("port", 0), ("max_waiting_steps", 0),

@@ -5,7 +5,8 @@ engine (``_engine``: the serving loop fed from a request queue) -> what it shows
 Prometheus metrics, ``/eplb``) -> text (``_text``: tokenizer, streamed text, chat templates) ->
 requests (``_protocol``: OpenAI's fields checked) -> routes (``_app``: FastAPI) -> the process
 (``_run``: uvicorn, signals, shutdown). Importing it needs the ``serve`` extra
-(``pip install 'jax-eplb[serve]'``); ``_extra.require_serve_extra`` says so in one line first.
+(``pip install 'jax-eplb[serve]'``); ``jax-eplb serve`` says so in one line before importing it
+(``cli._checks.require_serve_extra``).
 """
 
 from jax_eplb.server._app import create_app, deliver_on_loops

@@ -261,11 +261,11 @@ class ServingEngine:
         if task_id not in self._listeners:
             return
         listener = self._listeners[task_id]
+        if token is not None:  # before finished(): the last token's gap is measured from the one before it
+            self.monitor.token(task_id)
         if reason is not None:
             del self._listeners[task_id]
             self.monitor.finished(task_id, reason)
-        if token is not None:
-            self.monitor.token(task_id)
         if self.deliver is None:
             listener(token, reason)
         else:

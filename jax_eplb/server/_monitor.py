@@ -89,10 +89,14 @@ class EngineMonitor:
             self._requests[task_id] = (time.perf_counter(), None)
 
     def token(self, task_id) -> None:
+        """A token of a submitted request: its first is timed from submission (TTFT), later ones from the one
+        before (inter-token latency); a request not (or no longer) known counts, but is not timed."""
         now = time.perf_counter()
         self.generation_tokens.inc()
         with self._lock:
-            submitted, last = self._requests.get(task_id, (now, now))
+            if task_id not in self._requests:
+                return
+            submitted, last = self._requests[task_id]
             self._requests[task_id] = (submitted, now)
         (self.ttft.observe(now - submitted) if last is None else self.itl.observe(now - last))
 
