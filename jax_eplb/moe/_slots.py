@@ -57,10 +57,9 @@ def slot_weights_from_logical(experts, slot_to_expert, mesh) -> ExpertWeights:
     ``ExpertWeights`` ``[L, E, ...]``); ``[S]`` -> ``[S, ...]`` from logical ``[E, ...]`` (one layer).
     """
     index = np.asarray(slot_to_expert)
-    on_mesh = lambda w: (isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer)  # noqa: E731
-                         and {d.platform for d in w.devices()} == {mesh.devices.flat[0].platform})
-    if index.ndim == 1 and jax.process_count() == 1 and all(on_mesh(w) for w in experts):
-        return ExpertWeights(*(_gather_on_device(w, index, mesh) for w in experts))  # no host round trip
+    if index.ndim == 1 and jax.process_count() == 1 and all(_on_platform_of(w, mesh) for w in experts):
+        index = jnp.asarray(index, jnp.int32)  # gathered on the devices: no host round trip
+        return ExpertWeights(*(_gather_on_device(w, index, over_ranks(mesh)) for w in experts))
     if index.ndim == 1:
         one_layer = ExpertWeights(*(np.asarray(w)[None] for w in experts))
         return _layer_slots(HostExperts(one_layer), 0, index, mesh)
@@ -71,13 +70,20 @@ def slot_weights_from_logical(experts, slot_to_expert, mesh) -> ExpertWeights:
     return buffers
 
 
-def _gather_on_device(logical: jax.Array, slot_experts: np.ndarray, mesh) -> jax.Array:
-    """``[E, ...]`` device array -> ``[S, ...]`` sharded over ``ep`` (unused slots zero), gathered on the devices."""
-    def gather(w, index):
-        rows = jnp.take(w, jnp.maximum(index, 0), axis=0)
-        return jnp.where((index >= 0).reshape((-1,) + (1,) * (w.ndim - 1)), rows, jnp.zeros((), w.dtype))
+def _on_platform_of(weights, mesh) -> bool:
+    """Whether ``weights`` is a concrete device array on the platform of ``mesh`` (not host data, not a tracer)."""
+    try:
+        return {d.platform for d in weights.devices()} == {mesh.devices.flat[0].platform}
+    except Exception:  # noqa: BLE001 - NumPy arrays, tracers and the like have no (concrete) devices
+        return False
 
-    return jax.jit(gather, out_shardings=over_ranks(mesh))(logical, jnp.asarray(slot_experts, jnp.int32))
+
+@functools.partial(jax.jit, static_argnums=2)
+def _gather_on_device(logical: jax.Array, slot_experts: jax.Array, sharding) -> jax.Array:
+    """``[E, ...]`` -> ``[S, ...]`` laid out by ``sharding`` (unused slots, -1, zero), on the devices."""
+    rows = jnp.take(logical, jnp.maximum(slot_experts, 0), axis=0)
+    used = (slot_experts >= 0).reshape((-1,) + (1,) * (logical.ndim - 1))
+    return jax.lax.with_sharding_constraint(jnp.where(used, rows, jnp.zeros((), logical.dtype)), sharding)
 
 
 def _layer_slots(source: ExpertSource, layer: int, slot_experts: np.ndarray, mesh) -> ExpertWeights:
