@@ -44,7 +44,7 @@ def inputs(tmp_path_factory):
 # Per input: values that are fine (None = flag left out) and values that must be refused or handled.
 _COMMON = {
     "statistics": (["dump", "sglang.json", "counts.npy"], ["gap", "binary.json", "text.txt", "empty_dir", "missing"]),
-    "ep_size": ([None, None, 1, 2, 4], [0, -2, 3]),
+    "ep_size": ([None, None, 1, 2, 4], [0, -2, 5]),  # 5 splits none of 8, 12, 16 slots
     "num_slots": ([None, None, 8, 12, 16], [0, -1, 4]),  # bad whatever the ranks (8 experts)
     "iter_start": ([None, None, 5, 6], [0, 9]),
 }

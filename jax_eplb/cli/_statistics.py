@@ -48,6 +48,9 @@ def run_report(args) -> int:
     stats = _statistics(args, ep_size=None if projection is not None else args.ep_size)
     if projection is None:
         ep_size = _recorded_ranks(stats, args.ep_size, args.per_expert)
+        if stats.num_experts % ep_size:  # the layout without a plan: one slot per expert
+            raise EplbInputError(f"--ep_size {ep_size}: {stats.num_experts} experts (one slot each without a plan) "
+                                 f"do not split over {ep_size} ranks")
     else:
         ep_size = ep_size or stats.ep_size
         num_slots = projection.resolved_num_slots(stats.num_experts)
