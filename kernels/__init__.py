@@ -11,8 +11,8 @@ and takes the fastest correct one (``_dispatch``, ``_probe``), XLA elsewhere; ex
 taken as they are.
 """
 
-from jax_eplb_kernels._dispatch import (IMPLEMENTATIONS, dtype_tolerance, kernel_platform, on_platform,
-                                       platform_device, relative_close, resolve_implementation, triton_in_auto)
+from jax_eplb_kernels._dispatch import (IMPLEMENTATIONS, dtype_tolerance, on_platform, relative_close,
+                                       resolve_implementation, triton_in_auto)
 from jax_eplb_kernels._probe import fastest_correct, settle_choices
 from jax_eplb_kernels.grouped_matmul import MatmulBlockSizes, tile_grouped_matmul, tile_grouped_matmul_reference
 from jax_eplb_kernels.histogram import (HistogramBlockSizes, MosaicHistogramBlockSizes, histogram_reference,
@@ -22,7 +22,7 @@ from jax_eplb_kernels.slot_routing import (ROUND_ROBIN_BLOCK, RoutingBlockSizes,
 
 __all__ = [
     "IMPLEMENTATIONS", "resolve_implementation", "fastest_correct", "settle_choices", "relative_close",
-    "dtype_tolerance", "triton_in_auto", "on_platform", "kernel_platform", "platform_device",
+    "dtype_tolerance", "triton_in_auto", "on_platform",
     "routing_histogram", "histogram_reference", "HistogramBlockSizes", "MosaicHistogramBlockSizes",
     "route_to_slots", "route_reference", "SlotRouting", "RoutingBlockSizes", "ROUND_ROBIN_BLOCK",
     "tile_grouped_matmul", "tile_grouped_matmul_reference", "MatmulBlockSizes",

@@ -75,9 +75,9 @@ def main():
     config, router, logical, x, load, source = recorded_layer(args.data, E, k, H, F, args.tokens)
     dtype = x.dtype
     mesh = Mesh(np.array(jax.devices()[:R]), ("ep",))
-    plans = {"no EPLB": lambda: default_slot_to_expert(E, E, R),
-             "balanced": lambda: plan_placement(load[None], args.slots_per_rank * R, R).slot_to_expert[0]}
-    plans = {name: plans[name] for name in ("no EPLB", "balanced") if name.replace(" ", "_").lower() in args.plans}
+    make_plan = {"no_eplb": lambda: default_slot_to_expert(E, E, R),
+                 "balanced": lambda: plan_placement(load[None], args.slots_per_rank * R, R).slot_to_expert[0]}
+    labels = {"no_eplb": "no EPLB", "balanced": "balanced"}
     print(f"device: {jax.devices()[0].device_kind} x{R}, jax {jax.__version__}; skew from {source}; "
           f"T={args.tokens} H={H} F={F} E={E} k={k}")
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -89,15 +89,15 @@ def main():
     print(f"{'placement':>10} {'policy':>12} {'transport':>10} {'dispatch':>8} {'matmul':>10} {'slots':>6} "
           f"{'imbalance':>9} {'max/rank':>9} {'compile s':>9} {'ms/step':>8} {'vs no-EPLB':>10} {'peak GiB':>8} "
           f"{'diff':>8}")
-    baseline, reference = {}, []
-    for name, make_plan in plans.items():
-        slot_to_expert = make_plan()
-        layer_table(jax, jnp, np, config, mesh, router, logical, x, slot_to_expert, name, args, transports, matmuls,
-                    baseline, reference)  # the slot weights are freed on return, before the next layout
+    baseline, reference, plans = {}, [], {}
+    for name in dict.fromkeys(args.plans):  # the first is the baseline
+        plans[name] = slot_to_expert = make_plan[name]()
+        layer_table(jax, jnp, np, config, mesh, router, logical, x, slot_to_expert, labels[name], args, transports,
+                    matmuls, baseline, reference)  # the slot weights are freed on return, before the next layout
         _traffic_of_batch(jax, jnp, np, config, router, x, build_assignment_tables(slot_to_expert, E), slot_to_expert,
-                          R, name, dtype)
+                          R, labels[name], dtype)
     if R > 1 and "balanced" in plans:  # one rank has no one to hand shared rows to
-        shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, plans["balanced"](), matmuls[0],
+        shared_balance_table(jax, jnp, np, config, mesh, router, logical, x, plans["balanced"], matmuls[0],
                              args.repeats)
     del logical, reference  # the grouped-matmul table's weights take their place
     grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=args.table_matmuls or matmuls)

@@ -61,7 +61,7 @@ suite() {  # suite VENV [pytest args]: the smoke run from another folder, then t
             --vocab_size 256 --output ckpt
         test -s ckpt/config.json
         echo "installed wheel: demo --synthetic and create-checkpoint --hf_config deepseek_v3 ran from another folder"
-    )
+    ) || return 1  # explicit: inside `if ! suite` (the floating newest) errexit does not apply
     # The suite against the installed package: pytest from the venv (no checkout folder on sys.path).
     "$venv/bin/pytest" -p no:cacheprovider "$@"
 }
