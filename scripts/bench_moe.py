@@ -9,7 +9,8 @@ those frequencies. Prints per-rank received entries, realized imbalance (max/mea
 step time (median of repeats, host clock) per configuration. On CPU the layer is scaled down
 and the devices are emulated (``--emulate_devices``), so times compare configurations only.
 A second table times one rank's grouped SwiGLU (the same methods) against a dense matmul of
-the same useful FLOPs, in TFLOP/s; a third the layer with a shared expert, its rows balanced or
+the same useful FLOPs, in TFLOP/s, and the same grouped SwiGLU with FP8 weights dequantized in
+the step against bf16 weights (ms, ratio); a third the layer with a shared expert, its rows balanced or
 not (more than one rank); a fourth the load-aware split alone (bench_split.py: the accelerated
 passes vs the 16 damped ones they replaced) at this geometry and at DeepSeek-V3's EP36/288, next
 to the layer step above. A configuration that fails is reported and skipped.
@@ -59,6 +60,8 @@ def main():
     parser.add_argument("--table_matmuls", nargs="+", default=None,
                         help="grouped matmuls of the matmul-vs-dense table (default: --matmuls)")
     parser.add_argument("--no_split_table", action="store_true", help="leave out the load-aware split table")
+    parser.add_argument("--fp8_slots", type=int, default=32,
+                        help="local slots of the FP8-vs-bf16 table (at most --slots_per_rank; 32 = DeepSeek-V3 at EP8)")
     args = parser.parse_args()
     if "jax" not in sys.modules and args.emulate_devices:
         os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.emulate_devices}")
@@ -101,6 +104,7 @@ def main():
                              args.repeats)
     del logical, reference  # the grouped-matmul table's weights take their place
     grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods=args.table_matmuls or matmuls)
+    fp8_matmul_table(jax, jnp, H, F, args, methods=args.table_matmuls or matmuls)
     if not args.no_split_table:
         from bench_split import split_table
 
@@ -266,6 +270,42 @@ def grouped_matmul_table(jax, jnp, np, E, R, H, F, dtype, args, methods):
         dense = jax.jit(lambda x, a, b, c: jnp.dot(jax.nn.silu(jnp.dot(x, a)) * jnp.dot(x, b), c))
         cells.append(flops / _time(lambda: dense(x, w[0][0], w[1][0], w[2][0]), args.repeats) / 1e12)
         print(f"{rows:>7} " + " ".join(f"{c:>11.3f}" for c in cells[:-1]) + f" {cells[-1]:>9.3f}", flush=True)
+
+
+def fp8_matmul_table(jax, jnp, H, F, args, methods):
+    """One rank's grouped SwiGLU with FP8 expert weights (e4m3, float32 scale per 128x128 block,
+    dequantized to bf16 inside the jitted call right before the matmuls, as the model's MoE layers
+    do) vs the same weights held in bf16: ms per call and the ratio, in one run."""
+    from jax_eplb.moe import BlockFp8, dequantize, expert_compute, scale_shape
+
+    m = min(args.fp8_slots, args.slots_per_rank)
+    print(f"\nFP8 expert weights dequantized in the step vs bf16 weights ({m} local slots, H={H} F={F}, bf16 compute)")
+    print(f"{'rows':>7} {'matmul':>11} {'bf16 ms':>9} {'fp8 ms':>9} {'fp8/bf16':>9} {'weights MB bf16 -> fp8':>24} "
+          f"{'diff':>8}")
+    keys = jax.random.split(jax.random.key(2), 7)
+    shapes = ((m, H, F), (m, H, F), (m, F, H))
+    fp8 = [BlockFp8(jax.random.normal(keys[i], shape, jnp.float32).astype(jnp.float8_e4m3fn),
+                    jax.random.uniform(keys[3 + i], scale_shape(shape, (128, 128)), jnp.float32, 0.01, 0.02))
+           for i, shape in enumerate(shapes)]
+    bf16 = [dequantize(w, jnp.bfloat16) for w in fp8]  # the same numbers
+    megabytes = (sum(w.size * 2 for w in bf16) / 1e6, sum(w.nbytes for w in fp8) / 1e6)
+    for rows in args.matmul_rows:
+        x = jax.random.normal(keys[6], (rows, H), jnp.bfloat16)
+        row_slot = jnp.sort(jax.random.randint(keys[6], (rows,), 0, m))
+        for method in methods:
+            plain = jax.jit(functools.partial(expert_compute, grouped_matmul=method))
+            quantized = jax.jit(lambda x, s, a, b, c: expert_compute(
+                x, s, *(dequantize(w, x.dtype) for w in (a, b, c)), grouped_matmul=method))
+            try:
+                t_bf16 = _time(lambda: plain(x, row_slot, *bf16), args.repeats)
+                t_fp8 = _time(lambda: quantized(x, row_slot, *fp8), args.repeats)
+                want, got = plain(x, row_slot, *bf16), quantized(x, row_slot, *fp8)
+                diff = float(jnp.abs(got - want).max() / jnp.maximum(jnp.abs(want).max(), 1e-30))
+            except Exception as error:  # noqa: BLE001
+                print(f"{method} at {rows} rows FAILED: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            print(f"{rows:>7} {method:>11} {t_bf16 * 1e3:>9.3f} {t_fp8 * 1e3:>9.3f} {t_fp8 / t_bf16:>9.2f} "
+                  f"{megabytes[0]:>11.1f} -> {megabytes[1]:>9.1f} {diff:>8.1e}", flush=True)
 
 
 def _time(call, repeats):

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Online rebalance cost: rewriting changed slots from the host master copy vs the bandwidth
-floor (one host-to-device ``device_put`` of the same bytes) and vs re-laying the whole layer.
+floor (one host-to-device ``device_put`` of the same bytes) and vs re-laying the whole layer;
+with experts held in the compute dtype and in FP8 (e4m3 values and 128x128 float32 block scales,
+as DeepSeek-V3/R1 ship them: about half the bytes of bf16), side by side.
 
 Default: DeepSeek-V3 expert shapes (H 7168, F 2048, bf16: 88 MB per expert-slot) on the first
 ``--ep`` devices; CPU runs use ``--hidden 512 --ffn 256``. The host master holds ``--experts``
@@ -29,15 +31,17 @@ def main():
     parser.add_argument("--sources", nargs="+", choices=("host", "device"), default=["host", "device"],
                         help="host: every changed slot from the host master; device: from a device copy where "
                              "the expert is already resident (local copy or ppermute), else the host")
+    parser.add_argument("--weights", nargs="+", choices=("native", "fp8"), default=["native", "fp8"],
+                        help="native: experts in the compute dtype (bf16 on GPUs, float32 on CPU); fp8: e4m3 with "
+                             "block scales")
     args = parser.parse_args()
 
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh
 
-    from jax_eplb.moe import slot_weights_from_logical
-    from jax_eplb.moe import ExpertWeights
+    from jax_eplb.moe import BlockFp8, ExpertWeights, scale_shape, slot_weights_from_logical
     from jax_eplb.online import SlotWriter
 
     devices = jax.devices()[:args.ep]
@@ -47,57 +51,67 @@ def main():
     num_slots, h, f = args.slots_per_rank * args.ep, args.hidden, args.ffn
     rng = np.random.default_rng(0)
 
-    def filled(shape):  # expert e holds the value e / E (cheap to make; values do not matter for timing)
-        out = np.empty((1, args.experts) + shape, np_dtype)
+    def filled(shape, dtype):  # expert e holds the value e / E (cheap to make; values do not matter for timing)
+        out = np.empty((1, args.experts) + shape, dtype)
         for e in range(args.experts):
             out[0, e] = e / args.experts
         return out
 
-    master = ExpertWeights(*(filled(shape) for shape in ((h, f), (h, f), (f, h))))
-    sharding = NamedSharding(mesh, P(None, "ep"))
-    experts = ExpertWeights(*(jax.device_put(jnp.zeros((1, num_slots) + leaf.shape[2:], dtype), sharding)
-                              for leaf in master))
+    def master_of(weights: str) -> ExpertWeights:
+        shapes = ((h, f), (h, f), (f, h))
+        if weights == "native":
+            return ExpertWeights(*(filled(shape, np_dtype) for shape in shapes))
+        return ExpertWeights(*(BlockFp8(filled(shape, jnp.float8_e4m3fn),
+                                        np.ones((1, args.experts) + scale_shape(shape, (128, 128)), np.float32))
+                               for shape in shapes))
+
     writer = SlotWriter(mesh, device_copies=True)  # each row below picks its sources explicitly
-    slot_bytes = sum(leaf[0, 0].nbytes for leaf in master)
-    print(f"device {devices[0].device_kind} x{args.ep}, jax {jax.__version__}; {num_slots} slots, "
-          f"{slot_bytes / 2**20:.1f} MiB per slot ({np_dtype.name})")
-    print(f"{'moved':>6} {'sources':>7} {'on device':>9} {'MiB':>8} {'rewrite ms':>11} {'GB/s':>7} "
-          f"{'device_put ms':>14} {'GB/s':>7} {'ratio':>6} {'full relayout ms':>17}")
+    print(f"device {devices[0].device_kind} x{args.ep}, jax {jax.__version__}; {num_slots} slots")
+    print(f"{'weights':>8} {'MiB/slot':>8} {'moved':>6} {'sources':>7} {'on device':>9} {'MiB':>8} {'rewrite ms':>11} "
+          f"{'GB/s':>7} {'device_put ms':>14} {'GB/s':>7} {'ratio':>6} {'full relayout ms':>17}")
     start_placement = np.arange(num_slots) % args.experts
-    for moved in args.moved:
-        for sources in args.sources:  # the same sequence of moves for each source mode
-            rng = np.random.default_rng(moved)
-            current = start_placement.copy()
-            experts = writer.warm_up(slot_weights_from_logical(master, current[None], mesh))  # compiled before timing
-            times, on_device = [], []
-            for rep in range(args.repeats + 1):
-                new = current.copy()
-                changed = rng.choice(num_slots, size=min(moved, num_slots), replace=False)
-                new[changed] = (current[changed] + 1 + rng.integers(0, args.experts - 1, changed.size)) % args.experts
-                experts, move = writer.move_layer(experts, master, 0, current, new,
-                                                  from_devices=sources == "device")
-                current = new
-                if rep:  # the first one compiles
-                    times.append(move.seconds)
-                    on_device.append(move.slots_from_devices / max(move.slots_moved, 1))
-            rewrite = statistics.median(times)
-            payload = [np.ascontiguousarray(leaf[0, :1].repeat(move.slots_moved, axis=0)) for leaf in master]
-            put_times = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                jax.block_until_ready([jax.device_put(p, devices[0]) for p in payload])
-                put_times.append(time.perf_counter() - start)
-            put = statistics.median(put_times)
-            full = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                jax.block_until_ready(slot_weights_from_logical(master, current[None], mesh))
-                full.append(time.perf_counter() - start)
-            mib = move.bytes_moved / 2**20
-            print(f"{move.slots_moved:>6} {sources:>7} {100 * np.mean(on_device):>8.0f}% {mib:>8.1f} "
-                  f"{1e3 * rewrite:>11.2f} {move.bytes_moved / rewrite / 1e9:>7.2f} {1e3 * put:>14.2f} "
-                  f"{move.bytes_moved / put / 1e9:>7.2f} {rewrite / put:>6.2f} {1e3 * statistics.median(full):>17.2f}",
-                  flush=True)
+    for weights in args.weights:
+        master = master_of(weights)
+        slot_bytes = sum(leaf[0, 0].nbytes for leaf in jax.tree.leaves(master))
+        label = np_dtype.name if weights == "native" else "fp8"
+        for moved in args.moved:
+            for sources in args.sources:  # the same sequence of moves for each source mode
+                rng = np.random.default_rng(moved)
+                current = start_placement.copy()
+                experts = writer.warm_up(slot_weights_from_logical(master, current[None], mesh))  # compiled first
+                times, on_device = [], []
+                for rep in range(args.repeats + 1):
+                    new = current.copy()
+                    changed = rng.choice(num_slots, size=min(moved, num_slots), replace=False)
+                    shift = 1 + rng.integers(0, args.experts - 1, changed.size)
+                    new[changed] = (current[changed] + shift) % args.experts
+                    experts, move = writer.move_layer(experts, master, 0, current, new,
+                                                      from_devices=sources == "device")
+                    current = new
+                    if rep:  # the first one compiles
+                        times.append(move.seconds)
+                        on_device.append(move.slots_from_devices / max(move.slots_moved, 1))
+                rewrite = statistics.median(times)
+                payload = [np.ascontiguousarray(leaf[0, :1].repeat(move.slots_moved, axis=0))
+                           for leaf in jax.tree.leaves(master)]
+                put_times = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready([jax.device_put(p, devices[0]) for p in payload])
+                    put_times.append(time.perf_counter() - start)
+                put = statistics.median(put_times)
+                full = []
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    jax.block_until_ready(slot_weights_from_logical(master, current[None], mesh))
+                    full.append(time.perf_counter() - start)
+                mib = move.bytes_moved / 2**20
+                print(f"{label:>8} {slot_bytes / 2**20:>8.2f} {move.slots_moved:>6} {sources:>7} "
+                      f"{100 * np.mean(on_device):>8.0f}% {mib:>8.1f} {1e3 * rewrite:>11.2f} "
+                      f"{move.bytes_moved / rewrite / 1e9:>7.2f} {1e3 * put:>14.2f} "
+                      f"{move.bytes_moved / put / 1e9:>7.2f} "
+                      f"{rewrite / put:>6.2f} {1e3 * statistics.median(full):>17.2f}", flush=True)
+        del master, experts
     print("rewrite = SlotWriter.move_layer: changed slots only, from the host master (host) or, where the expert "
           "is already resident, copied on device (device; 'on device' = share of slots so copied); device_put = "
           "the same bytes host-to-device in one call (host-link floor); full relayout = slot_weights_from_logical "

@@ -21,6 +21,8 @@ that load) and the in-graph imbalance (the benchmark's mean; the engine's and se
 window after the load). "vs bench" is tokens/s over the benchmark's (the goal: >= 0.90 at the same
 batch size); the generated tokens of the engine, the server (both loads) and the benchmark must be
 identical. ``--max_waiting_steps 0 --batch_wait_ms 0`` turns the engine's prefill batching off.
+``--processes 1 2`` also runs the server across two local processes (loads ``burst/2p``,
+``stream/2p``): the cost of handing each iteration's operations over to the other process.
 
   python scripts/bench_serve.py [--model tiny] [--ep 8] [--requests 256] [--clients 64]
 """
@@ -176,21 +178,29 @@ def run_engine(args, requests, online: bool) -> dict:
     return {**_figures(wall, results, float("nan")), "steps": steps, "imbalance": imbalance}
 
 
-def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, int]:
+def run_server(args, folder: Path, requests, extra: list[str], processes: int = 1) -> tuple[dict, int]:
     """{load: figures} for the burst and the streaming load (steps and imbalance from the server's
-    /metrics and /eplb), the server's exit code."""
+    /metrics and /eplb), the server's exit code. ``processes`` > 1: one server across that many local
+    processes (jax.distributed over loopback, ``--ep / processes`` emulated devices each; process 0
+    answers HTTP), which is what the per-iteration hand-over to the other processes costs."""
     import httpx
 
-    port = free_port()
+    port, coordinator = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = folder / f"serve_{port}.log"
     log = open(log_path, "w")
-    server = subprocess.Popen([sys.executable, "-m", "jax_eplb.cli", "serve", args.model, "--ep_size", str(args.ep),
-                               "--emulate_devices", str(args.ep), "--max_batch_size", str(args.max_batch_size),
-                               "--prefill_chunk", str(args.prefill_chunk), "--port", str(port),
-                               "--max_queue_size", str(len(requests)), "--max_waiting_steps",
-                               str(args.max_waiting_steps), "--batch_wait_ms", str(args.batch_wait_ms), *extra],
-                              stdout=log, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "jax_eplb.cli", "serve", args.model, "--ep_size", str(args.ep),
+               "--emulate_devices", str(args.ep // processes), "--max_batch_size", str(args.max_batch_size),
+               "--prefill_chunk", str(args.prefill_chunk), "--port", str(port),
+               "--max_queue_size", str(len(requests)), "--max_waiting_steps",
+               str(args.max_waiting_steps), "--batch_wait_ms", str(args.batch_wait_ms), *extra]
+    if processes > 1:
+        command += ["--coordinator_address", f"127.0.0.1:{coordinator}", "--num_processes", str(processes)]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices from --emulate_devices
+    followers = [subprocess.Popen(command + ["--process_id", str(i)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL, env=env) for i in range(1, processes)]
+    server = subprocess.Popen(command + (["--process_id", "0"] if processes > 1 else []), stdout=log,
+                              stderr=subprocess.STDOUT, env=env)
     loads = {}
     try:
         deadline = time.time() + 600
@@ -212,6 +222,8 @@ def run_server(args, folder: Path, requests, extra: list[str]) -> tuple[dict, in
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=120)
+        for follower in followers:
+            follower.wait(timeout=120)
         log.close()
     return loads, server.returncode
 
@@ -229,7 +241,11 @@ def main():
     parser.add_argument("--clients", type=int, default=64, help="concurrent streaming clients")
     parser.add_argument("--max_waiting_steps", type=int, default=8, help="the engine's prefill batching (serve's flag)")
     parser.add_argument("--batch_wait_ms", type=float, default=5.0, help="the engine's idle wait (serve's flag)")
+    parser.add_argument("--processes", type=int, nargs="+", default=[1],
+                        help="the server also across this many local processes (e.g. 1 2: the hand-over's cost)")
     args = parser.parse_args()
+    if any(n < 1 or args.ep % n for n in args.processes):
+        parser.error(f"--processes must divide --ep {args.ep}")
     from jax_eplb.model import load_model_config
     from jax_eplb.serving import load_dataset, prepare_dataset
 
@@ -248,7 +264,7 @@ def main():
               f"{args.prefill_chunk}; {args.requests} requests (in {args.input_mean} / out {args.output_mean}), "
               f"{args.clients} streaming clients; --max_waiting_steps {args.max_waiting_steps} --batch_wait_ms "
               f"{args.batch_wait_ms}", flush=True)
-        header = (f"{'configuration':<21} {'load':>6} {'tok/s':>7} {'vs bench':>8} {'req/s':>6} "
+        header = (f"{'configuration':<21} {'load':>9} {'tok/s':>7} {'vs bench':>8} {'req/s':>6} "
                   f"{'TTFT p50/p99 ms':>15} {'ITL p50/p99 ms':>14} {'mixed steps/ms':>14} {'decode steps/ms':>15} "
                   f"{'client CPU s':>12} {'imbalance':>9} {'same tokens':>11}")
         print(header, flush=True)
@@ -259,7 +275,7 @@ def main():
             itl = f"{f['itl_ms'][0]:>5.1f} / {f['itl_ms'][1]:>6.1f}" if f else f"{'':>14}"
             req = f"{f['requests_per_s']:>6.2f}" if f else f"{'':>6}"
             cpu = f"{f['client_cpu_s']:>12.2f}" if f and not np.isnan(f["client_cpu_s"]) else f"{'':>12}"
-            rows.append(f"{label:<21} {load:>6} {tokens_per_s:>7.1f} {ratio:>7.2f}x {req} {ttft} {itl} "
+            rows.append(f"{label:<21} {load:>9} {tokens_per_s:>7.1f} {ratio:>7.2f}x {req} {ttft} {itl} "
                         f"{steps['mixed'][0]:>5} / {steps['mixed'][1]:>6.1f} "
                         f"{steps['decode'][0]:>6} / {steps['decode'][1]:>6.1f} {cpu} {imbalance:>9.4f} "
                         f"{same:>11}")
@@ -270,8 +286,14 @@ def main():
             bench, bench_ids, bench_steps = run_bench(args, folder, dataset, extra, label.split()[0])
             base = bench["output_tokens_per_s"]
             row(label, "bench", base, 1.0, None, bench_steps, bench["mean_imbalance"], "")
-            loads, code = run_server(args, folder, requests, extra)
-            loads = {"engine": run_engine(args, requests, online=bool(extra)), **loads}
+            loads = {"engine": run_engine(args, requests, online=bool(extra))}
+            codes = []
+            for processes in args.processes:
+                served, code = run_server(args, folder, requests, extra, processes)
+                suffix = "" if processes == 1 else f"/{processes}p"
+                loads.update({load + suffix: figures for load, figures in served.items()})
+                codes.append(code)
+            code = max(codes, key=abs)
             for load, served in loads.items():
                 same = all(served["ids"][task] == ids for task, ids in bench_ids.items())
                 row(label, load, served["tokens_per_s"], served["tokens_per_s"] / base, served, served["steps"],

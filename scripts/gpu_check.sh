@@ -102,8 +102,9 @@ step kernels 50 python3 scripts/bench_kernels.py --reps 50 --json "$OUT/bench_ke
 step inference 60 python3 scripts/bench_inference.py --model deepseek_v3_slice --ep 1 --emulate_devices 0 \
     --num_slots 288 --requests 32 --input_len 128 --output_len 8 --max_batch_size 32 \
     --grouped_matmul auto --json "$OUT/bench_inference.json"
-# 6. Online rebalance: rewriting changed slots (88 MB each) from host memory vs from device copies.
-step rebalance 30 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --moved 4 16 --repeats 2
+# 6. Online rebalance: rewriting changed slots (88 MB each in bf16, 44 MB in FP8) from host memory vs from device
+#    copies.
+step rebalance 30 python3 scripts/bench_rebalance.py --ep 1 --slots_per_rank 36 --experts 17 --moved 4 16 --repeats 2
 
 echo "== summary ($(($(date +%s) - START))s of ${BUDGET_S}s) =="
 grep -E "^(name|NVIDIA|jax:|jaxlib:|devices|Mosaic|tokamax|memory)" "$OUT/gpu.txt" | cut -c1-200

@@ -195,6 +195,33 @@ def auto_lines() -> None:
               f"{resolve_grouped_matmul('auto', 'gpu', shapes, jax.devices()[0])}", flush=True)
 
 
+def fp8_checks(smoke: Smoke, rows: int, local_slots: int) -> None:
+    """FP8 weights on the device: block dequantization (partial edge blocks) equals NumPy's bit for bit,
+    and the grouped SwiGLU over FP8 weights dequantized in the jitted call equals it over the same
+    numbers held in bf16."""
+    from jax_eplb.moe import BlockFp8, dequantize, expert_compute, scale_shape
+    from jax_eplb.moe._fp8 import dequantize_numpy
+
+    keys = jax.random.split(jax.random.key(3), 4)
+    shape = (2, 576, 7168 + 64)  # DeepSeek-V3's kv_a rows, a partial last column block
+    weight = BlockFp8(jax.random.normal(keys[0], shape).astype(jnp.float8_e4m3fn),
+                      jax.random.uniform(keys[1], scale_shape(shape, (128, 128)), jnp.float32, 1e-3, 1.0))
+    host = BlockFp8(np.asarray(weight.values), np.asarray(weight.scale_inv))
+    smoke.check(f"FP8 block dequantization {list(shape)} (128x128, partial edges) vs NumPy",
+                lambda: (jax.jit(dequantize, static_argnums=1)(weight, jnp.float32), dequantize_numpy(host)))
+    hidden, ffn = 7168, 2048
+    x = jax.random.normal(keys[2], (rows, hidden), jnp.bfloat16)
+    row_slot = jnp.sort(jax.random.randint(keys[3], (rows,), 0, local_slots + 1))
+    fp8 = [BlockFp8(jax.random.normal(k, (local_slots,) + s).astype(jnp.float8_e4m3fn),
+                    jnp.full(scale_shape((local_slots,) + s, (128, 128)), 1 / np.sqrt(s[0]), jnp.float32))
+           for k, s in zip(jax.random.split(keys[3], 3), ((hidden, ffn), (hidden, ffn), (ffn, hidden)))]
+    bf16 = [dequantize(w, jnp.bfloat16) for w in fp8]
+    quantized = jax.jit(lambda x, s, a, b, c: expert_compute(x, s, *(dequantize(w, x.dtype) for w in (a, b, c))))
+    smoke.check(f"grouped SwiGLU ragged_dot over FP8 weights dequantized in the step ({rows} rows, {local_slots} "
+                f"slots) vs bf16 weights", lambda: (quantized(x, row_slot, *fp8), jax.jit(expert_compute)(
+                    x, row_slot, *bf16)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--json", default=None, help="append one JSON line per check here")
@@ -208,6 +235,7 @@ def main() -> int:
     smoke = Smoke(args.json)
     transport_checks(smoke)  # XLA's own paths first; the Pallas kernels (a hang there stops the rest) last
     matmul_checks(smoke, args.rows, args.local_slots)
+    fp8_checks(smoke, args.rows, args.local_slots)
     routing_checks(smoke)
     try:
         auto_lines()

@@ -187,7 +187,10 @@ def test_create_checkpoint_in_hf_layout_round_trips(tmp_path, mesh_of):
     with pytest.raises(EplbInputError, match="not a checkpoint create-checkpoint wrote"):
         create_hf_checkpoint(FIXTURES / "deepseek_v3" / "config.json", tmp_path / "theirs", log=lambda _: None)
     tables = build_assignment_tables(np.tile(np.arange(8), (1, 2)), 8, 9)
-    runner = ModelRunner(build_model(config, mesh_of(2), tables, source))
+    model = build_model(config, mesh_of(2), tables, source)
+    slots = model.moe_block.w_gate.get_value()  # served in FP8: one byte per routed-expert weight on each device
+    assert slots.dtype.itemsize == 1 and slots.addressable_shards[0].data.nbytes == slots.size // 2
+    runner = ModelRunner(model)
     out = runner.prefill(np.array([[1, 2, 3], [4, 5, 0]], np.int32), np.array([3, 2]), runner.new_cache(2))
     assert np.asarray(out.next_token).shape == (2,) and int(np.asarray(out.rank_load).sum()) == 5 * config.top_k
 

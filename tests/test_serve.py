@@ -37,6 +37,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_healthy(url, processes, output, stop) -> None:
+    """Until ``url``'s /health answers 200; a process that exits, or no answer in ``START_TIMEOUT_S``, fails
+    the test with the server's ``output()`` (after ``stop()``)."""
+    deadline = time.time() + START_TIMEOUT_S
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in processes):
+            pytest.fail(f"the server exited with {[p.poll() for p in processes]}: {output()}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop()
+    pytest.fail(f"the server did not start in {START_TIMEOUT_S} s: {output()}")
+
+
 class Server:
     """``jax-eplb serve ...`` in a subprocess, ready once ``/health`` answers 200."""
 
@@ -48,19 +65,7 @@ class Server:
         self.process = subprocess.Popen([sys.executable, "-m", "jax_eplb.cli", "serve", *args, "--port",
                                          str(self.port)], stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **(env or {})}, cwd=cwd)
-        deadline = time.time() + START_TIMEOUT_S
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"the server exited with {self.process.returncode}: {self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        else:
-            self.stop()
-            pytest.fail(f"the server did not start in {START_TIMEOUT_S} s: {self.output()}")
+        wait_until_healthy(self.url, [self.process], self.output, self.stop)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
     def output(self) -> str:

@@ -16,6 +16,7 @@ from jax_eplb._errors import EplbInputError
 from jax_eplb.cli._bench import add_bench_parser, add_prepare_dataset_parser, prefill_chunk
 from jax_eplb.cli._checkpoint import add_checkpoint_parser
 from jax_eplb.cli._demo import add_demo_parser
+from jax_eplb.cli._memory import add_memory_parser
 from jax_eplb.cli._serve import add_serve_parser
 from jax_eplb.cli._statistics import add_generate_parser, add_report_parser
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prepare_dataset_parser(sub)
     add_checkpoint_parser(sub)
     add_serve_parser(sub)
+    add_memory_parser(sub)
     return parser
 
 

@@ -35,6 +35,7 @@ def add_bench_parser(sub):
     thr.add_argument("--emulate_devices", type=int, default=None,
                      help="run on N CPU-emulated devices (when the machine has fewer than --ep)")
     add_moe_options(thr)
+    add_weight_dtype_option(thr)
     thr.add_argument("--prefill_chunk", type=int, default=None,
                      help="chunked prefill: prompt tokens a request prefills per iteration (default: whole prompts)")
     thr.add_argument("--enable_chunked_prefill", action="store_true",
@@ -54,6 +55,16 @@ def add_bench_parser(sub):
     thr.add_argument("--no_progress", action="store_true", help="no progress bar (drawn only on a terminal anyway)")
     _add_trtllm_bench_flags(thr)
     parser.set_defaults(handler=run_bench)
+
+
+WEIGHT_DTYPES = ("auto", "fp8", "bf16", "float32")
+
+
+def add_weight_dtype_option(parser) -> None:
+    parser.add_argument("--weight_dtype", choices=WEIGHT_DTYPES, default="auto",
+                        help="Hugging Face checkpoints: auto keeps weights as stored (an FP8 checkpoint's linear "
+                             "weights stay FP8 on the devices, dequantized in the step per layer); fp8 the same, "
+                             "refusing checkpoints without FP8; bf16 / float32 dequantize while loading")
 
 
 def add_moe_options(parser) -> None:
@@ -115,8 +126,8 @@ def prefill_chunk(args) -> int | None:
 
 
 def run_bench(args) -> int:
-    from jax_eplb.serving import ThroughputSettings, format_figures, initialize_distributed, read_bench_inputs, \
-        run_throughput
+    from jax_eplb.serving import ThroughputSettings, check_memory_fits, format_figures, initialize_distributed, \
+        read_bench_inputs, run_throughput
     from jax_eplb.sharding import ep_mesh
 
     for flag, minimum in (("ep", 1), ("max_batch_size", 1), ("warmup", 0), ("emulate_devices", 1),
@@ -131,7 +142,8 @@ def run_bench(args) -> int:
     output_file(args.report_json, "--report_json")
     initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     inputs = read_bench_inputs(args.model, args.dataset, args.ep, model_path=args.model_path, seed=args.seed,
-                               extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len)
+                               extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len,
+                               weight_dtype=args.weight_dtype)
     settings = ThroughputSettings(
         max_batch_size=args.max_batch_size, warmup=args.warmup, eos_id=args.eos_id,
         replica_policy=args.replica_policy, transport=args.transport, dispatch=args.dispatch,
@@ -148,6 +160,7 @@ def run_bench(args) -> int:
     for note in getattr(inputs.weights, "notes", ()):
         print(f"note: {note}")
     mesh = ep_mesh(args.ep, args.emulate_devices)
+    check_memory_fits(inputs.config, inputs.options, mesh, args.max_batch_size, "bench")
     result = run_throughput(inputs.config, inputs.weights, inputs.requests, mesh, settings,
                             plan=inputs.options.load_balancer, recorder=inputs.recorder,
                             online_state=args.online_state)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jax_eplb._errors import EplbInputError
-from jax_eplb.cli._bench import add_moe_options
+from jax_eplb.cli._bench import add_moe_options, add_weight_dtype_option
 from jax_eplb.cli._checks import at_least, require_serve_extra, trtllm_parallel_flags
 
 
@@ -44,6 +44,7 @@ def add_serve_parser(sub):
     parser.add_argument("--emulate_devices", type=int, default=None,
                         help="run on N CPU-emulated devices (when the machine has fewer than --ep_size)")
     add_moe_options(parser)
+    add_weight_dtype_option(parser)
     parser.add_argument("--eos_id", type=int, default=None,
                         help="end-of-sequence token (default: the checkpoint's eos_token_id; -1: none)")
     parser.add_argument("--max_waiting_steps", type=int, default=8,
@@ -57,6 +58,17 @@ def add_serve_parser(sub):
                         help="requests waiting for a batch row; more get HTTP 503 with Retry-After")
     parser.add_argument("--grace_period", type=float, default=30.0,
                         help="seconds in-flight requests may finish after SIGTERM/SIGINT before they are aborted")
+    parser.add_argument("--online_state_interval", type=float, default=None,
+                        help="with --online_state: also save it every this many seconds (atomically; default: at "
+                             "the graceful exit only)")
+    parser.add_argument("--coordinator_address", default=None,
+                        help="multi-host: jax.distributed coordinator host:port (Slurm and Open MPI launches are "
+                             "detected without it); process 0 serves HTTP, the others follow it in lockstep")
+    parser.add_argument("--num_processes", type=int, default=None, help="multi-host: processes in all")
+    parser.add_argument("--process_id", type=int, default=None, help="multi-host: this process's index")
+    parser.add_argument("--process_timeout", type=float, default=10.0,
+                        help="multi-host: a process whose heartbeat stops this long is lost (process 0 then fails "
+                             "the requests in flight and exits non-zero; a lost process 0 ends the others)")
     parser.add_argument("--log_level", default=None, help="trtllm-serve: accepted, no effect")
     parser.set_defaults(handler=run_serve)
 
@@ -79,6 +91,11 @@ def run_serve(args) -> int:
         raise EplbInputError(f"--port must be <= 65535, got {args.port}")
     if args.grace_period < 0:
         raise EplbInputError(f"--grace_period must be >= 0, got {args.grace_period}")
+    if args.online_state_interval is not None and (args.online_state is None or args.online_state_interval <= 0):
+        raise EplbInputError("--online_state_interval needs --online_state and a positive number of seconds")
+    if not 2 <= args.process_timeout <= 60:
+        raise EplbInputError(f"--process_timeout must be in [2, 60] seconds (JAX's own heartbeat timeout is 100 s), "
+                             f"got {args.process_timeout}")
     notes = _trtllm_serve_flags(args)
     if args.grouped_matmul == "tokamax":
         from jax_eplb.moe import require_tokamax
@@ -86,12 +103,19 @@ def run_serve(args) -> int:
         require_tokamax()
     import jax_eplb
     from jax_eplb.server import TextCodec, check_port, create_app, deliver_on_loops, run_server
-    from jax_eplb.serving import ThroughputSettings, read_serve_inputs
+    from jax_eplb.serving import (ThroughputSettings, check_memory_fits, initialize_distributed, process_index_early,
+                                  read_serve_inputs)
 
-    check_port(args.host, args.port)
+    initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+    index = process_index_early()
+    lead = index == 0
+    log = _log if lead else _follower_log(index)
+    if lead:  # process 0 alone binds the port
+        check_port(args.host, args.port)
     inputs = read_serve_inputs(args.model, args.ep_size, model_path=args.model_path, seed=args.seed,
-                               extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len)
-    codec = TextCodec.from_directory(args.model_path) if args.model_path else None
+                               extra_llm_api_options=args.extra_llm_api_options, max_seq_len=args.max_seq_len,
+                               weight_dtype=args.weight_dtype)
+    codec = TextCodec.from_directory(args.model_path) if args.model_path and lead else None  # process 0 tokenizes
     eos = inputs.eos_ids | ({codec.eos_id} if codec is not None and codec.eos_id is not None else set())
     eos = frozenset() if args.eos_id == -1 else frozenset({args.eos_id}) if args.eos_id is not None else eos
     settings = ThroughputSettings(
@@ -101,15 +125,21 @@ def run_serve(args) -> int:
     chunk = max(1, args.max_num_tokens // args.max_batch_size) if args.max_num_tokens else args.prefill_chunk
     for note in notes + [f"extra option {k!r} has no effect here (ignored)" for k in inputs.options.ignored_keys] \
             + list(inputs.options.notes) + list(getattr(inputs.weights, "notes", ())):
-        print(f"note: {note}")
+        if lead:
+            print(f"note: {note}")
     from jax_eplb.server import ServingEngine
     from jax_eplb.sharding import ep_mesh
 
     mesh = ep_mesh(args.ep_size, args.emulate_devices)
+    check_memory_fits(inputs.config, inputs.options, mesh, args.max_batch_size, "serve")
     engine = ServingEngine(inputs.config, inputs.weights, mesh, settings, plan=inputs.options.load_balancer,
                            recorder=inputs.recorder, online_state=args.online_state, prefill_chunk=chunk,
                            max_queue=args.max_queue_size, eos_ids=eos, max_waiting_steps=args.max_waiting_steps,
-                           batch_wait_ms=args.batch_wait_ms, deliver=deliver_on_loops, log=_log).start()
+                           batch_wait_ms=args.batch_wait_ms, deliver=deliver_on_loops, log=log,
+                           online_state_interval=args.online_state_interval, process_timeout_s=args.process_timeout)
+    if not lead:
+        return _follow(engine, log)
+    engine.start()
     hugging_face = args.model_path is not None and (Path(args.model_path) / "config.json").is_file()
     name = args.served_model_name or (args.model if hugging_face else inputs.config.name)
     app = create_app(engine, name, codec, jax_eplb.__version__)
@@ -119,3 +149,33 @@ def run_serve(args) -> int:
 
 def _log(line: str) -> None:
     print(line, flush=True)
+
+
+def _follower_log(index: int):
+    def log(line: str) -> None:
+        print(f"[process {index}] {line}", flush=True)
+    return log
+
+
+def _follow(engine, log) -> int:
+    """A process other than process 0: the same iterations as process 0 until it stops. Signals do not
+    stop it (process 0 decides, and Slurm signals every task); a lost process 0 ends it in one line."""
+    import os
+    import signal
+
+    from jax_eplb.server import ProcessLost
+
+    def hold(signum, _frame):
+        log(f"{signal.Signals(signum).name}: process 0 decides when to stop; following it (its heartbeat bounds the "
+            f"wait)")
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, hold)
+    log("following process 0")
+    try:
+        engine.follow()
+    except ProcessLost as lost:
+        print(f"error: {lost}; exiting", flush=True)
+        os._exit(1)  # no orderly jax.distributed shutdown: the coordinator is gone
+    log("stopped")
+    return 0

@@ -25,24 +25,58 @@ from jax_eplb.hf._config import ConfigReader, read_config_json
 from jax_eplb.hf._layout import MoELayout, expert, model_params, visit_all
 from jax_eplb.hf._safetensors import SafetensorsCheckpoint, StoredTensor, finish_on_device
 from jax_eplb.model import ModelConfig
-from jax_eplb.moe import ExpertWeights
+from jax_eplb.moe import FP8_DTYPE, BlockFp8, ExpertWeights, scale_shape
 from jax_eplb.moe._slots import set_layer_slots, zero_slot_buffers
 from jax_eplb.sharding import over_ranks
 
 ARCHITECTURES = {module.MODEL_TYPE: module for module in (_deepseek_v3, _qwen3_moe, _mixtral)}
 DEFAULT_CACHE_LENGTH = 4096
+WEIGHT_DTYPES = ("auto", "fp8", "bf16", "float32")
+_FLOAT_WEIGHTS = {"bf16": "bfloat16", "float32": "float32"}
+
+
+def fp8_block_size(raw: dict, source: str) -> tuple[int, int] | None:
+    """``quantization_config``'s FP8 block ``[out, in]`` (None: not quantized); anything but DeepSeek's
+    block-wise e4m3 FP8 is refused in one line."""
+    quantization = raw.get("quantization_config")
+    if not quantization:
+        return None
+    if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+        raise EplbInputError(f"{source}: quantization {method!r} is not supported (block-wise FP8, quant_method "
+                             f"'fp8' with weight_block_size, is)")
+    block = quantization.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise EplbInputError(f"{source}: quantization_config.weight_block_size must be two positive integers "
+                             f"(per-tensor FP8 is not supported), got {block!r}")
+    if quantization.get("fmt", "e4m3") != "e4m3":
+        raise EplbInputError(f"{source}: FP8 format {quantization.get('fmt')!r} is not supported (e4m3 is)")
+    return tuple(block)
 
 
 def hf_model_config(directory, *, name: str | None = None, max_seq_len: int | None = None,
-                    dtype: str | None = None) -> tuple[ModelConfig, MoELayout, list[str]]:
+                    dtype: str | None = None, weight_dtype: str = "auto") -> tuple[ModelConfig, MoELayout, list[str]]:
     """(``ModelConfig``, tensor layout, notes) of a checkpoint directory's ``config.json``.
 
     ``max_seq_len``: the KV-cache length to allocate (default: the model's
     ``max_position_embeddings``, at most 4096); ``dtype``: compute dtype (default: the checkpoint's,
-    float32 or bfloat16).
+    float32 or bfloat16); ``weight_dtype`` (``WEIGHT_DTYPES``): ``auto`` keeps the weights as stored
+    (an FP8 checkpoint's linear weights stay FP8 on the devices), ``fp8`` the same but refuses a
+    checkpoint without FP8 weights, ``bf16`` / ``float32`` dequantize FP8 while loading and compute
+    in that dtype.
     """
     raw = read_config_json(directory)
     source = str(Path(directory) / "config.json")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EplbInputError(f"--weight_dtype must be one of {list(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    block = fp8_block_size(raw, source)
+    if weight_dtype == "fp8" and block is None:
+        raise EplbInputError(f"--weight_dtype fp8: {source} stores no FP8 weights (FP8 is kept as a checkpoint "
+                             f"stores it, never made from other weights)")
+    if weight_dtype in _FLOAT_WEIGHTS:
+        if dtype not in (None, _FLOAT_WEIGHTS[weight_dtype]):
+            raise EplbInputError(f"--weight_dtype {weight_dtype} with compute dtype {dtype}: they must agree")
+        dtype, block = _FLOAT_WEIGHTS[weight_dtype], None
     model_type = raw.get("model_type")
     if model_type not in ARCHITECTURES:
         raise EplbInputError(f"{source}: model_type {model_type!r} is not supported; supported: "
@@ -56,7 +90,8 @@ def hf_model_config(directory, *, name: str | None = None, max_seq_len: int | No
     reader.check_all_handled(model_type)
     stored = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     fields.update(name=name or model_type, dtype=dtype or ("float32" if stored == "float32" else "bfloat16"),
-                  max_seq_len=max_seq_len or min(fields["max_position_embeddings"], DEFAULT_CACHE_LENGTH))
+                  max_seq_len=max_seq_len or min(fields["max_position_embeddings"], DEFAULT_CACHE_LENGTH),
+                  fp8_block=block)
     if stored not in ("float32", "bfloat16") and dtype is None:
         notes.append(f"checkpoint dtype {stored} computed in bfloat16")
     return ModelConfig(**fields), architecture.LAYOUT, notes
@@ -66,10 +101,10 @@ class HuggingFaceCheckpoint:
     """A ``WeightSource`` (and ``ExpertSource``) over a Hugging Face checkpoint directory."""
 
     def __init__(self, directory, *, name: str | None = None, max_seq_len: int | None = None,
-                 dtype: str | None = None):
+                 dtype: str | None = None, weight_dtype: str = "auto"):
         self.directory = Path(directory)
         self.config, self.layout, self.notes = hf_model_config(directory, name=name, max_seq_len=max_seq_len,
-                                                               dtype=dtype)
+                                                               dtype=dtype, weight_dtype=weight_dtype)
         quantization = read_config_json(directory).get("quantization_config") or {}
         block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
         self.tensors = SafetensorsCheckpoint(directory, tuple(block) if block else None)
@@ -93,29 +128,35 @@ class HuggingFaceCheckpoint:
     # ------------------------------------------------------------------ WeightSource
 
     def _require(self, config: ModelConfig) -> None:
-        shape_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in ("name", "max_seq_len",
-                                                                                          "dtype")]
+        shape_fields = [f.name for f in dataclasses.fields(ModelConfig)
+                        if f.name not in ("name", "max_seq_len", "dtype", "fp8_block")]
         differ = [k for k in shape_fields if getattr(config, k) != getattr(self.config, k)]
         if differ:
             raise EplbInputError(f"{self.directory} holds a different model than asked for: {differ} differ")
 
     def params(self, config: ModelConfig) -> dict:
-        """Every parameter but the routed experts as ``StoredTensor``s (finished on the device)."""
+        """Every parameter but the routed experts as ``StoredTensor``s (finished on the device, or
+        kept FP8 where the model holds an ``Fp8Weight``)."""
         self._require(config)
         return model_params(self.tensors.stored, config, self.layout)
 
     def slot_experts(self, config: ModelConfig, mesh, slot_to_expert) -> ExpertWeights:
         """Routed experts ``[Lm, S, ...]``: per layer, each device's slots read as stored (a replicated
-        expert once per process) and finished on the device."""
+        expert once per process) and finished on the device (FP8 under ``config.fp8_block``: kept,
+        with its scales, as ``BlockFp8``)."""
         self._require(config)
         index = np.asarray(slot_to_expert)
-        buffers = zero_slot_buffers(self.expert_shapes(), index.shape, mesh)
+        buffers = zero_slot_buffers(self._for(config).expert_shapes(), index.shape, mesh)
         for layer, decoder_layer in enumerate(config.moe_layer_ids):
-            buffers = set_layer_slots(buffers, self._layer_slots(decoder_layer, index[layer], mesh), layer)
+            buffers = set_layer_slots(buffers, self._layer_slots(config, decoder_layer, index[layer], mesh), layer)
         return buffers
 
-    def _layer_slots(self, decoder_layer: int, slot_experts: np.ndarray, mesh) -> ExpertWeights:
-        c, sharding = self.config, over_ranks(mesh)
+    def _for(self, config: ModelConfig) -> "HuggingFaceCheckpoint":
+        return self if config == self.config else self.with_config(config)
+
+    def _layer_slots(self, config: ModelConfig, decoder_layer: int, slot_experts: np.ndarray,
+                     mesh) -> ExpertWeights:
+        c, sharding = config, over_ranks(mesh)
         stored: dict[int, tuple[StoredTensor, ...]] = {}  # expert -> its three tensors, read once
 
         def of(expert_id: int) -> tuple[StoredTensor, ...]:
@@ -137,24 +178,39 @@ class HuggingFaceCheckpoint:
             if first.scale_inv is not None:
                 scale = jax.make_array_from_callback(
                     (len(slot_experts),) + first.scale_inv.shape, sharding, lambda idx: stacked("scale_inv", idx))
+            if c.fp8_block is not None:  # kept as stored: one byte per weight, and its scales
+                return StoredTensor(value, scale, first.block, first.transpose).place_fp8(
+                    sharding, f"layer {decoder_layer} experts")
             return finish_on_device(value, scale, block=first.block, transpose=first.transpose, dtype=c.jnp_dtype)
 
         return ExpertWeights(*(leaf(i) for i in range(3)))
 
     def expert_source(self, config: ModelConfig) -> "HuggingFaceCheckpoint":
         self._require(config)
-        return self
+        return self._for(config)
 
     # ------------------------------------------------------------------ ExpertSource
 
     def expert_shapes(self) -> ExpertWeights:
+        """One expert's shapes: the compute dtype, or ``BlockFp8`` (values and scales) under ``fp8_block``."""
         c, dt = self.config, self.config.jnp_dtype
         h, f = c.hidden_size, c.expert_ffn_size
-        return ExpertWeights(jax.ShapeDtypeStruct((h, f), dt), jax.ShapeDtypeStruct((h, f), dt),
-                             jax.ShapeDtypeStruct((f, h), dt))
+        shapes = ((h, f), (h, f), (f, h))
+        if c.weight_block is None:
+            return ExpertWeights(*(jax.ShapeDtypeStruct(shape, dt) for shape in shapes))
+        return ExpertWeights(*(BlockFp8(jax.ShapeDtypeStruct(shape, FP8_DTYPE),
+                                        jax.ShapeDtypeStruct(scale_shape(shape, c.weight_block), np.float32),
+                                        c.weight_block) for shape in shapes))
 
     def rows(self, layer: int, experts: np.ndarray) -> ExpertWeights:
-        """Experts ``[n]`` of MoE layer ``layer`` (0-based among the MoE layers), dequantized, ``[n, ...]``."""
+        """Experts ``[n]`` of MoE layer ``layer`` (0-based among the MoE layers), ``[n, ...]``: the compute
+        dtype (dequantized), or as stored FP8 (``BlockFp8``, the host master copy moves as is) under ``fp8_block``."""
         decoder_layer = self.config.moe_layer_ids[layer]
-        weights = [expert(self.tensors.tensor, decoder_layer, int(e), self.config, self.layout) for e in experts]
-        return ExpertWeights(*(np.stack(leaf) for leaf in zip(*weights)))
+        if self.config.fp8_block is None:  # dequantized on the host, in the compute dtype as expert_shapes says
+            weights = [expert(self.tensors.tensor, decoder_layer, int(e), self.config, self.layout) for e in experts]
+            return ExpertWeights(*(np.stack(leaf).astype(self.config.jnp_dtype) for leaf in zip(*weights)))
+        stored = [[w.fp8(f"layer {decoder_layer} expert {e}")
+                   for w in expert(self.tensors.stored, decoder_layer, int(e), self.config, self.layout)]
+                  for e in experts]
+        return ExpertWeights(*(BlockFp8(np.stack([w.values for w in leaf]), np.stack([w.scale_inv for w in leaf]),
+                                        leaf[0].block) for leaf in zip(*stored)))

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from jax_eplb._errors import EplbInputError
+from jax_eplb.moe import BlockFp8
 
 # safetensors' numpy backend looks bfloat16 and float8 dtypes up on the numpy module; ml_dtypes
 # (JAX's own dtype library) provides them.
@@ -150,6 +151,36 @@ class StoredTensor:
         scale = None if self.scale_inv is None else jax.device_put(self.scale_inv, sharding)
         return finish_on_device(jax.device_put(self.value, sharding), scale, block=self.block,
                                 transpose=self.transpose, dtype=jnp.dtype(dtype))
+
+    def fp8(self, where: str = "") -> BlockFp8:
+        """The host ``BlockFp8`` in the model's orientation (values and scales transposed with the
+        weight, block swapped); an error when the tensor is not block-quantized FP8."""
+        self._check_fp8(where)
+        if not self.transpose:
+            return BlockFp8(self.value, self.scale_inv, self.block)
+        return BlockFp8(np.swapaxes(self.value, -1, -2), np.swapaxes(self.scale_inv, -1, -2), self.block[::-1])
+
+    def place_fp8(self, sharding, where: str = "") -> BlockFp8:
+        """On ``sharding``'s devices as stored FP8 (one byte per weight) with its block scales, in the
+        model's orientation (transposed on the device)."""
+        self._check_fp8(where)
+        block = self.block[::-1] if self.transpose else self.block
+        values, scale = jax.device_put(self.value, sharding), jax.device_put(self.scale_inv, sharding)
+        if self.transpose:
+            values, scale = _swap_last_axes(values), _swap_last_axes(scale)
+        return BlockFp8(values, scale, block)
+
+
+    def _check_fp8(self, where: str) -> None:
+        if self.scale_inv is None or self.value.dtype != ml_dtypes.float8_e4m3fn:
+            raise EplbInputError(f"weights: {where} is stored as {self.value.dtype} without block scales; this "
+                                 f"model keeps its linear weights in FP8 (--weight_dtype bf16 dequantizes while "
+                                 f"loading)")
+
+
+@jax.jit
+def _swap_last_axes(x):
+    return jnp.swapaxes(x, -1, -2)
 
 
 @functools.partial(jax.jit, static_argnames=("block", "transpose", "dtype"))

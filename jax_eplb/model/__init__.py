@@ -3,12 +3,13 @@
 config (``_config``) -> modules (``_layers``: norm, RoPE, attention; ``_decoder``: decoder layer
 and scanned layer stacks; ``_transformer``: the model) -> weights into the modules
 (``_weights``: seeded; ``_checkpoint``: orbax) -> running steps (``_runner``; the next token,
-greedy or sampled: ``_sampling``).
+greedy or sampled: ``_sampling``); device memory per device of a built layout (``_memory``).
 """
 
 from jax_eplb.model._checkpoint import OrbaxCheckpoint, create_random_checkpoint, save_checkpoint
 from jax_eplb.model._config import ModelConfig, load_model_config, resolve_model_config
 from jax_eplb.model._decoder import DecoderLayer, LayerStack
+from jax_eplb.model._memory import DeviceMemory, check_fits, device_limit, device_memory, format_memory
 from jax_eplb.model._layers import Attention, AttentionCache, RMSNorm, apply_rope, rms_norm
 from jax_eplb.model._runner import ModelRunner
 from jax_eplb.model._sampling import Sampling, next_tokens
@@ -24,4 +25,5 @@ __all__ = [
     "logical_experts", "logical_weights", "split_logical_experts", "router_bias",
     "save_checkpoint", "create_random_checkpoint",
     "ModelRunner", "Sampling", "next_tokens",
+    "DeviceMemory", "device_memory", "check_fits", "device_limit", "format_memory",
 ]

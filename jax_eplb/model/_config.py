@@ -38,6 +38,12 @@ class ModelConfig:
     ``rope_scaling`` (``yarn_factor`` None: plain RoPE). ``max_position_embeddings`` is the
     model's longest supported sequence; ``max_seq_len`` the KV-cache length this run allocates.
 
+    ``dtype`` is the compute dtype (activations, caches, and every weight not held in FP8);
+    ``fp8_block`` (a checkpoint's ``weight_block_size``, ``[out, in]``): the linear layers'
+    weights (attention projections, dense MLPs, shared and routed experts) stay FP8 e4m3 with one
+    float32 scale per block and are dequantized in the step right before their matmul; None: every
+    weight in ``dtype``.
+
     ``router_logit_std``, ``router_bias_scale``, ``popularity_seed``, ``init_std`` only shape
     *seeded random* weights: each MoE layer gets a selection bias (standardized log-normal
     popularity, different experts hot in different layers), so a random model routes with
@@ -84,6 +90,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     rms_norm_eps: float = 1e-6
     dtype: str = "float32"
+    fp8_block: tuple[int, ...] | None = None
     init_std: float = 0.02
     router_logit_std: float = 0.16
     router_bias_scale: float = 0.0
@@ -91,6 +98,8 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        if isinstance(self.fp8_block, list):
+            object.__setattr__(self, "fp8_block", tuple(self.fp8_block))
         _check_types(self)
         positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
                     "dense_ffn_size", "num_experts", "top_k", "expert_ffn_size", "max_seq_len", "decoder_sparse_step"]
@@ -123,6 +132,8 @@ class ModelConfig:
             self._error("yarn_factor needs a positive value and yarn_original_max_position")
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
             self._error(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
+        if self.fp8_block is not None and (len(self.fp8_block) != 2 or min(self.fp8_block) < 1):
+            self._error(f"fp8_block must be two positive integers [out, in], got {list(self.fp8_block)}")
         if self.max_position_embeddings is not None and self.max_seq_len > self.max_position_embeddings:
             self._error(f"max_seq_len ({self.max_seq_len}) exceeds max_position_embeddings "
                         f"({self.max_position_embeddings})")
@@ -160,6 +171,11 @@ class ModelConfig:
     @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)
+
+    @property
+    def weight_block(self) -> tuple[int, int] | None:
+        """The FP8 block in the model's ``[in, out]`` orientation (``fp8_block`` swapped), or None."""
+        return None if self.fp8_block is None else (self.fp8_block[1], self.fp8_block[0])
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "<config>") -> "ModelConfig":

@@ -49,9 +49,10 @@ class DecoderLayer(nnx.Module):
         self.attention = ATTENTIONS[c.attention](c, rngs=rngs)
         self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
         if moe_tables is None:
-            self.mlp = MLP(c.hidden_size, c.dense_ffn_size, dtype=dt, rngs=rngs)
+            self.mlp = MLP(c.hidden_size, c.dense_ffn_size, dtype=dt, weight_block=c.weight_block, rngs=rngs)
         else:
-            self.mlp = EPMoEBlock(c.moe, mesh, moe_tables, options=options, dtype=dt, rngs=rngs)
+            self.mlp = EPMoEBlock(c.moe, mesh, moe_tables, options=options, dtype=dt, weight_block=c.weight_block,
+                                  rngs=rngs)
 
     def __call__(self, x, cache, *, positions, token_mask) -> tuple[jax.Array, object, MoEOutput | None]:
         """x ``[B, T, H]`` -> (x, updated attention cache, the MoE block's output or None)."""

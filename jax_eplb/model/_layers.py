@@ -14,6 +14,7 @@ from flax import nnx
 
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._rope import apply_rope, inv_frequencies, softmax_scale
+from jax_eplb.moe import linear_weight, weight_value
 
 
 def rms_norm(x, weight, eps):
@@ -42,7 +43,8 @@ class AttentionCache(NamedTuple):
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE over a KV cache (Mixtral, Qwen3-MoE, the stand-in models).
 
-    wq ``[H, N*Dh]``, wk and wv ``[H, Q*Dh]``, wo ``[N*Dh, H]``; with ``qk_norm`` (Qwen3) per-head
+    wq ``[H, N*Dh]``, wk and wv ``[H, Q*Dh]``, wo ``[N*Dh, H]`` (each an ``Fp8Weight`` under
+    ``fp8_block``); with ``qk_norm`` (Qwen3) per-head
     RMSNorms ``q_norm``, ``k_norm`` ``[Dh]`` before RoPE.
     """
 
@@ -51,10 +53,9 @@ class Attention(nnx.Module):
         self.config = config
         init = jax.nn.initializers.normal(c.init_std)
         d, g = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.wq = nnx.Param(init(rngs.params(), (c.hidden_size, d), c.jnp_dtype))
-        self.wk = nnx.Param(init(rngs.params(), (c.hidden_size, g), c.jnp_dtype))
-        self.wv = nnx.Param(init(rngs.params(), (c.hidden_size, g), c.jnp_dtype))
-        self.wo = nnx.Param(init(rngs.params(), (d, c.hidden_size), c.jnp_dtype))
+        self.wq, self.wk, self.wv, self.wo = (
+            linear_weight(shape, c.jnp_dtype, c.weight_block, init=init, rngs=rngs)
+            for shape in ((c.hidden_size, d), (c.hidden_size, g), (c.hidden_size, g), (d, c.hidden_size)))
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=c.jnp_dtype)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, dtype=c.jnp_dtype)
@@ -75,9 +76,9 @@ class Attention(nnx.Module):
         """
         c = self.config
         b, t, _ = h.shape
-        q = jnp.dot(h, self.wq.get_value()).reshape(b, t, c.num_heads, c.head_dim)
-        k = jnp.dot(h, self.wk.get_value()).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = jnp.dot(h, self.wv.get_value()).reshape(b, t, c.num_kv_heads, c.head_dim)
+        q = jnp.dot(h, weight_value(self.wq, h.dtype)).reshape(b, t, c.num_heads, c.head_dim)
+        k = jnp.dot(h, weight_value(self.wk, h.dtype)).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = jnp.dot(h, weight_value(self.wv, h.dtype)).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = inv_frequencies(c, c.head_dim)
@@ -90,7 +91,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(causal_mask(scores, positions, c.max_seq_len), axis=-1).astype(cache.v.dtype)
         out = jnp.einsum("bqgtc,bcqd->btqgd", probs, cache.v, preferred_element_type=jnp.float32)
         out = out.reshape(b, t, c.num_heads * c.head_dim).astype(h.dtype)
-        return jnp.dot(out, self.wo.get_value()), cache
+        return jnp.dot(out, weight_value(self.wo, h.dtype)), cache
 
 
 def write_cache(cache, new, positions, token_mask, length: int):

@@ -23,6 +23,7 @@ from flax import nnx
 from jax_eplb.model._config import ModelConfig
 from jax_eplb.model._layers import RMSNorm, causal_mask, write_cache
 from jax_eplb.model._rope import apply_rope, inv_frequencies, softmax_scale
+from jax_eplb.moe import linear_weight, weight_value
 
 
 class LatentCache(NamedTuple):
@@ -34,23 +35,28 @@ class LatentCache(NamedTuple):
 
 class MLAttention(nnx.Module):
     """wq ``[H, N*(Dn+Dr)]`` or (query compression) wq_a ``[H, Cq]``, q_a_norm, wq_b ``[Cq, N*(Dn+Dr)]``;
-    wkv_a ``[H, Ckv+Dr]``, kv_a_norm ``[Ckv]``, wkv_b ``[Ckv, N*(Dn+Dv)]``, wo ``[N*Dv, H]``."""
+    wkv_a ``[H, Ckv+Dr]``, kv_a_norm ``[Ckv]``, wkv_b ``[Ckv, N*(Dn+Dv)]``, wo ``[N*Dv, H]`` (the
+    projections ``Fp8Weight``s under ``fp8_block``)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c, dt = config, config.jnp_dtype
         self.config = config
         init = jax.nn.initializers.normal(c.init_std)
         n, qk = c.num_heads, c.qk_nope_head_dim + c.qk_rope_head_dim
+
+        def weight(shape):
+            return linear_weight(shape, dt, c.weight_block, init=init, rngs=rngs)
+
         if c.q_lora_rank is None:
-            self.wq = nnx.Param(init(rngs.params(), (c.hidden_size, n * qk), dt))
+            self.wq = weight((c.hidden_size, n * qk))
         else:
-            self.wq_a = nnx.Param(init(rngs.params(), (c.hidden_size, c.q_lora_rank), dt))
+            self.wq_a = weight((c.hidden_size, c.q_lora_rank))
             self.q_a_norm = RMSNorm(c.q_lora_rank, c.rms_norm_eps, dtype=dt)
-            self.wq_b = nnx.Param(init(rngs.params(), (c.q_lora_rank, n * qk), dt))
-        self.wkv_a = nnx.Param(init(rngs.params(), (c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim), dt))
+            self.wq_b = weight((c.q_lora_rank, n * qk))
+        self.wkv_a = weight((c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim))
         self.kv_a_norm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps, dtype=dt)
-        self.wkv_b = nnx.Param(init(rngs.params(), (c.kv_lora_rank, n * (c.qk_nope_head_dim + c.v_head_dim)), dt))
-        self.wo = nnx.Param(init(rngs.params(), (n * c.v_head_dim, c.hidden_size), dt))
+        self.wkv_b = weight((c.kv_lora_rank, n * (c.qk_nope_head_dim + c.v_head_dim)))
+        self.wo = weight((n * c.v_head_dim, c.hidden_size))
 
     @staticmethod
     def cache_shape(config: ModelConfig, batch: int) -> LatentCache:
@@ -61,9 +67,10 @@ class MLAttention(nnx.Module):
     def _query(self, h):
         c = self.config
         if c.q_lora_rank is None:
-            q = jnp.dot(h, self.wq.get_value())
+            q = jnp.dot(h, weight_value(self.wq, h.dtype))
         else:
-            q = jnp.dot(self.q_a_norm(jnp.dot(h, self.wq_a.get_value())), self.wq_b.get_value())
+            q_latent = self.q_a_norm(jnp.dot(h, weight_value(self.wq_a, h.dtype)))
+            q = jnp.dot(q_latent, weight_value(self.wq_b, h.dtype))
         q = q.reshape(*h.shape[:2], c.num_heads, c.qk_nope_head_dim + c.qk_rope_head_dim)
         return q[..., :c.qk_nope_head_dim], q[..., c.qk_nope_head_dim:]  # [B, T, N, Dn], [B, T, N, Dr]
 
@@ -76,11 +83,12 @@ class MLAttention(nnx.Module):
         inv_freq = inv_frequencies(c, c.qk_rope_head_dim)
         q_nope, q_rot = self._query(h)
         q_rot = apply_rope(q_rot, positions, inv_freq, c.rope_interleave)
-        kv = jnp.dot(h, self.wkv_a.get_value())
+        kv = jnp.dot(h, weight_value(self.wkv_a, h.dtype))
         latent = self.kv_a_norm(kv[..., :c.kv_lora_rank])  # [B, T, Ckv]
         rope_key = apply_rope(kv[..., None, c.kv_lora_rank:], positions, inv_freq, c.rope_interleave)[:, :, 0]
         cache = write_cache(cache, (latent, rope_key), positions, token_mask, c.max_seq_len)
-        wkv_b = self.wkv_b.get_value().reshape(c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
+        wkv_b = weight_value(self.wkv_b, h.dtype).reshape(c.kv_lora_rank, c.num_heads,
+                                                          c.qk_nope_head_dim + c.v_head_dim)
         w_key, w_value = wkv_b[..., :c.qk_nope_head_dim], wkv_b[..., c.qk_nope_head_dim:]
         dt, f32 = cache.latent.dtype, jnp.float32
         q_latent = jnp.einsum("btnd,cnd->btnc", q_nope, w_key, preferred_element_type=f32).astype(dt)
@@ -91,4 +99,4 @@ class MLAttention(nnx.Module):
         out_latent = jnp.einsum("bnts,bsc->btnc", probs, cache.latent, preferred_element_type=f32).astype(dt)
         out = jnp.einsum("btnc,cnv->btnv", out_latent, w_value, preferred_element_type=f32)
         out = out.reshape(b, t, c.num_heads * c.v_head_dim).astype(h.dtype)
-        return jnp.dot(out, self.wo.get_value()), cache
+        return jnp.dot(out, weight_value(self.wo, h.dtype)), cache

@@ -47,13 +47,32 @@ class WeightSource(Protocol):
 def build_model(config: ModelConfig, mesh, tables: AssignmentTables, weights: WeightSource, *,
                 options: MoEOptions = MoEOptions()) -> MoETransformer:
     """A ``MoETransformer`` on ``mesh`` with ``weights`` under the placement ``tables``."""
-    abstract = nnx.eval_shape(lambda: MoETransformer(config, mesh, tables, options=options, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(config, mesh, tables, options=options)
     graphdef, slots, placement, params = nnx.split(abstract, SlotParam, PlacementTable, ...)
     nnx.replace_by_pure_dict(params, _place_params(nnx.to_pure_dict(params), weights.params(config), replicated(mesh)))
     model = nnx.merge(graphdef, slots, placement, params)
     model.set_slot_experts(weights.slot_experts(config, mesh, tables.slot_to_expert))
     model.set_tables(tables)
     return model
+
+
+class _ShapeOnlyRngs:
+    """Stands in for ``nnx.Rngs`` under ``nnx.eval_shape``, where only the shapes of initial values
+    matter: every draw uses one fixed key. (A real ``nnx.Rngs`` updates a traced counter per draw,
+    and flax compares each update's sharding against the whole trace so far: quadratic in the
+    model's size, 20 s for DeepSeek-V3's 61 layers instead of about one.)"""
+
+    def __init__(self):
+        self._key = jax.random.key(0)
+
+    def params(self):
+        return self._key
+
+
+def abstract_model(config: ModelConfig, mesh, tables: AssignmentTables, *,
+                   options: MoEOptions = MoEOptions()) -> MoETransformer:
+    """The model's structure with ``jax.ShapeDtypeStruct`` leaves (no arrays allocated)."""
+    return nnx.eval_shape(lambda: MoETransformer(config, mesh, tables, options=options, rngs=_ShapeOnlyRngs()))
 
 
 def _place_params(expected: Mapping, given: Mapping, sharding, path: str = "") -> dict:
@@ -68,6 +87,9 @@ def _place_params(expected: Mapping, given: Mapping, sharding, path: str = "") -
         where = f"{path}{key}"
         if key not in given:
             raise EplbInputError(f"weights: missing {where}")
+        if isinstance(want, Mapping) and hasattr(given[key], "place_fp8"):  # an Fp8Weight from a checkpoint
+            placed[key] = _place_fp8(want, given[key], sharding, where)
+            continue
         if isinstance(want, Mapping):
             placed[key] = _place_params(want, given[key], sharding, where + ".")
             continue
@@ -80,6 +102,16 @@ def _place_params(expected: Mapping, given: Mapping, sharding, path: str = "") -
         else:
             placed[key] = jax.device_put(jnp.asarray(value, want.dtype), sharding)
     return placed
+
+
+def _place_fp8(want: Mapping, value, sharding, where: str) -> dict:
+    """A stored FP8 tensor as an ``Fp8Weight``'s ``{values, scale_inv}``, kept one byte per weight."""
+    placed = value.place_fp8(sharding, where)
+    for part, array in (("values", placed.values), ("scale_inv", placed.scale_inv)):
+        if tuple(array.shape) != tuple(want[part].shape):
+            raise EplbInputError(f"weights: {where}.{part} has shape {tuple(array.shape)}, the model expects "
+                                 f"{tuple(want[part].shape)}")
+    return {"values": placed.values, "scale_inv": placed.scale_inv}
 
 
 # ----------------------------------------------------------------------------- seeded random weights

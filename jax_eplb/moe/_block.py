@@ -5,7 +5,10 @@ Axis legend: T tokens, H hidden, F expert FFN, E experts, S slots, M max replica
 (when blocks are stacked for ``lax.scan``: every variable gains a leading ``[L]`` axis).
 
 Expert weights are ``SlotParam``s ``[S, ...]`` (slot s holds a copy of expert
-``slot_to_expert[s]``), sharded on the slot axis: rank r holds slots ``[r*S/R, (r+1)*S/R)``. The
+``slot_to_expert[s]``), sharded on the slot axis: rank r holds slots ``[r*S/R, (r+1)*S/R)``. With
+``weight_block`` they are FP8 e4m3 and each has a scale ``SlotParam`` ``w_*_scale``
+``[S, ceil(in/b0), ceil(out/b1)]`` sharded alike; ``slot_experts()`` hands them on as ``BlockFp8``
+pairs and the forward dequantizes a rank's slots of one layer right before the grouped matmul. The
 tables are ``PlacementTable`` variables (replicated, not parameters) read by the forward as
 ordinary arrays, so a new plan changes values, never shapes: nothing recompiles.
 """
@@ -18,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jax_eplb._assignment import AssignmentTables
+from jax_eplb.moe._fp8 import FP8_DTYPE, BlockFp8, scale_shape
 from jax_eplb.moe._forward import ep_moe_forward
 from jax_eplb.moe._mlp import MLP
 from jax_eplb.moe._slots import slot_weights_from_logical
@@ -48,18 +52,27 @@ class EPMoEBlock(nnx.Module):
     """
 
     def __init__(self, config: MoEConfig, mesh, tables: AssignmentTables, *, options: MoEOptions = MoEOptions(),
-                 dtype=jnp.float32, rngs: nnx.Rngs):
+                 dtype=jnp.float32, weight_block: tuple[int, int] | None = None, rngs: nnx.Rngs):
         c = config
         self.config, self.mesh, self.options = config, mesh, options
+        self.weight_block = None if weight_block is None else tuple(weight_block)
         self.router_kernel = nnx.Param(_INIT(rngs.params(), (c.hidden_size, c.num_experts), jnp.float32))
         self.correction_bias = nnx.Param(jnp.zeros((c.num_experts,), jnp.float32))
         shapes = ((c.hidden_size, c.expert_ffn_size), (c.hidden_size, c.expert_ffn_size),
                   (c.expert_ffn_size, c.hidden_size))
         slots = jnp.asarray(tables.slot_to_expert)
+        stored = dtype if weight_block is None else FP8_DTYPE
         self.w_gate, self.w_up, self.w_down = (
-            SlotParam(jax.device_put(_INIT(rngs.params(), (c.num_experts,) + shape, dtype)[slots], over_ranks(mesh)))
+            SlotParam(jax.device_put(_INIT(rngs.params(), (c.num_experts,) + shape, jnp.float32)[slots].astype(stored),
+                                     over_ranks(mesh)))
             for shape in shapes)
-        self.shared = MLP(c.hidden_size, c.shared_width, dtype=dtype, rngs=rngs) if c.num_shared_experts else None
+        if weight_block is not None:
+            self.w_gate_scale, self.w_up_scale, self.w_down_scale = (
+                SlotParam(jax.device_put(jnp.ones((len(slots),) + scale_shape(shape, weight_block), jnp.float32),
+                                         over_ranks(mesh)))
+                for shape in shapes)
+        self.shared = MLP(c.hidden_size, c.shared_width, dtype=dtype, weight_block=weight_block,
+                          rngs=rngs) if c.num_shared_experts else None
         self.slot_to_expert, self.replica_count, self.expert_slots = (
             PlacementTable(jax.device_put(jnp.asarray(t, jnp.int32), replicated(mesh))) for t in tables)
 
@@ -67,8 +80,7 @@ class EPMoEBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> MoEOutput:
         """``x`` ``[T, H]`` -> MoEOutput with ``out`` ``[T, H]`` in x.dtype (shared experts added)."""
-        shared = None if self.shared is None else ExpertWeights(
-            self.shared.gate.get_value(), self.shared.up.get_value(), self.shared.down.get_value())
+        shared = None if self.shared is None else ExpertWeights(*self.shared.weights())
         result = ep_moe_forward(self.config, self.mesh, self.router(), self.slot_experts(), x,
                                 self.replica_count.get_value(), self.expert_slots.get_value(),
                                 token_mask=token_mask, options=self.options, shared=shared)
@@ -79,15 +91,36 @@ class EPMoEBlock(nnx.Module):
 
     # ------------------------------------------------------------------ placement
 
+    def _slot_params(self) -> ExpertWeights:
+        """gate, up, down: the values' ``SlotParam``, or (values, scale) ``SlotParam``s under FP8."""
+        values = (self.w_gate, self.w_up, self.w_down)
+        if self.weight_block is None:
+            return ExpertWeights(*values)
+        return ExpertWeights(*zip(values, (self.w_gate_scale, self.w_up_scale, self.w_down_scale)))
+
     def slot_experts(self) -> ExpertWeights:
-        """The slot weights ``[S, ...]`` (``[L, S, ...]`` stacked)."""
-        return ExpertWeights(self.w_gate.get_value(), self.w_up.get_value(), self.w_down.get_value())
+        """The slot weights ``[S, ...]`` (``[L, S, ...]`` stacked): arrays, or ``BlockFp8`` under FP8."""
+        if self.weight_block is None:
+            return ExpertWeights(*(p.get_value() for p in self._slot_params()))
+        return ExpertWeights(*(BlockFp8(v.get_value(), s.get_value(), self.weight_block)
+                               for v, s in self._slot_params()))
 
     def set_slot_experts(self, experts: ExpertWeights) -> None:
-        for param, value in zip((self.w_gate, self.w_up, self.w_down), experts):
-            if value.shape != param.get_value().shape:
-                raise ValueError(f"slot weights of shape {value.shape} for a block of {param.get_value().shape}")
-            param.set_value(value)
+        """Replaces the slot weights (the structure of ``slot_experts()``: ``BlockFp8`` under FP8)."""
+        for params, value in zip(self._slot_params(), experts):
+            if self.weight_block is None:
+                pairs = [(params, value)]
+            elif isinstance(value, BlockFp8) and value.block == self.weight_block:
+                pairs = [(params[0], value.values), (params[1], value.scale_inv)]
+            else:
+                raise ValueError(f"FP8 slot weights in {self.weight_block} blocks expected, got "
+                                 f"{type(value).__name__} {getattr(value, 'block', '')}")
+            for param, array in pairs:
+                if array.shape != param.get_value().shape or (
+                        self.weight_block is not None and array.dtype != param.get_value().dtype):
+                    raise ValueError(f"slot weights {array.dtype}{list(array.shape)} for a block of "
+                                     f"{param.get_value().dtype}{list(param.get_value().shape)}")
+                param.set_value(array)
 
     def tables(self) -> AssignmentTables:
         return AssignmentTables(*(np.asarray(t.get_value()) for t in

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jax_eplb.moe._dispatch import all_to_all_moe, dispatch_rows
+from jax_eplb.moe._fp8 import BlockFp8, dequantize
 from jax_eplb.moe._matmul_choice import ExpertShapes, resolve_grouped_matmul
 from jax_eplb.moe._mlp import swiglu
 from jax_eplb.moe._replica_choice import load_aware_slots, round_robin_slots
@@ -60,8 +61,9 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     on = platform(mesh)
     sizes = chunk_sizes(x.shape[0] // ranks, ranks, options.moe_max_num_tokens)
     num_slots, hidden, ffn = slot_experts.gate.shape
+    compute_dtype = x.dtype if isinstance(slot_experts.gate, BlockFp8) else slot_experts.gate.dtype
     shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden, ffn=ffn, local_slots=num_slots // ranks,
-                          dtype=str(slot_experts.gate.dtype))  # what auto measures at: one rank's biggest chunk
+                          dtype=str(compute_dtype))  # what auto measures at: one rank's biggest chunk
     options = dataclasses.replace(resolve_transport(options, mesh, shapes, config.top_k),
                                   grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on, shapes,
                                                                         mesh.devices.flat[0]))
@@ -70,13 +72,13 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     body = functools.partial(_rank_moe, config, options, sizes)
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(EP_AXIS), P(), P())
+        in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(), P())
         + (P(),) * len(pieces),
         out_specs=(P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(), P(EP_AXIS)),
         check_vma=False)
     with on_platform(on):  # the routing kernels' 'auto' decides by the mesh's platform
         out, rank_load, shared_rows, expert_counts, slot_counts, totals, rows = fn(
-            x, token_mask, router.kernel, router.correction_bias, *slot_experts, replica_count, expert_slots, *pieces)
+            x, token_mask, router.kernel, router.correction_bias, slot_experts, replica_count, expert_slots, *pieces)
     rank_rows = rank_load + shared_rows  # balanced: the shared pieces each rank computed
     if shared is not None and not balance:
         out = out + jnp.where(token_mask[:, None], swiglu(x, *shared), 0.0)
@@ -108,9 +110,12 @@ def shared_pieces(shared: ExpertWeights, ffn: int) -> ExpertWeights:
 
 
 def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local, mask_local, kernel, bias,
-              w_gate, w_up, w_down, replica_count, expert_slots, *shared):
-    """One rank's share (inside shard_map): its ``[T/R, H]`` tokens in static chunks; ``shared``: the
-    shared FFN's pieces (balanced shared experts: one more local slot group per piece)."""
+              slot_experts, replica_count, expert_slots, *shared):
+    """One rank's share (inside shard_map): its ``[T/R, H]`` tokens in static chunks; ``slot_experts``
+    its local slots ``[m, ...]`` (FP8 ``BlockFp8`` dequantized here, once per layer, right before
+    the matmuls); ``shared``: the shared FFN's pieces (balanced shared experts: one more local slot
+    group per piece)."""
+    w_gate, w_up, w_down = (dequantize(w, x_local.dtype) for w in slot_experts)
     rank = jax.lax.axis_index(EP_AXIS)
     num_ranks = jax.lax.axis_size(EP_AXIS)
     local_slots = w_gate.shape[0]

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_eplb.moe._fp8 import linear_weight, weight_value
+
 _INIT = jax.nn.initializers.normal(0.02)
 
 
@@ -20,13 +22,20 @@ def swiglu(x, gate, up, down):
 
 
 class MLP(nnx.Module):
-    """SwiGLU FFN with replicated weights: gate, up ``[H, F]``; down ``[F, H]``."""
+    """SwiGLU FFN with replicated weights: gate, up ``[H, F]``; down ``[F, H]`` (``Fp8Weight``s in
+    ``weight_block``s when given)."""
 
-    def __init__(self, hidden_size: int, ffn_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
-        self.gate = nnx.Param(_INIT(rngs.params(), (hidden_size, ffn_size), dtype))
-        self.up = nnx.Param(_INIT(rngs.params(), (hidden_size, ffn_size), dtype))
-        self.down = nnx.Param(_INIT(rngs.params(), (ffn_size, hidden_size), dtype))
+    def __init__(self, hidden_size: int, ffn_size: int, *, dtype=jnp.float32,
+                 weight_block: tuple[int, int] | None = None, rngs: nnx.Rngs):
+        self.dtype = jnp.dtype(dtype)
+        self.gate, self.up, self.down = (
+            linear_weight(shape, dtype, weight_block, init=_INIT, rngs=rngs)
+            for shape in ((hidden_size, ffn_size), (hidden_size, ffn_size), (ffn_size, hidden_size)))
+
+    def weights(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(gate, up, down) in the compute dtype (FP8 dequantized here)."""
+        return tuple(weight_value(w, self.dtype) for w in (self.gate, self.up, self.down))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """``x`` ``[..., H]`` -> ``[..., H]`` float32."""
-        return swiglu(x, self.gate.get_value(), self.up.get_value(), self.down.get_value())
+        return swiglu(x, *self.weights())

@@ -36,7 +36,7 @@ from jax_eplb.planning import plan_placement
 from jax_eplb.sharding import replicated
 from jax_eplb.online._schedule import OnlineSchedule
 from jax_eplb.online._slot_writer import SlotWriter
-from jax_eplb.online._state import check_saved_state
+from jax_eplb.online._state import check_saved_state, previous_state_path, saved_state
 
 DECAY = 0.95
 
@@ -225,8 +225,8 @@ class OnlineBalancer:
     def save_state(self, path) -> None:
         """Decayed statistics and the current plan, with orbax (a restarted server keeps its placement).
 
-        Written next to ``path`` first and swapped in when complete, so a failed save keeps the
-        previous state."""
+        Written next to ``path`` first and swapped in when complete, so a failed save (or a crash at
+        any moment) keeps the previous state (``_state``)."""
         import shutil
 
         import orbax.checkpoint as ocp
@@ -241,16 +241,20 @@ class OnlineBalancer:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(staging, {"statistics": self.statistics, "slot_to_expert": np.asarray(self.slot_to_expert)})
         checkpointer.wait_until_finished()
-        if lead:
+        if lead:  # a complete state exists at every moment: path, or path.old during the swap
+            previous = previous_state_path(path)
             if path.exists():
-                shutil.rmtree(path)
+                shutil.rmtree(previous, ignore_errors=True)
+                path.rename(previous)
             staging.rename(path)
+            shutil.rmtree(previous, ignore_errors=True)
         _sync_processes("online_state_saved")
 
     def restore_state(self, path) -> None:
         """Loads saved statistics and re-lays the model's experts under the saved plan."""
         import orbax.checkpoint as ocp
 
+        path = saved_state(path) or path
         check_saved_state(path, *self.statistics.shape, self.slot_to_expert.shape[1])
         target = {"statistics": jax.ShapeDtypeStruct(self.statistics.shape, jnp.float32, sharding=self._replicated),
                   "slot_to_expert": np.zeros_like(self.slot_to_expert)}

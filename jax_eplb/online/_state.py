@@ -1,5 +1,9 @@
 """The online balancer's saved state (orbax: decayed statistics ``[Lm, E]`` and the plan
-``[Lm, S]``), checked against a model's geometry from its metadata alone - before any work."""
+``[Lm, S]``), checked against a model's geometry from its metadata alone - before any work.
+
+A save is written to ``DIR.saving`` and swapped in; the previous state is renamed ``DIR.old``
+first and removed last, so at every moment a complete state exists: ``DIR``, or ``DIR.old`` when a
+crash hit the swap (``saved_state`` finds it)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,21 @@ from pathlib import Path
 from jax_eplb._errors import EplbInputError
 
 STATE_KEYS = ("statistics", "slot_to_expert")
+
+
+def previous_state_path(path) -> Path:
+    path = Path(path).absolute()
+    return path.with_name(path.name + ".old")
+
+
+def saved_state(path) -> Path | None:
+    """The complete saved state to restore for ``--online_state path``: the directory, or the previous
+    state a crash during a save left as ``path.old``; None when neither exists."""
+    path = Path(path).absolute()
+    if path.exists():
+        return path
+    previous = previous_state_path(path)
+    return previous if previous.exists() else None
 
 
 def saved_state_shapes(path) -> dict[str, tuple[int, ...]]:

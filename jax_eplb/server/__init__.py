@@ -11,6 +11,7 @@ requests (``_protocol``: OpenAI's fields checked) -> routes (``_app``: FastAPI) 
 
 from jax_eplb.server._app import create_app, deliver_on_loops
 from jax_eplb.server._engine import EngineStopped, QueueFull, ServingEngine
+from jax_eplb.server._lockstep import Lockstep, ProcessLost
 from jax_eplb.server._monitor import EngineMonitor
 from jax_eplb.server._protocol import GenerationParams, RequestError, chat_params, completion_params
 from jax_eplb.server._run import check_port, run_server
@@ -18,4 +19,4 @@ from jax_eplb.server._text import IncrementalText, TextCodec
 
 __all__ = ["ServingEngine", "QueueFull", "EngineStopped", "EngineMonitor", "TextCodec", "IncrementalText",
            "GenerationParams", "RequestError", "completion_params", "chat_params", "create_app", "deliver_on_loops",
-           "run_server", "check_port"]
+           "run_server", "check_port", "Lockstep", "ProcessLost"]

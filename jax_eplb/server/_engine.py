@@ -7,10 +7,17 @@ as soon as its iteration ends. One thread owns the device: it admits waiting req
 iteration, hands out the tokens, and sleeps when there is nothing to do. Prompts prefill in
 chunks of ``prefill_chunk`` tokens beside the decoding rows (chunked prefill: the tokens equal
 whole-prompt prefill).
+
+Across hosts (``jax.process_count() > 1``) process 0 runs this engine behind the HTTP server and
+publishes every batcher operation it makes to the other processes before each iteration
+(``_lockstep``); each of them runs ``follow()``: the same operations, the same steps, until process
+0 says stop. A lost follower fails the requests in flight and ends process 0 (its steps cannot
+complete without it); a lost process 0 ends the followers.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,6 +32,7 @@ from jax_eplb.model import ModelConfig, WeightSource
 from jax_eplb.serving import InFlightBatcher, Request, StatisticsRecorder, ThroughputSettings
 from jax_eplb.serving._throughput import ServingLoop, check_serving, flush_statistics, prepare_serving
 from jax_eplb.sharding import num_ranks
+from jax_eplb.server._lockstep import Lockstep, ProcessLost, request_from_json, request_to_json
 from jax_eplb.server._monitor import EngineMonitor
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
@@ -64,6 +72,9 @@ class ServingEngine:
         events instead of calling each listener on the engine thread (a server hands the batch to
         its event loop in one wake-up).
       log: progress lines (model build, compile, shutdown).
+      online_state_interval: with ``online_state``, also save it every this many seconds (atomically;
+        None: at the graceful exit only).
+      process_timeout_s: across hosts, a process whose heartbeat stops this long is lost.
     ``settings.max_batch_size`` rows (rounded up to a multiple of ep); the KV cache holds
     ``config.max_seq_len`` positions per row: a request's prompt plus its tokens must fit.
     """
@@ -72,13 +83,20 @@ class ServingEngine:
                  plan: MoeLoadBalancerConfig | None = None, recorder: StatisticsRecorder | None = None,
                  online_state: str | Path | None = None, prefill_chunk: int = 32, max_queue: int = 256,
                  eos_ids: frozenset = frozenset(), max_waiting_steps: int = 8, batch_wait_ms: float = 5.0,
-                 deliver: Callable[[list], None] | None = None, log: Callable[[str], None] = print):
-        if jax.process_count() > 1:
-            raise EplbInputError("serve runs in one process (one host); multi-host serving is not supported")
+                 deliver: Callable[[list], None] | None = None, log: Callable[[str], None] = print,
+                 online_state_interval: float | None = None, process_timeout_s: float = 10.0):
+        if online_state_interval is not None and online_state_interval <= 0:
+            raise EplbInputError(f"--online_state_interval must be > 0 seconds, got {online_state_interval}")
         if prefill_chunk < 1 or max_queue < 1 or max_waiting_steps < 0 or batch_wait_ms < 0:
             raise EplbInputError(f"prefill chunk and queue size must be >= 1, waiting steps and batch wait >= 0; got "
                                  f"{prefill_chunk}, {max_queue}, {max_waiting_steps}, {batch_wait_ms}")
         check_serving(config, settings, mesh, plan, online_state)
+        # Across hosts: heartbeats start before the (long) build, so no process looks lost meanwhile.
+        self._lockstep = Lockstep(process_timeout_s) if jax.process_count() > 1 else None
+        self._operations: list = []  # process 0: batcher operations since the last iteration, in order
+        self._published = -1  # process 0: the last iteration whose operations went out
+        self.online_state_interval, self._last_save = online_state_interval, time.monotonic()
+        self._watch_stopped = threading.Event()
         self.config, self.settings, self.plan, self.log = config, settings, plan, log
         self.recorder, self.online_state, self.max_queue = recorder, online_state, max_queue
         self.eos_ids = frozenset(eos_ids)
@@ -111,6 +129,11 @@ class ServingEngine:
     # ------------------------------------------------------------------ any thread
 
     def start(self) -> "ServingEngine":
+        """Process 0 (or the only process): starts the engine thread (and, across hosts, the watchdog)."""
+        if self._lockstep is not None:
+            if not self._lockstep.leader:
+                raise RuntimeError("only process 0 serves requests; the other processes follow()")
+            self._lockstep.watch_followers(self._lost, self._watch_stopped)
         self._thread.start()
         return self
 
@@ -171,27 +194,110 @@ class ServingEngine:
             self._abort = True
             self._lock.notify()
         self._thread.join()
-        aborted = self._aborted_any or self.error is not None
+        self._finish_run(self._aborted_any or self.error is not None)
+
+    def _finish_run(self, aborted: bool) -> None:
+        """Every process, once its loop ended: in-flight plans applied, the state saved, the dump written
+        (by process 0)."""
+        self._watch_stopped.set()
         if self.balancer is not None and self.error is None:
             self.balancer.finish()
             if self.online_state:
-                self.balancer.save_state(self.online_state)
-                self.log(f"online balancer state saved to {self.online_state}")
+                self._save_state()
         flush_statistics(self.recorder, self.log, aborted)
+        if self._lockstep is not None:
+            self._lockstep.close()
+
+    def _save_state(self) -> None:
+        self.balancer.save_state(self.online_state)
+        self._last_save = time.monotonic()
+        self.log(f"online balancer state saved to {self.online_state}")
+
+    # ------------------------------------------------------------------ across hosts
+
+    def _record(self, *operation) -> None:
+        if self._lockstep is not None:
+            self._operations.append(list(operation))
+
+    def _publish(self, *last) -> None:
+        """Process 0: this iteration's operations (and ``last`` ones) to every process."""
+        if self._lockstep is not None:
+            operations, self._operations = self._operations + [list(op) for op in last], []
+            # the iteration's key; after a failed step its key is taken: the followers read the next one
+            self._published = max(self._loop.iteration, self._published + 1)
+            self._lockstep.publish(self._published, operations)
+
+    def follow(self) -> None:
+        """A follower process: applies process 0's operations and runs the same iterations until it says
+        stop (``ProcessLost`` when process 0 goes away)."""
+        if self._lockstep is None or self._lockstep.leader:
+            raise RuntimeError("follow() is for processes other than process 0")
+        try:
+            while not self._apply(self._lockstep.receive(self._loop.iteration)):
+                self._iteration()
+        except ProcessLost:
+            self._lockstep.close()
+            raise
+        self._finish_run(aborted=False)
+
+    def _apply(self, operations: list) -> bool:
+        """Process 0's operations on this process's batcher, in order; True at stop."""
+        for name, *args in operations:
+            if name == "queue":
+                self._batcher.queue.append(request_from_json(args[0]))
+            elif name == "cancel":
+                self._batcher.cancel(args[0])
+            elif name == "admit":
+                self._batcher.admit()
+            elif name == "save":
+                self._save_state()
+            elif name == "stop":
+                return True
+            elif name == "fail":
+                self.error = RuntimeError("process 0's serving step failed")
+                return True
+            else:
+                raise ValueError(f"unknown lockstep operation {name!r}")
+        return False
+
+    def _lost(self, lost: ProcessLost) -> None:
+        """Process 0's watchdog: a follower is gone, so no step can complete: fail every request, say which
+        process was lost, exit non-zero (the engine thread may be blocked in a collective with it)."""
+        self.error = lost
+        self.log(f"error: {lost}; the requests in flight fail and this process exits")
+        self._finish_all("error")
+        self._flush_events()
+        threading.Timer(1.0, os._exit, (1,)).start()  # a moment for the event loop to answer the clients
 
     # ------------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:
         try:
             while self._next():
+                save = self._save_due()
+                if save:
+                    self._record("save")
+                self._publish()
+                if save:
+                    self._save_state()
                 self._iteration()
                 self._flush_events()
+            self._publish(["stop"])
             self._flush_events()
         except BaseException as err:  # noqa: BLE001 - every waiting client must hear of it
-            self.error = err
-            self.log(f"error: the serving step failed: {err!r}")
+            if self.error is None:
+                self.error = err
+                self.log(f"error: the serving step failed: {err!r}")
             self._finish_all("error")
             self._flush_events()
+            try:
+                self._publish(["fail"])  # the followers stop too, saving nothing (as process 0 does)
+            except Exception:  # noqa: BLE001 - the followers may be gone too
+                pass
+
+    def _save_due(self) -> bool:
+        return (self.online_state_interval is not None and self.balancer is not None and bool(self.online_state)
+                and time.monotonic() - self._last_save >= self.online_state_interval)
 
     def _next(self) -> bool:
         """Takes new requests and cancellations, admits waiting requests when due (``_admit_if_due``)
@@ -201,11 +307,13 @@ class ServingEngine:
                 now = time.perf_counter()
                 for request in self._incoming:
                     self._batcher.queue.append(request)
+                    self._record("queue", request_to_json(request))
                     self._waiting_since[request.task_id] = (self._loop.iteration, now)
                     self._last_arrival = now
                 self._incoming = []
                 for task_id in self._cancelled:
                     self._batcher.cancel(task_id)
+                    self._record("cancel", task_id)
                     self._waiting_since.pop(task_id, None)
                     self._end(task_id, None, "abort")
                 self._cancelled = set()
@@ -243,6 +351,7 @@ class ServingEngine:
             self._admit()
 
     def _admit(self) -> None:
+        self._record("admit")
         for request in self._batcher.admit():
             self._waiting_since.pop(request.task_id, None)
 
@@ -281,6 +390,7 @@ class ServingEngine:
             pending = list(self._listeners)
             for task_id in pending:
                 self._batcher.cancel(task_id)
+                self._record("cancel", task_id)
             self._incoming = []
             self._waiting_since.clear()
         if pending and reason == "abort":

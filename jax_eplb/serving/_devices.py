@@ -24,6 +24,14 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     return True
 
 
+def process_index_early() -> int:
+    """This process's index in ``jax.distributed`` (0 when it is not running), read without starting JAX's
+    backends (``jax.process_index()`` would, fixing the CPU device count before ``--emulate_devices``)."""
+    from jax._src import distributed
+
+    return int(distributed.global_state.process_id or 0)
+
+
 def to_host(x) -> np.ndarray:
     """A (possibly multi-host sharded) array as one NumPy array on every process."""
     if jax.process_count() > 1:

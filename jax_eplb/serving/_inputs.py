@@ -30,23 +30,28 @@ class BenchInputs:
 
 
 def model_source(model: str, model_path: str | None = None, seed: int = 0, *,
-                 max_seq_len: int | None = None) -> tuple[ModelConfig, WeightSource]:
+                 max_seq_len: int | None = None, weight_dtype: str = "auto") -> tuple[ModelConfig, WeightSource]:
     """``--model`` and ``--model_path`` -> (config, weight source).
 
     ``--model_path`` a Hugging Face checkpoint directory (``config.json`` + safetensors): the
     architecture comes from its config and ``--model`` is only a label (as in trtllm-bench); an
     orbax checkpoint written by ``create-checkpoint``: ``--model`` names its config; none: seeded
-    random weights for the config ``--model`` (YAML or shipped name).
+    random weights for the config ``--model`` (YAML or shipped name). ``weight_dtype``
+    (``--weight_dtype``): how a Hugging Face checkpoint's weights are held (``auto``: as stored).
     """
+    hugging_face = _is_hugging_face(model_path)
+    if weight_dtype != "auto" and not hugging_face:
+        raise EplbInputError(f"--weight_dtype {weight_dtype} goes with a Hugging Face --model_path (other models hold "
+                             f"their weights in the model config's dtype)")
     if model_path is None:
         return load_model_config(model), SeededWeights(seed)
     path = Path(model_path)
     if not path.is_dir():
         raise EplbInputError(f"--model_path {model_path} does not exist or is not a directory")
-    if (path / "config.json").is_file():
+    if hugging_face:
         from jax_eplb.hf import HuggingFaceCheckpoint
 
-        checkpoint = HuggingFaceCheckpoint(path, name=model, max_seq_len=max_seq_len)
+        checkpoint = HuggingFaceCheckpoint(path, name=model, max_seq_len=max_seq_len, weight_dtype=weight_dtype)
         checkpoint.check()
         return checkpoint.config, checkpoint
     config = load_model_config(model)
@@ -89,10 +94,10 @@ def _cache_length(config: ModelConfig, requests, max_seq_len: int | None, fit: b
 
 def read_bench_inputs(model: str, dataset: str, ep: int, *, model_path: str | None = None, seed: int = 0,
                       extra_llm_api_options: str | None = None, max_seq_len: int | None = None,
-                      environ: Mapping[str, str] = os.environ) -> BenchInputs:
+                      weight_dtype: str = "auto", environ: Mapping[str, str] = os.environ) -> BenchInputs:
     if max_seq_len is not None and max_seq_len < 1:
         raise EplbInputError(f"--max_seq_len must be >= 1, got {max_seq_len}")
-    config, weights = model_source(model, model_path, seed)
+    config, weights = model_source(model, model_path, seed, weight_dtype=weight_dtype)
     hugging_face = _is_hugging_face(model_path)
     limit = max_seq_len or (config.max_position_embeddings if hugging_face else config.max_seq_len)
     requests = load_dataset(dataset, config.vocab_size, limit, _tokenizer(model_path))
@@ -118,6 +123,20 @@ def _balancer_and_recorder(config: ModelConfig, ep: int, extra_llm_api_options: 
     return options, recorder
 
 
+def check_memory_fits(config: ModelConfig, options: ExtraOptions, mesh, max_batch_size: int, what: str) -> None:
+    """Before building: the model at this geometry (``jax-eplb memory``'s figures) must fit the mesh's
+    devices, else one line; devices that report no memory size (CPU) are not checked."""
+    from jax_eplb.model import check_fits, device_limit, device_memory
+
+    device = mesh.devices.flat[0]
+    if device_limit(device) is None:
+        return
+    plan = options.load_balancer
+    num_slots = plan.resolved_num_slots(config.num_experts) if plan is not None else config.num_experts
+    memory = device_memory(config, ep_size=mesh.devices.size, num_slots=num_slots, max_batch_size=max_batch_size)
+    check_fits(memory, device, what)
+
+
 @dataclasses.dataclass(frozen=True)
 class ServeInputs:
     config: ModelConfig  # max_seq_len: the KV-cache length per row
@@ -132,13 +151,13 @@ SERVE_DEFAULT_SEQ_LEN = 2048  # Hugging Face models without --max_seq_len: the c
 
 def read_serve_inputs(model: str, ep: int, *, model_path: str | None = None, seed: int = 0,
                       extra_llm_api_options: str | None = None, max_seq_len: int | None = None,
-                      environ: Mapping[str, str] = os.environ) -> ServeInputs:
+                      weight_dtype: str = "auto", environ: Mapping[str, str] = os.environ) -> ServeInputs:
     """``jax-eplb serve``'s model, weights, options and recorder, checked before any device work.
     The KV-cache length: ``--max_seq_len``, else the config's (Hugging Face models: at most
     ``SERVE_DEFAULT_SEQ_LEN``)."""
     if max_seq_len is not None and max_seq_len < 2:
         raise EplbInputError(f"--max_seq_len must be >= 2 (a prompt token and a generated one), got {max_seq_len}")
-    config, weights = model_source(model, model_path, seed)
+    config, weights = model_source(model, model_path, seed, weight_dtype=weight_dtype)
     hugging_face = _is_hugging_face(model_path)
     limit = config.max_position_embeddings
     length = max_seq_len or (min(SERVE_DEFAULT_SEQ_LEN, limit or SERVE_DEFAULT_SEQ_LEN) if hugging_face

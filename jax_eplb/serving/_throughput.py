@@ -133,10 +133,10 @@ def check_serving(config: ModelConfig, settings: ThroughputSettings, mesh, plan,
             UNUSED_SLOT in row for row in plan.initial_global_assignments.values()):
         raise EplbInputError("a plan with unused slots (-1) is static: online updates (layer_updates_per_iter > 0) "
                              "would fill them")
-    if online_state and Path(online_state).exists():
+    if online_state and _saved(online_state) is not None:
         from jax_eplb.online import check_saved_state
 
-        check_saved_state(online_state, config.num_moe_layers, config.num_experts,
+        check_saved_state(_saved(online_state), config.num_moe_layers, config.num_experts,
                           plan.resolved_num_slots(config.num_experts))
     if settings.transport == "ragged":
         require_gpu(mesh, "--transport ragged", " (XLA:CPU has no ragged_all_to_all); use all_to_all")
@@ -235,10 +235,16 @@ def _online_balancer(model, weights: WeightSource, plan, settings: ThroughputSet
     balancer = OnlineBalancer(model, weights.expert_source(model.config), plan.layer_updates_per_iter,
                               algorithm=algorithm, migration_aware=algorithm != "trtllm",
                               lockstep=True if settings.online_lockstep else None)
-    if online_state and Path(online_state).exists():
+    if online_state and _saved(online_state) is not None:
         balancer.restore_state(online_state)
         log(f"online balancer state (statistics + placement) restored from {online_state}")
     return balancer
+
+
+def _saved(online_state):
+    from jax_eplb.online import saved_state
+
+    return saved_state(online_state)
 
 
 def flush_statistics(recorder: StatisticsRecorder | None, log, interrupted: bool = False) -> str | None:
