@@ -123,12 +123,20 @@ def test_two_processes_give_one_process_tokens_and_stop_together(tmp_path):
     assert [tokens for _, tokens in sampled] == [one.tokens[16 + i] for i in range(4)]
 
 
+# CI runs both JAX lines at once on two cores: the fault cases (two more two-process servers each) run
+# on the newest line only, the one GPU users install; the floor line runs the lockstep test above.
+newest_line_only = pytest.mark.skipif(
+    tuple(int(part) for part in __import__("jax").__version__.split(".")[:2]) < (0, 11),
+    reason="CI time: the two-process fault cases run on the newest JAX line (>= 0.11) only")
+
+
 @pytest.fixture
 def small_model(tmp_path, small):
     (tmp_path / "small.yaml").write_text(yaml.safe_dump(small.RAW))
     return "small.yaml"
 
 
+@newest_line_only
 def test_a_lost_follower_fails_the_requests_and_ends_process_0(tmp_path, small_model):
     server = TwoProcessServer(tmp_path, small_model, "--max_batch_size", "4", "--max_seq_len", "40",
                               "--batch_wait_ms", "0")
@@ -154,6 +162,7 @@ def test_a_lost_follower_fails_the_requests_and_ends_process_0(tmp_path, small_m
         server.kill()
 
 
+@newest_line_only
 def test_a_lost_process_0_ends_the_follower_and_leaves_a_whole_saved_state(tmp_path, small_model):
     """--online_state_interval saves the state while serving; SIGKILL of process 0 then ends the
     follower in bounded time and leaves the last saved state whole (a restart restores it)."""
