@@ -14,7 +14,7 @@ from jax_eplb.moe._dispatch import (DispatchPlan, RaggedOffsets, TokenPlan, all_
 from jax_eplb.moe._experts import expert_compute
 from jax_eplb.moe._matmul_choice import ExpertShapes, resolve_grouped_matmul
 from jax_eplb.moe._tokamax import require_tokamax, tokamax_unavailable
-from jax_eplb.moe._fp8 import (FP8_DTYPE, BlockFp8, Fp8Weight, dequantize, linear_weight, scale_shape, weight_nbytes,
+from jax_eplb.moe._fp8 import (FP8_DTYPE, BlockFp8, Fp8Weight, dequantize, linear_weight, scale_shape,
                                weight_value)
 from jax_eplb.moe._forward import chunk_sizes, ep_moe_forward, shared_balance_on, shared_pieces
 from jax_eplb.moe._mlp import MLP, swiglu
@@ -33,7 +33,7 @@ __all__ = [
     "POLICIES", "RECORD_MODES", "TRANSPORTS", "DISPATCH_MODES", "GROUPED_MATMULS", "SHARED_BALANCE",
     # weights
     "ExpertWeights", "RouterWeights", "MLP", "swiglu",
-    "BlockFp8", "Fp8Weight", "FP8_DTYPE", "dequantize", "linear_weight", "weight_value", "scale_shape", "weight_nbytes",
+    "BlockFp8", "Fp8Weight", "FP8_DTYPE", "dequantize", "linear_weight", "weight_value", "scale_shape",
     "ExpertSource", "HostExperts", "as_expert_source", "slot_weights_from_logical",
     # the pure pieces, in flow order
     "Routing", "route", "softmax_topk", "deepseek_topk",

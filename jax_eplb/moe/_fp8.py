@@ -74,13 +74,6 @@ def dequantize_numpy(weight: BlockFp8) -> np.ndarray:
     return out
 
 
-def weight_nbytes(weight) -> int:
-    """Bytes of an array or a ``BlockFp8`` (values and scales)."""
-    if isinstance(weight, BlockFp8):
-        return weight.nbytes
-    return int(np.prod(weight.shape)) * jnp.dtype(weight.dtype).itemsize
-
-
 class Fp8Weight(nnx.Module):
     """A replicated linear weight kept in FP8: ``values`` ``[..., R, C]`` e4m3, ``scale_inv``
     ``[..., ceil(R/b0), ceil(C/b1)]`` float32 (both ``nnx.Param``); the model reads it through

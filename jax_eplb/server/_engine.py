@@ -222,7 +222,9 @@ class ServingEngine:
     def _publish(self, *last) -> None:
         """Process 0: this iteration's operations (and ``last`` ones) to every process."""
         if self._lockstep is not None:
-            operations, self._operations = self._operations + [list(op) for op in last], []
+            operations = [[name, request_to_json(args[0])] if name == "queue" else [name, *args]
+                          for name, *args in self._operations + [list(op) for op in last]]
+            self._operations = []
             # the iteration's key; after a failed step its key is taken: the followers read the next one
             self._published = max(self._loop.iteration, self._published + 1)
             self._lockstep.publish(self._published, operations)
@@ -307,7 +309,7 @@ class ServingEngine:
                 now = time.perf_counter()
                 for request in self._incoming:
                     self._batcher.queue.append(request)
-                    self._record("queue", request_to_json(request))
+                    self._record("queue", request)
                     self._waiting_since[request.task_id] = (self._loop.iteration, now)
                     self._last_arrival = now
                 self._incoming = []
