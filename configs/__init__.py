@@ -2,7 +2,7 @@
 
 ``tiny`` is the embedded default (CPU-sized; the whole EPLB workflow in well under a minute);
 ``deepseek_v3_slice`` has DeepSeek-V3's MoE-layer shapes for GPU benchmarks. ``hf/`` holds the
-public ``config.json`` of DeepSeek-V3, Qwen3-30B-A3B and Mixtral-8x7B, for random checkpoints of
+public ``config.json`` of DeepSeek-V3, Kimi-K2, GLM-4.5, gpt-oss-120b, Qwen3-30B-A3B and Mixtral-8x7B, for random checkpoints of
 real shapes (``create-checkpoint --hf_config deepseek_v3``).
 """
 

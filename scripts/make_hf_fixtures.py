@@ -28,6 +28,25 @@ files (transformers without torch is enough): ``--tokenizer_only``.
 * ``qwen3_moe``: q/k norms, softmax routing with ``norm_topk_prob``, dense and MoE layers alternating
   (``decoder_sparse_step`` 2), tied embeddings, sharded, with a tokenizer and a chat template.
 * ``mixtral``: ``block_sparse_moe.experts.N.w1/w2/w3``, top-2.
+* ``glm4_moe``: GQA with q/k/v biases, q/k norms and RoPE on half of each head
+  (``partial_rotary_factor`` 0.5), DeepSeek-style sigmoid group routing with a random selection
+  bias, a shared expert, one dense layer first, one MTP layer (saved, never read).
+* ``kimi_k2``: DeepSeek-V3's modules with Kimi-K2's settings (one expert group, an expert count
+  that is no power of two, YaRN factor 32 from 4096 positions with ``beta_fast`` = ``beta_slow``
+  = 1, RoPE base 50000), saved by ``DeepseekV3ForCausalLM`` with ``model_type`` ``kimi_k2`` as
+  Kimi-K2's own config.json has it (transformers has no ``kimi_k2`` class: Kimi ships
+  DeepSeek-V3's code).
+
+* ``gpt_oss``: biases on every attention projection, attention sinks, sliding-window (4 positions)
+  and full layers alternating, YaRN with ``truncate`` false, a biased router (softmax over the
+  top-k logits), biased experts with the clamped SwiGLU (``swiglu_limit`` 0.5, so the clamp bites),
+  experts fused per layer as transformers saves them.
+* ``gpt_oss_mxfp4``: the same model with its expert weights stored as OpenAI ships them, MXFP4
+  ``*_blocks`` / ``*_scales`` (quantized here with torch); the reference is transformers' model
+  loaded from that directory with its own MXFP4 dequantization (``Mxfp4Config(dequantize=True)``).
+
+Biases (attention, selection bias, experts, attention sinks) are drawn at random: transformers initialises them to zeros,
+which would leave the reading of them untested.
 """
 
 from __future__ import annotations
@@ -85,6 +104,72 @@ def mixtral(transformers, torch):
     return transformers.MixtralForCausalLM(config)
 
 
+def glm4_moe(transformers, torch):
+    config = transformers.Glm4MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, n_shared_experts=1, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+        attention_bias=True, use_qk_norm=True, num_nextn_predict_layers=1, max_position_embeddings=512,
+        initializer_range=0.1, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                "partial_rotary_factor": 0.5})
+    return _with_random_biases(transformers.Glm4MoeForCausalLM(config), torch)
+
+
+def kimi_k2(transformers, torch):
+    config = transformers.DeepseekV3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=12, num_experts_per_tok=4,
+        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24, qk_nope_head_dim=16,
+        qk_rope_head_dim=32, v_head_dim=16, routed_scaling_factor=2.827, max_position_embeddings=131072,
+        initializer_range=0.1, rope_parameters={"rope_type": "yarn", "rope_theta": 50000.0, "factor": 32.0,
+                                                "original_max_position_embeddings": 4096, "beta_fast": 1.0,
+                                                "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0})
+    return _with_random_biases(transformers.DeepseekV3ForCausalLM(config), torch)
+
+
+def gpt_oss(transformers, torch):
+    config = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=4,
+        swiglu_limit=0.5, max_position_embeddings=131072, initializer_range=0.1,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+    return _with_random_biases(transformers.GptOssForCausalLM(config), torch)
+
+
+def gpt_oss_mxfp4(transformers, torch):
+    return gpt_oss(transformers, torch)
+
+
+FP4_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+
+
+def quantize_mxfp4(directory: Path, torch) -> None:
+    """Rewrites the saved gpt-oss checkpoint's expert weights as MXFP4, OpenAI's format: ``[E, out, in]``
+    in blocks of 32 values along ``in`` (16 bytes, low nibble first) with a uint8 exponent (bias 127)
+    per block, the exponent making the block's largest magnitude at most 6."""
+    from safetensors.torch import load_file, save_file
+
+    lut = torch.tensor(FP4_VALUES)
+    tensors = load_file(directory / "model.safetensors")
+    out = {}
+    for name, value in tensors.items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name] = value
+            continue
+        weight = value.float().transpose(1, 2)  # [E, out, in]
+        blocks = weight.reshape(*weight.shape[:-1], -1, 32)
+        exponent = torch.ceil(torch.log2(blocks.abs().amax(-1).clamp(min=1e-30) / 6.0)).clamp(-127, 127)
+        scaled = blocks / torch.exp2(exponent)[..., None]
+        codes = (scaled[..., None] - lut).abs().argmin(-1).to(torch.uint8)
+        out[name + "_blocks"] = (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+        out[name + "_scales"] = (exponent + 127).to(torch.uint8)
+    save_file(out, directory / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def _with_router_bias(model, torch):
     """A random selection bias (transformers initialises it to zeros), so it steers routing."""
     with torch.no_grad():
@@ -93,6 +178,22 @@ def _with_router_bias(model, torch):
             if gate is not None and hasattr(gate, "e_score_correction_bias"):
                 gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape) * 0.1)
     return model
+
+
+def _with_random_biases(model, torch):
+    """Every bias (attention projections, the routers' selection bias, attention sinks) drawn at random."""
+    with torch.no_grad():
+        for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("bias") or name.endswith("sinks"):
+                tensor.copy_(torch.randn(tensor.shape) * (0.5 if name.endswith("sinks") else 0.1))
+    return model
+
+
+def as_model_type(directory: Path, model_type: str) -> None:
+    """config.json's ``model_type`` rewritten (a checkpoint that ships another model type's code)."""
+    config = json.loads((directory / "config.json").read_text())
+    config["model_type"] = model_type
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def quantize_fp8(directory: Path, torch) -> None:
@@ -218,9 +319,14 @@ def reference(model, torch) -> dict:
     return {"prompts": prompts, "lengths": np.array([len(p) for p in PROMPTS]), "logits": logits, "tokens": tokens}
 
 
+BUILDS = (deepseek_v3, deepseek_v3_fp8, qwen3_moe, mixtral, glm4_moe, kimi_k2, gpt_oss, gpt_oss_mxfp4)  # the index is the seed
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpWithDefaults)
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/hf")
+    parser.add_argument("--only", nargs="+", choices=[b.__name__ for b in BUILDS],
+                        help="rebuild just these fixtures (the others stay as they are)")
     parser.add_argument("--tokenizer_only", action="store_true",
                         help="only rewrite qwen3_moe's tokenizer files and chat reference (needs transformers, "
                              "not torch)")
@@ -233,9 +339,11 @@ def main():
     import torch
     import transformers
 
-    for seed, build in enumerate((deepseek_v3, deepseek_v3_fp8, qwen3_moe, mixtral)):
-        torch.manual_seed(seed)
+    for seed, build in enumerate(BUILDS):
         name = build.__name__
+        if args.only and name not in args.only:
+            continue
+        torch.manual_seed(seed)
         directory = args.output / name
         shutil.rmtree(directory, ignore_errors=True)
         model = build(transformers, torch).eval()
@@ -244,6 +352,12 @@ def main():
         if name.endswith("_fp8"):
             quantize_fp8(directory, torch)
             model = dequantized_model(directory, transformers, torch)
+        if name.endswith("_mxfp4"):
+            quantize_mxfp4(directory, torch)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                directory, dtype=torch.float32, quantization_config=transformers.Mxfp4Config(dequantize=True)).eval()
+        if name == "kimi_k2":
+            as_model_type(directory, "kimi_k2")
         if name == "qwen3_moe":
             write_tokenizer(directory, model.config.vocab_size)
         np.savez_compressed(directory / "reference.npz", **reference(model, torch))

@@ -65,9 +65,12 @@ def mesh_of():
 
 # ----------------------------------------------------------------------------- MoE oracles
 
-def numpy_router_scores(config, kernel, x) -> np.ndarray:
-    """``[T, E]`` float64 scores the combine weights come from: softmax (Mixtral, Qwen3) or sigmoid (DeepSeek)."""
+def numpy_router_scores(config, kernel, x, logit_bias=None) -> np.ndarray:
+    """``[T, E]`` float64 scores the combine weights come from: softmax (Mixtral, Qwen3; gpt-oss' softmax over
+    its top-k logits is this renormalised over the chosen) or sigmoid (DeepSeek); ``logit_bias`` added first."""
     logits = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64)
+    if logit_bias is not None:
+        logits = logits + np.asarray(logit_bias, np.float64)
     if config.router == "deepseek":
         return 1 / (1 + np.exp(-logits))
     shifted = np.exp(logits - logits.max(-1, keepdims=True))
@@ -79,7 +82,7 @@ def numpy_route(config, kernel, bias, x) -> tuple[np.ndarray, np.ndarray]:
     weights ``[T, K]``. Softmax top-k (renormalised if the config says so); DeepSeek-V3: the bias steers the
     choice only, a group scores the sum of its two best biased scores, experts only from the ``topk_group``
     best groups, weights the plain sigmoid scores renormalised, times ``routed_scaling_factor``."""
-    scores = numpy_router_scores(config, kernel, x)
+    scores = numpy_router_scores(config, kernel, x, bias if config.router == "topk_softmax" else None)
     if config.router == "deepseek":
         choice = scores + np.asarray(bias, np.float64)[None]
         tokens, experts = choice.shape
@@ -98,7 +101,7 @@ def numpy_route(config, kernel, bias, x) -> tuple[np.ndarray, np.ndarray]:
 def numpy_combine_weights(config, scores, ids) -> np.ndarray:
     """``[T, K]`` combine weights of the chosen ``ids`` from the router's plain ``scores`` (float64)."""
     weights = np.take_along_axis(scores, ids, -1)
-    if config.renormalize:
+    if config.renormalize or config.router == "topk_softmax":
         weights = weights / weights.sum(-1, keepdims=True)
     return weights * (config.routed_scaling_factor if config.router == "deepseek" else 1.0)
 

@@ -17,7 +17,7 @@ from jax_eplb.model import ModelRunner, build_model
 from jax_eplb.moe import MoEOptions
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "hf"
-NAMES = ("deepseek_v3", "deepseek_v3_fp8", "qwen3_moe", "mixtral")
+NAMES = ("deepseek_v3", "deepseek_v3_fp8", "qwen3_moe", "mixtral", "glm4_moe", "kimi_k2", "gpt_oss", "gpt_oss_mxfp4")
 # (fixture, ep, placement, replica policy, transport): every ep size, placement, policy and transport
 # appears with several architectures.
 CASES = [
@@ -30,7 +30,11 @@ CASES = [
     ("qwen3_moe", 8, "planned", "round_robin", "ragged"),
     ("mixtral", 2, "identity", "round_robin", "all_to_all"),
     ("mixtral", 8, "planned", "load_aware", "all_to_all"),
-]
+    ("glm4_moe", 2, "planned", "round_robin", "ragged"),
+    ("kimi_k2", 8, "planned", "load_aware", "ragged"),
+    ("gpt_oss", 4, "identity", "round_robin", "all_to_all"),
+    ("gpt_oss_mxfp4", 8, "planned", "load_aware", "ragged"),
+]  # the newer models also through `bench` at ep 4, without and with a plan: test_bench_serves_transformers_tokens
 
 
 def run(runner, reference, ranks):
@@ -101,6 +105,40 @@ def test_fixture_layouts_cover_the_architectures():
     assert configs["qwen3_moe"].moe_layer_ids == [1, 3] and configs["qwen3_moe"].dense_layer_ids == [0, 2]
     assert (FIXTURES / "qwen3_moe" / "model.safetensors.index.json").is_file()
     assert configs["mixtral"].router == "softmax" and configs["mixtral"].dense_layer_ids == []
+    glm = configs["glm4_moe"]
+    assert glm.attention_bias and glm.qk_norm and glm.rotary_dim == glm.head_dim // 2 and glm.dense_layer_ids == [0]
+    assert glm.router == "deepseek" and glm.num_shared_experts == 1
+    kimi = configs["kimi_k2"]
+    assert kimi.n_group == 1 and kimi.yarn_beta_fast == kimi.yarn_beta_slow == 1 and kimi.num_experts == 12
+    for name in ("gpt_oss", "gpt_oss_mxfp4"):
+        oss = configs[name]
+        assert oss.sliding_window_layers == (0, 2) and oss.attention_sinks and oss.attention_out_bias
+        assert oss.expert_bias and oss.router_logit_bias and oss.activation == "clamped_swiglu"
+        assert not oss.yarn_truncate and oss.swiglu_limit == 0.5
+    assert HuggingFaceCheckpoint(FIXTURES / "gpt_oss_mxfp4").layout.fused_experts == "mxfp4"
+
+
+def test_mxfp4_hand_worked_and_round_trip():
+    """MXFP4: low nibble first, e2m1 codes, exponent biased by 127 (hand-worked); quantizing a block
+    whose values are e2m1 numbers times a power of two gives them back exactly."""
+    from jax_eplb.hf._mxfp4 import dequantize_mxfp4, quantize_mxfp4
+
+    blocks = np.zeros((1, 16), np.uint8)
+    blocks[0, 0] = 0x92  # low nibble 2 (1.0), high nibble 9 (-0.5)
+    blocks[0, 15] = 0x7F  # low 15 (-6.0), high 7 (6.0)
+    got = dequantize_mxfp4(blocks, np.array([129], np.uint8))  # 2^(129 - 127) = 4
+    want = np.zeros(32, np.float32)
+    want[[0, 1, 30, 31]] = [4.0, -2.0, -24.0, 24.0]
+    np.testing.assert_array_equal(got, want)
+    rng = np.random.default_rng(0)
+    from jax_eplb.hf._mxfp4 import FP4_VALUES
+
+    powers = np.float32(2.0) ** rng.integers(-3, 4, (3, 2))  # one per block of 32
+    exact = FP4_VALUES[rng.integers(0, 16, (3, 64))] * powers.repeat(32, 1)
+    exact[:, ::32] = 6 * powers  # each block's largest magnitude is 6 * 2^k
+    np.testing.assert_array_equal(dequantize_mxfp4(*quantize_mxfp4(exact)), exact)
+    with pytest.raises(EplbInputError, match="do not match"):
+        dequantize_mxfp4(np.zeros((2, 16), np.uint8), np.zeros((3,), np.uint8))
 
 
 def test_fp8_blocks_dequantize_with_partial_edges():
@@ -132,7 +170,8 @@ def edit_config(directory, **changes):
 
 
 @pytest.mark.parametrize("change,match", [
-    ({"model_type": "llama"}, "not supported; supported: \\['deepseek_v3', 'mixtral', 'qwen3_moe'\\]"),
+    ({"model_type": "llama"}, "not supported; supported: \\['deepseek_v3', 'glm4_moe', 'gpt_oss', 'kimi_k2', "
+                              "'mixtral', 'qwen3_moe'\\]"),
     ({"sliding_window": 4096}, "sliding_window=4096 is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
     ({"some_new_field": 1}, "not implemented by jax_eplb's mixtral model"),
@@ -142,6 +181,28 @@ def edit_config(directory, **changes):
 ])
 def test_bad_configs_are_one_clear_error(tmp_path, change, match):
     directory = copy_fixture(tmp_path)
+    edit_config(directory, **change)
+    with pytest.raises(EplbInputError, match=match):
+        HuggingFaceCheckpoint(directory).check()
+
+
+@pytest.mark.parametrize("name,change,match", [
+    ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.01}},
+     "gives 0 rotary dims"),
+    ("glm4_moe", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0,
+                                      "original_max_position_embeddings": 64}}, "rope type 'yarn'"),
+    ("kimi_k2", {"architectures": ["KimiK25ForConditionalGeneration"]}, "kimi_k2 with architectures"),
+    ("kimi_k2", {"topk_method": "greedy"}, "topk_method='greedy' is not supported"),
+    ("gpt_oss", {"layer_types": ["sliding_attention", "full_attention"]}, "layer_types must list 3"),
+    ("gpt_oss", {"layer_types": ["sliding_attention", "chunked_attention", "full_attention"]}, "layer_types"),
+    ("gpt_oss", {"experts_per_token": 3}, "experts_per_token and num_experts_per_tok differ"),
+    ("gpt_oss", {"quantization_config": {"quant_method": "bitsandbytes"}}, "quantization 'bitsandbytes'"),
+    ("gpt_oss_mxfp4", {"hidden_size": 96}, "has shape"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0, "truncate": False,
+                                         "original_max_position_embeddings": 4096}}, "truncate false"),
+])
+def test_bad_configs_of_the_newer_models(tmp_path, name, change, match):
+    directory = copy_fixture(tmp_path, name)
     edit_config(directory, **change)
     with pytest.raises(EplbInputError, match=match):
         HuggingFaceCheckpoint(directory).check()
@@ -193,6 +254,21 @@ def test_create_checkpoint_in_hf_layout_round_trips(tmp_path, mesh_of):
     runner = ModelRunner(model)
     out = runner.prefill(np.array([[1, 2, 3], [4, 5, 0]], np.int32), np.array([3, 2]), runner.new_cache(2))
     assert np.asarray(out.next_token).shape == (2,) and int(np.asarray(out.rank_load).sum()) == 5 * config.top_k
+
+
+def test_create_checkpoint_of_gpt_oss(tmp_path):
+    """A random gpt-oss-120b checkpoint, shrunk (its layer types cut to the layers kept), passes its
+    own header check and loads: experts fused, bf16, not MXFP4; FP8 is refused."""
+    path = create_hf_checkpoint("gpt_oss_120b", tmp_path / "ckpt", num_layers=2, num_experts=4, vocab_size=64,
+                                log=lambda _: None)
+    source = HuggingFaceCheckpoint(path, max_seq_len=16)
+    source.check()
+    assert (source.config.num_layers, source.config.num_experts) == (2, 4)
+    assert source.config.sliding_window_layers == (0,) and source.layout.fused_experts == "bf16"
+    gate = source.rows(0, np.array([1])).gate
+    assert gate.shape == (1, 2881, 2880) and np.abs(gate).max() > 0
+    with pytest.raises(EplbInputError, match="MXFP4 experts, not FP8"):
+        create_hf_checkpoint("gpt_oss_120b", tmp_path / "fp8", fp8=True, log=lambda _: None)
 
 
 def test_workflow_on_a_checkpoint_through_the_cli(tmp_path, monkeypatch, capsys):
@@ -273,26 +349,30 @@ def deepseek_yarn_frequencies(dim, base, factor, original, beta_fast, beta_slow)
     def correction_dim(rotations):
         return dim * (math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base)))
 
-    low = int(np.clip(np.round(correction_dim(beta_fast)), 0, dim - 1))
-    high = int(np.clip(np.round(correction_dim(beta_slow)), 0, dim - 1))
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
     freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
-    smooth = 1 - np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low + 1e-3), 0, 1)
+    smooth = 1 - np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1)
     return freqs * (smooth + (1 - smooth) / factor)
 
 
-@pytest.mark.parametrize("dim,original", [(64, 4096), (16, 64), (32, 1000)])
-def test_yarn_follows_deepseek(dim, original):
-    """YaRN frequencies and softmax scale as DeepSeek's inference code computes them (where transformers
-    rounds the correction range with floor/ceil and has no 0.001 in the ramp, e.g. dim 16 from 64)."""
+@pytest.mark.parametrize("dim,original,beta_fast,beta_slow", [(64, 4096, 32, 1), (16, 64, 32, 1), (32, 1000, 32, 1),
+                                                              (32, 4096, 1, 1)])
+def test_yarn_follows_deepseek(dim, original, beta_fast, beta_slow):
+    """YaRN frequencies and softmax scale as DeepSeek's inference code computes them (the correction
+    range floored / ceiled; Kimi-K2's beta_fast = beta_slow = 1 gives an empty range at dim 32)."""
     import dataclasses
 
     from jax_eplb.model import ModelConfig
     from jax_eplb.model._rope import inv_frequencies, softmax_scale
 
     base = HuggingFaceCheckpoint(FIXTURES / "deepseek_v3").config
-    config = dataclasses.replace(base, qk_rope_head_dim=dim, head_dim=dim, yarn_original_max_position=original)
+    config = dataclasses.replace(base, qk_rope_head_dim=dim, head_dim=dim, yarn_original_max_position=original,
+                                 yarn_beta_fast=float(beta_fast), yarn_beta_slow=float(beta_slow))
     assert isinstance(config, ModelConfig)
-    want = deepseek_yarn_frequencies(dim, 10000.0, 40.0, original, 32, 1)
+    want = deepseek_yarn_frequencies(dim, 10000.0, 40.0, original, beta_fast, beta_slow)
     np.testing.assert_allclose(np.asarray(inv_frequencies(config, dim)), want, rtol=2e-6)
     mscale = 0.1 * 1.0 * np.log(40.0) + 1.0
     assert softmax_scale(config, 192) == pytest.approx(192 ** -0.5 * mscale ** 2)
@@ -315,3 +395,54 @@ def test_plan_for_another_expert_count_is_refused_before_work(tmp_path, capsys):
                  "--emulate_devices", "8", "--dataset", str(dataset), "--extra_llm_api_options",
                  str(tmp_path / "extra.yaml"), "--output_tokens", str(tmp_path / "out.jsonl")]) == 2
     assert "places 8 distinct experts" in capsys.readouterr().err and not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("name", ["glm4_moe", "kimi_k2", "gpt_oss", "gpt_oss_mxfp4"])
+def test_bench_serves_transformers_tokens(name, tmp_path, capsys):
+    """``jax-eplb bench --model_path`` at ep 4, without and with an EPLB plan (load_aware replica
+    choice): every request's greedy tokens are transformers' own."""
+    from jax_eplb import plan_config_from_slots
+    from jax_eplb.cli import main
+
+    reference = np.load(FIXTURES / name / "reference.npz")
+    config = HuggingFaceCheckpoint(FIXTURES / name, max_seq_len=32).config
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text("".join(json.dumps({"task_id": i, "input_ids": [int(t) for t in prompt[:n]],
+                                           "output_tokens": reference["tokens"].shape[1]}) + "\n"
+                               for i, (prompt, n) in enumerate(zip(reference["prompts"], reference["lengths"]))))
+    plan = placements(config, 4, "planned")[1]
+    plan_config_from_slots(plan, config.moe_layer_ids).to_yaml(tmp_path / "plan.yaml")
+    (tmp_path / "options.yaml").write_text(f"moe_load_balancer: {tmp_path / 'plan.yaml'}\n")
+    bench = ["bench", "--model", name, "--model_path", str(FIXTURES / name), "throughput", "--ep", "4",
+             "--emulate_devices", "8", "--dataset", str(dataset), "--max_seq_len", "32", "--replica_policy",
+             "load_aware", "--no_progress"]
+    runs = [("plain", []), ("planned", ["--extra_llm_api_options", str(tmp_path / "options.yaml")])]
+    if name.startswith("gpt_oss"):  # online rebalancing: experts taken out of the fused (MXFP4) layer tensors
+        (tmp_path / "online.yaml").write_text(f"moe_load_balancer:\n  num_slots: {2 * config.num_experts}\n"
+                                              f"  layer_updates_per_iter: 1\n")
+        runs.append(("online", ["--extra_llm_api_options", str(tmp_path / "online.yaml"), "--online_lockstep"]))
+    for run, extra in runs:
+        assert main(bench + extra + ["--output_tokens", str(tmp_path / f"{run}.jsonl")]) == 0
+        lines = [json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
+        tokens = {line["task_id"]: line["output_ids"] for line in lines}
+        assert [tokens[i] for i in range(len(lines))] == reference["tokens"].tolist()
+    out = capsys.readouterr().out
+    assert f"{config.num_experts * 2} slots" in out
+    assert "slots moved (total)" in out or not name.startswith("gpt_oss")
+
+
+@pytest.mark.parametrize("hf_config,ep,slots,expert_bytes", [
+    ("gpt_oss_120b", 8, 128, (2 * 2881 * 2880 + 2881 * 2880) * 2),  # bias rows; MXFP4 dequantized to bf16
+    ("glm4_5", 8, 160, 3 * 5120 * 1536 * 2),
+    ("kimi_k2", 32, 416, 3 * 7168 * 2048 + 3 * 56 * 16 * 4),  # FP8 values + float32 128x128 block scales
+])
+def test_memory_of_the_shipped_configs(hf_config, ep, slots, expert_bytes):
+    """``jax-eplb memory``'s routed-expert bytes per device, hand-worked: slots per rank x MoE layers x one expert."""
+    import jax_eplb_configs
+    from jax_eplb.hf import hf_model_config
+    from jax_eplb.model import device_memory
+
+    config = hf_model_config(jax_eplb_configs.hf_config_path(hf_config))[0]
+    memory = device_memory(config, ep_size=ep, num_slots=slots)
+    assert memory.routed_expert_bytes == slots // ep * config.num_moe_layers * expert_bytes
+    assert config.num_moe_layers == {"gpt_oss_120b": 36, "glm4_5": 89, "kimi_k2": 60}[hf_config]

@@ -157,6 +157,32 @@ def test_grouped_matmuls_equal_ragged_dot(rows, tile, method):
     assert not np.any(np.asarray(b)[np.asarray(row_slot) == m])
 
 
+@pytest.mark.parametrize("method", ["ragged_dot", "padded", "pallas_interpret"])
+def test_biased_clamped_experts_equal_numpy(method):
+    """gpt-oss' experts (``ExpertFunction``: bias rows, clamped SwiGLU) against NumPy written from the
+    formula: ``(clip(up, -l, l) + 1) * g * sigmoid(a * g)``, ``g = min(gate, l)``, biases added."""
+    from jax_eplb.moe import ExpertFunction, expert_compute
+
+    rng = np.random.default_rng(7)
+    m, rows, limit, alpha = 3, 19, 0.6, 1.702
+    x = rng.normal(size=(rows, H)).astype(np.float32)
+    row_slot = rng.integers(0, m + 1, size=rows)  # m = empty row
+    gate, up = (rng.normal(size=(m, H + 1, F)).astype(np.float32) for _ in range(2))
+    down = rng.normal(size=(m, F + 1, H)).astype(np.float32)
+    want = np.zeros((rows, H), np.float32)
+    for i, s in enumerate(row_slot):
+        if s == m:
+            continue
+        g = np.minimum(x[i] @ gate[s, :H] + gate[s, H], limit)
+        u = np.clip(x[i] @ up[s, :H] + up[s, H], -limit, limit)
+        hidden = (u + 1) * g / (1 + np.exp(-alpha * g))
+        want[i] = hidden @ down[s, :F] + down[s, F]
+    function = ExpertFunction("clamped_swiglu", alpha, limit, bias=True)
+    got = expert_compute(jnp.asarray(x), jnp.asarray(row_slot, jnp.int32), *map(jnp.asarray, (gate, up, down)),
+                         grouped_matmul=method, tile=8, function=function)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("policy", ["round_robin", "load_aware"])
 def test_deepseek_router_with_shared_experts_via_nnx_module(policy, mesh_of, dense_moe):
     """The NNX block: tables as its variables, a new placement swapped in without recompiling."""

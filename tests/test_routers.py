@@ -13,7 +13,7 @@ from jax_eplb.moe import MoEConfig, RouterWeights, route
 def margins(config, kernel, bias, x) -> np.ndarray:
     """Per token, how far the choice is from a tie (float64): rows closer than float32's rounding may pick
     differently in float32 and are left out of the comparison."""
-    logits = x.astype(np.float64) @ kernel.astype(np.float64)
+    logits = x.astype(np.float64) @ kernel.astype(np.float64) + (bias if config.router == "topk_softmax" else 0.0)
     scores = 1 / (1 + np.exp(-logits)) if config.router == "deepseek" else logits
     choice = scores + (bias if config.router == "deepseek" else 0.0)
     gaps = np.abs(np.diff(np.sort(choice, -1), axis=-1)).min(-1)
@@ -24,7 +24,7 @@ def margins(config, kernel, bias, x) -> np.ndarray:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.sampled_from(["softmax", "deepseek"]), st.sampled_from([(8, 2, 4, 2), (16, 4, 4, 2), (12, 3, 3, 1)]),
+@given(st.sampled_from(["softmax", "deepseek", "topk_softmax"]), st.sampled_from([(8, 2, 4, 2), (16, 4, 4, 2), (12, 3, 3, 1)]),
        st.booleans(), st.floats(0.5, 3.0), st.integers(0, 2**31 - 1))
 def test_route_equals_the_numpy_router(router, shape, renormalize, scale, seed):
     experts, top_k, n_group, topk_group = shape
@@ -36,7 +36,8 @@ def test_route_equals_the_numpy_router(router, shape, renormalize, scale, seed):
     x = rng.normal(size=(32, 8)).astype(np.float32)
     kernel = rng.normal(size=(8, experts)).astype(np.float32)
     bias = (rng.normal(size=experts) * 0.3).astype(np.float32)
-    got = route(config, RouterWeights(jnp.asarray(kernel), jnp.asarray(bias)), jnp.asarray(x))
+    logit_bias = jnp.asarray(bias) if router == "topk_softmax" else None  # gpt-oss: a bias on the logits
+    got = route(config, RouterWeights(jnp.asarray(kernel), jnp.asarray(bias), logit_bias), jnp.asarray(x))
     ids, weights = numpy_route(config, kernel, bias, x)
     clear = margins(config, kernel, bias, x) > 1e-5
     assert clear.sum() >= 16

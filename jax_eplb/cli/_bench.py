@@ -14,8 +14,9 @@ def add_bench_parser(sub):
                         help="model config YAML or shipped name (tiny, deepseek_v3_slice); with a Hugging Face "
                              "--model_path only a label (e.g. deepseek-ai/DeepSeek-R1)")
     parser.add_argument("--model_path", default=None,
-                        help="Hugging Face checkpoint directory (config.json + safetensors: deepseek_v3, qwen3_moe, "
-                             "mixtral) or an orbax checkpoint from create-checkpoint (default: seeded random weights)")
+                        help="Hugging Face checkpoint directory (config.json + safetensors: deepseek_v3, kimi_k2, "
+                             "glm4_moe, gpt_oss, qwen3_moe, mixtral) or an orbax checkpoint from create-checkpoint "
+                             "(default: seeded random weights)")
     parser.add_argument("--seed", type=int, default=0, help="random-weight seed when no --model_path")
     parser.add_argument("--coordinator_address", default=None, help="multi-host: jax.distributed coordinator host:port")
     parser.add_argument("--num_processes", type=int, default=None)

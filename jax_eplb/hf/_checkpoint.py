@@ -20,7 +20,7 @@ import numpy as np
 
 from jax_eplb._assignment import UNUSED_SLOT
 from jax_eplb._errors import EplbInputError
-from jax_eplb.hf import _deepseek_v3, _mixtral, _qwen3_moe
+from jax_eplb.hf import _deepseek_v3, _glm4_moe, _gpt_oss, _kimi_k2, _mixtral, _qwen3_moe
 from jax_eplb.hf._config import ConfigReader, read_config_json
 from jax_eplb.hf._layout import MoELayout, expert, model_params, visit_all
 from jax_eplb.hf._safetensors import SafetensorsCheckpoint, StoredTensor, finish_on_device
@@ -29,17 +29,21 @@ from jax_eplb.moe import FP8_DTYPE, BlockFp8, ExpertWeights, scale_shape
 from jax_eplb.moe._slots import set_layer_slots, zero_slot_buffers
 from jax_eplb.sharding import over_ranks
 
-ARCHITECTURES = {module.MODEL_TYPE: module for module in (_deepseek_v3, _qwen3_moe, _mixtral)}
+ARCHITECTURES = {module.MODEL_TYPE: module for module in (_deepseek_v3, _kimi_k2, _glm4_moe, _gpt_oss, _qwen3_moe,
+                                                                _mixtral)}
 DEFAULT_CACHE_LENGTH = 4096
 WEIGHT_DTYPES = ("auto", "fp8", "bf16", "float32")
 _FLOAT_WEIGHTS = {"bf16": "bfloat16", "float32": "float32"}
 
 
 def fp8_block_size(raw: dict, source: str) -> tuple[int, int] | None:
-    """``quantization_config``'s FP8 block ``[out, in]`` (None: not quantized); anything but DeepSeek's
-    block-wise e4m3 FP8 is refused in one line."""
+    """``quantization_config``'s FP8 block ``[out, in]`` (None: not FP8); anything but DeepSeek's
+    block-wise e4m3 FP8 (and gpt-oss' MXFP4 experts, which its layout reads) is refused in one line."""
     quantization = raw.get("quantization_config")
     if not quantization:
+        return None
+    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4" and \
+            raw.get("model_type") == _gpt_oss.MODEL_TYPE:
         return None
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -94,7 +98,8 @@ def hf_model_config(directory, *, name: str | None = None, max_seq_len: int | No
                   fp8_block=block)
     if stored not in ("float32", "bfloat16") and dtype is None:
         notes.append(f"checkpoint dtype {stored} computed in bfloat16")
-    return ModelConfig(**fields), architecture.LAYOUT, notes
+    layout = architecture.layout(raw) if hasattr(architecture, "layout") else architecture.LAYOUT
+    return ModelConfig(**fields), layout, notes
 
 
 class HuggingFaceCheckpoint:
@@ -106,7 +111,8 @@ class HuggingFaceCheckpoint:
         self.config, self.layout, self.notes = hf_model_config(directory, name=name, max_seq_len=max_seq_len,
                                                                dtype=dtype, weight_dtype=weight_dtype)
         quantization = read_config_json(directory).get("quantization_config") or {}
-        block = quantization.get("weight_block_size") if isinstance(quantization, dict) else None
+        block = quantization.get("weight_block_size") if isinstance(quantization, dict) and \
+            quantization.get("quant_method") == "fp8" else None
         self.tensors = SafetensorsCheckpoint(directory, tuple(block) if block else None)
 
     def with_config(self, config: ModelConfig) -> "HuggingFaceCheckpoint":
@@ -194,8 +200,7 @@ class HuggingFaceCheckpoint:
     def expert_shapes(self) -> ExpertWeights:
         """One expert's shapes: the compute dtype, or ``BlockFp8`` (values and scales) under ``fp8_block``."""
         c, dt = self.config, self.config.jnp_dtype
-        h, f = c.hidden_size, c.expert_ffn_size
-        shapes = ((h, f), (h, f), (f, h))
+        shapes = c.moe.expert_shapes
         if c.weight_block is None:
             return ExpertWeights(*(jax.ShapeDtypeStruct(shape, dt) for shape in shapes))
         return ExpertWeights(*(BlockFp8(jax.ShapeDtypeStruct(shape, FP8_DTYPE),
@@ -207,7 +212,10 @@ class HuggingFaceCheckpoint:
         dtype (dequantized), or as stored FP8 (``BlockFp8``, the host master copy moves as is) under ``fp8_block``."""
         decoder_layer = self.config.moe_layer_ids[layer]
         if self.config.fp8_block is None:  # dequantized on the host, in the compute dtype as expert_shapes says
-            weights = [expert(self.tensors.tensor, decoder_layer, int(e), self.config, self.layout) for e in experts]
+            # fused experts (gpt-oss) are taken out of the stored layer tensors (read once, kept while recent)
+            read = self.tensors.stored if self.layout.fused_experts else self.tensors.tensor
+            weights = [[getattr(w, "value", w) for w in expert(read, decoder_layer, int(e), self.config, self.layout)]
+                       for e in experts]
             return ExpertWeights(*(np.stack(leaf).astype(self.config.jnp_dtype) for leaf in zip(*weights)))
         stored = [[w.fp8(f"layer {decoder_layer} expert {e}")
                    for w in expert(self.tensors.stored, decoder_layer, int(e), self.config, self.layout)]

@@ -126,20 +126,28 @@ def read_rope(reader: ConfigReader, allow_yarn: bool) -> Rope:
     if kind != "yarn" or not allow_yarn:
         supported = ["default", "yarn"] if allow_yarn else ["default"]
         raise EplbInputError(f"{reader.source}: rope type {kind!r} is not implemented (supported: {supported})")
+    if merged.get("attention_factor") is not None:
+        raise EplbInputError(f"{reader.source}: YaRN with an explicit attention_factor is not implemented")
+    # transformers' YaRN scales attention by (0.1 * ln(factor) + 1)^2 when neither mscale key is set
+    # (gpt-oss), which is mscale_all_dim 1.0 here; DeepSeek-V3/R1 and Kimi-K2 set both to 1.0.
+    default_mscale = 1.0 if "mscale" not in merged and "mscale_all_dim" not in merged else 0
     yarn = {"factor": float(merged["factor"]),
             "original_max_position_embeddings": int(merged["original_max_position_embeddings"]),
             "beta_fast": float(merged.get("beta_fast") or 32), "beta_slow": float(merged.get("beta_slow") or 1),
-            "mscale_all_dim": float(merged.get("mscale_all_dim") or 0)}
+            "mscale_all_dim": float(merged.get("mscale_all_dim") or default_mscale),
+            "truncate": bool(merged.get("truncate", True))}
     if merged.get("mscale", 1) != merged.get("mscale_all_dim", merged.get("mscale", 1)):
         raise EplbInputError(f"{reader.source}: YaRN with mscale != mscale_all_dim is not implemented "
                              f"(DeepSeek-V3/R1 use 1.0 for both)")
     return Rope(float(theta), yarn)
 
 
-def common_fields(reader: ConfigReader) -> dict:
-    """The ``ModelConfig`` fields every supported architecture reads the same way."""
+def common_fields(reader: ConfigReader, attention_bias: bool = False) -> dict:
+    """The ``ModelConfig`` fields every supported architecture reads the same way (``attention_bias``:
+    whether the architecture's attention may have biases)."""
     reader.require("hidden_act", ("silu",), "silu")
-    reader.require("attention_bias", (False, None), False, "attention biases")
+    if not attention_bias:
+        reader.require("attention_bias", (False, None), False, "attention biases")
     return dict(vocab_size=reader.int("vocab_size"), hidden_size=reader.int("hidden_size"),
                 num_layers=reader.int("num_hidden_layers"), num_heads=reader.int("num_attention_heads"),
                 top_k=reader.int("num_experts_per_tok"), rms_norm_eps=reader.float("rms_norm_eps", 1e-6),

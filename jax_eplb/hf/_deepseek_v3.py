@@ -39,6 +39,8 @@ def model_fields(reader: ConfigReader) -> tuple[dict, list[str]]:
         v_head_dim=reader.int("v_head_dim"), rope_theta=rope.theta,
         rope_interleave=reader.bool("rope_interleave", True))
     if rope.yarn is not None:
+        if not rope.yarn["truncate"]:
+            raise EplbInputError(f"{reader.source}: YaRN with truncate false is not DeepSeek-V3's (refused)")
         fields.update(yarn_factor=rope.yarn["factor"], yarn_original_max_position=rope.yarn[
             "original_max_position_embeddings"], yarn_beta_fast=rope.yarn["beta_fast"],
             yarn_beta_slow=rope.yarn["beta_slow"], yarn_mscale_all_dim=rope.yarn["mscale_all_dim"])

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from jax_eplb.hf._mxfp4 import BLOCK, BLOCK_BYTES, dequantize_mxfp4
 from jax_eplb.hf._safetensors import StoredTensor
 from jax_eplb.model import ModelConfig
 
@@ -30,6 +31,11 @@ class MoELayout:
     expert_names: tuple[str, str, str]  # gate, up, down: ("gate_proj", "up_proj", "down_proj") / ("w1", "w3", "w2")
     router_bias: str | None = None  # DeepSeek's selection bias, inside the MoE prefix
     shared_experts: str | None = None  # DeepSeek's shared experts, inside the MoE prefix
+    router: str = "gate"  # the router's linear layer, inside the MoE prefix
+    router_logit_bias: str | None = None  # gpt-oss: the router's bias (added to the logits)
+    # None: one tensor per expert and projection (experts.N.gate_proj.weight); "bf16": gpt-oss' fused
+    # experts.gate_up_proj [E, H, 2F] / down_proj [E, F, H] with biases; "mxfp4": the same as MXFP4 blocks.
+    fused_experts: str | None = None
 
 
 def linear(tensor: Tensor, name: str, fan_in: int, fan_out: int) -> np.ndarray:
@@ -51,6 +57,13 @@ def gqa_attention(tensor: Tensor, prefix: str, c: ModelConfig) -> dict:
            "wk": linear(tensor, f"{prefix}.k_proj.weight", c.hidden_size, g),
            "wv": linear(tensor, f"{prefix}.v_proj.weight", c.hidden_size, g),
            "wo": linear(tensor, f"{prefix}.o_proj.weight", d, c.hidden_size)}
+    if c.attention_bias:
+        out.update(bq=tensor(f"{prefix}.q_proj.bias", (d,)), bk=tensor(f"{prefix}.k_proj.bias", (g,)),
+                   bv=tensor(f"{prefix}.v_proj.bias", (g,)))
+    if c.attention_out_bias:
+        out["bo"] = tensor(f"{prefix}.o_proj.bias", (c.hidden_size,))
+    if c.attention_sinks:
+        out["sinks"] = tensor(f"{prefix}.sinks", (c.num_heads,))
     if c.qk_norm:
         out["q_norm"] = {"weight": tensor(f"{prefix}.q_norm.weight", (c.head_dim,))}
         out["k_norm"] = {"weight": tensor(f"{prefix}.k_norm.weight", (c.head_dim,))}
@@ -77,17 +90,56 @@ def mla_attention(tensor: Tensor, prefix: str, c: ModelConfig) -> dict:
 
 def moe_router(tensor: Tensor, prefix: str, c: ModelConfig, layout: MoELayout) -> dict:
     """Router, selection bias (zeros where the architecture has none) and shared experts."""
-    out = {"router_kernel": linear(tensor, f"{prefix}.gate.weight", c.hidden_size, c.num_experts)}
+    out = {"router_kernel": linear(tensor, f"{prefix}.{layout.router}.weight", c.hidden_size, c.num_experts)}
     out["correction_bias"] = (tensor(f"{prefix}.{layout.router_bias}", (c.num_experts,)) if layout.router_bias
                               else StoredTensor(np.zeros((c.num_experts,), np.float32), None))
+    if layout.router_logit_bias:
+        out["router_bias"] = tensor(f"{prefix}.{layout.router_logit_bias}", (c.num_experts,))
     if layout.shared_experts and c.num_shared_experts:
         out["shared"] = swiglu(tensor, f"{prefix}.{layout.shared_experts}", ("gate_proj", "up_proj", "down_proj"),
                                c.hidden_size, c.moe.shared_width)
     return out
 
 
+def fused_experts(tensor: Tensor, layer: int, c: ModelConfig, layout: MoELayout) -> dict:
+    """gpt-oss' fused expert tensors of decoder layer ``layer``, whole, by role (HF shapes)."""
+    prefix, e, h, f = f"model.layers.{layer}.{layout.moe_prefix}.experts", c.num_experts, c.hidden_size, \
+        c.expert_ffn_size
+    out = {"gate_up_bias": tensor(f"{prefix}.gate_up_proj_bias", (e, 2 * f)),
+           "down_bias": tensor(f"{prefix}.down_proj_bias", (e, h))}
+    if layout.fused_experts == "mxfp4":  # [out, in] as blocks of 32 values in 16 bytes
+        out.update(gate_up_blocks=tensor(f"{prefix}.gate_up_proj_blocks", (e, 2 * f, h // BLOCK, BLOCK_BYTES)),
+                   gate_up_scales=tensor(f"{prefix}.gate_up_proj_scales", (e, 2 * f, h // BLOCK)),
+                   down_blocks=tensor(f"{prefix}.down_proj_blocks", (e, h, f // BLOCK, BLOCK_BYTES)),
+                   down_scales=tensor(f"{prefix}.down_proj_scales", (e, h, f // BLOCK)))
+    else:
+        out.update(gate_up=tensor(f"{prefix}.gate_up_proj", (e, h, 2 * f)), down=tensor(f"{prefix}.down_proj", (e, f, h)))
+    return out
+
+
+def _fused_expert(tensor: Tensor, layer: int, index: int, c: ModelConfig, layout: MoELayout) -> tuple:
+    """One expert out of gpt-oss' fused tensors: gate, up ``[H + 1, F]`` (de-interleaved, bias as the
+    last row), down ``[F + 1, H]``, float32 on the host (MXFP4 dequantized)."""
+    parts = fused_experts(tensor, layer, c, layout)
+    kind = type(parts["down_bias"])
+    one = {k: (v.value if isinstance(v, StoredTensor) else np.asarray(v))[index] for k, v in parts.items()}
+    if layout.fused_experts == "mxfp4":
+        name = f"model.layers.{layer} expert {index}"
+        gate_up = dequantize_mxfp4(one["gate_up_blocks"], one["gate_up_scales"], name).T  # [H, 2F]
+        down = dequantize_mxfp4(one["down_blocks"], one["down_scales"], name).T  # [F, H]
+    else:
+        gate_up, down = one["gate_up"], one["down"]
+    gate_up = np.concatenate([np.asarray(gate_up, np.float32), np.asarray(one["gate_up_bias"], np.float32)[None]])
+    down = np.concatenate([np.asarray(down, np.float32), np.asarray(one["down_bias"], np.float32)[None]])
+    weights = (gate_up[:, 0::2], gate_up[:, 1::2], down)
+    return tuple(StoredTensor(np.ascontiguousarray(w), None) if kind is StoredTensor else w for w in weights)
+
+
 def expert(tensor: Tensor, layer: int, index: int, c: ModelConfig, layout: MoELayout) -> tuple:
-    """One routed expert's (gate ``[H, F]``, up ``[H, F]``, down ``[F, H]``) of decoder layer ``layer``."""
+    """One routed expert's (gate ``[H, F]``, up ``[H, F]``, down ``[F, H]``; with their bias rows under
+    ``expert_bias``) of decoder layer ``layer``."""
+    if layout.fused_experts:
+        return _fused_expert(tensor, layer, index, c, layout)
     prefix = f"model.layers.{layer}.{layout.moe_prefix}.experts.{index}"
     weights = swiglu(tensor, prefix, layout.expert_names, c.hidden_size, c.expert_ffn_size)
     return weights["gate"], weights["up"], weights["down"]
@@ -122,6 +174,9 @@ def visit_all(tensor: Tensor, c: ModelConfig, layout: MoELayout) -> None:
     for layer in range(c.num_layers):
         layer_params(tensor, layer, c, layout)
     for layer in c.moe_layer_ids:
+        if layout.fused_experts:
+            fused_experts(tensor, layer, c, layout)
+            continue
         for index in range(c.num_experts):
             expert(tensor, layer, index, c, layout)
 

@@ -14,6 +14,7 @@ host instead (single experts for online rebalancing, tests).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
@@ -36,6 +37,7 @@ for _name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
+RECENT = 8
 
 
 class SafetensorsCheckpoint:
@@ -51,6 +53,7 @@ class SafetensorsCheckpoint:
         self.block_size = block_size
         self.weight_map = _weight_map(self.directory)
         self._files: dict[str, object] = {}
+        self._recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -71,15 +74,23 @@ class SafetensorsCheckpoint:
         return self._files[shard]
 
     def raw(self, name: str) -> np.ndarray:
-        """The stored tensor as it is (FP8 stays FP8)."""
+        """The stored tensor as it is (FP8 stays FP8). The last ``RECENT`` tensors read are kept: a
+        layer's fused expert tensors (gpt-oss) are read once while each of its experts is taken out."""
         if name not in self.weight_map:
             raise EplbInputError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
+        if name in self._recent:
+            self._recent.move_to_end(name)
+            return self._recent[name]
         from safetensors import SafetensorError
 
         try:
-            return self._file(name).get_tensor(name)
+            value = self._file(name).get_tensor(name)
         except (SafetensorError, OSError, ValueError) as err:
             raise EplbInputError(f"{self.directory / self.weight_map[name]}: cannot read {name!r} ({err})") from None
+        self._recent[name] = value
+        if len(self._recent) > RECENT:
+            self._recent.popitem(last=False)
+        return value
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """``name`` is present with ``shape`` (and its FP8 scale fits), from the file headers alone."""

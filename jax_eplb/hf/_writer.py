@@ -63,8 +63,12 @@ def create_hf_checkpoint(hf_config, output, *, num_layers: int | None = None, nu
 
 def _shrunk(raw: dict, hf_config, num_layers, num_experts, vocab_size, fp8: bool, dtype: str) -> dict:
     raw = dict(raw)
+    if fp8 and raw.get("model_type") == "gpt_oss":
+        raise EplbInputError(f"--hf_config {hf_config}: gpt-oss ships MXFP4 experts, not FP8 (write it without --fp8)")
     if num_layers is not None:
         raw["num_hidden_layers"] = num_layers
+        if isinstance(raw.get("layer_types"), list):
+            raw["layer_types"] = raw["layer_types"][:num_layers]
         if "first_k_dense_replace" in raw:
             raw["first_k_dense_replace"] = min(raw["first_k_dense_replace"], max(num_layers - 1, 0))
     if num_experts is not None:

@@ -30,12 +30,18 @@ class ModelConfig:
     ``mlp_only_layers`` and ``(l + 1) % decoder_sparse_step == 0`` (Qwen3-MoE's rule; DeepSeek's
     ``first_k_dense_replace`` is ``first_k_dense``); the others have a dense SwiGLU MLP.
 
+    Experts: ``activation``, ``swiglu_alpha``, ``swiglu_limit``, ``expert_bias`` and the router's
+    ``router_logit_bias`` as ``MoEConfig`` defines them (gpt-oss: clamped SwiGLU, biased experts,
+    ``router`` ``topk_softmax``).
+
     Attention: ``gqa`` (grouped-query, ``head_dim`` per head, optional per-head q/k RMSNorm:
-    Qwen3) or ``mla`` (DeepSeek multi-head latent attention: ``q_lora_rank`` (None: no query
+    Qwen3, GLM-4.5; ``attention_bias``: biases on the q, k and v projections, GLM-4.5; ``rotary_dim``:
+    RoPE on each head's first ``rotary_dim`` dims only, GLM-4.5's ``partial_rotary_factor``) or ``mla`` (DeepSeek multi-head latent attention: ``q_lora_rank`` (None: no query
     compression), ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``;
     the cache holds the compressed latent and the rotary key). ``rope_interleave`` rotates
     interleaved pairs (DeepSeek's layout) instead of halves. ``yarn_*``: DeepSeek's YaRN
-    ``rope_scaling`` (``yarn_factor`` None: plain RoPE). ``max_position_embeddings`` is the
+    ``rope_scaling`` (``yarn_factor`` None: plain RoPE; ``yarn_truncate`` False: the correction range is
+    not rounded to whole dims, gpt-oss). ``max_position_embeddings`` is the
     model's longest supported sequence; ``max_seq_len`` the KV-cache length this run allocates.
 
     ``dtype`` is the compute dtype (activations, caches, and every weight not held in FP8);
@@ -74,6 +80,17 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     attention: str = "gqa"
     qk_norm: bool = False
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int | None = None
+    sliding_window_layers: tuple[int, ...] = ()
+    rotary_dim: int | None = None
+    router_logit_bias: bool = False
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
     q_lora_rank: int | None = None
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0
@@ -86,6 +103,7 @@ class ModelConfig:
     yarn_beta_fast: float = 32.0
     yarn_beta_slow: float = 1.0
     yarn_mscale_all_dim: float = 0.0
+    yarn_truncate: bool = True
     max_position_embeddings: int | None = None
     tie_word_embeddings: bool = False
     rms_norm_eps: float = 1e-6
@@ -98,6 +116,7 @@ class ModelConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers or ()))
+        object.__setattr__(self, "sliding_window_layers", tuple(self.sliding_window_layers or ()))
         if isinstance(self.fp8_block, list):
             object.__setattr__(self, "fp8_block", tuple(self.fp8_block))
         _check_types(self)
@@ -130,6 +149,14 @@ class ModelConfig:
             self._error(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.yarn_factor is not None and (self.yarn_factor <= 0 or not self.yarn_original_max_position):
             self._error("yarn_factor needs a positive value and yarn_original_max_position")
+        if self.sliding_window_layers and (self.sliding_window is None or self.sliding_window < 1):
+            self._error("sliding_window_layers need a positive sliding_window")
+        if any(not 0 <= l < self.num_layers for l in self.sliding_window_layers):
+            self._error(f"sliding_window_layers must be decoder layers in [0, {self.num_layers})")
+        if self.attention != "gqa" and (self.sliding_window_layers or self.attention_sinks or self.attention_bias):
+            self._error("sliding windows, attention sinks and attention biases are implemented for gqa attention")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            self._error(f"rotary_dim must be an even number in [2, head_dim={self.head_dim}], got {self.rotary_dim}")
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
             self._error(f"q_lora_rank must be a positive integer or null, got {self.q_lora_rank!r}")
         if self.fp8_block is not None and (len(self.fp8_block) != 2 or min(self.fp8_block) < 1):
@@ -147,13 +174,19 @@ class ModelConfig:
                          num_experts=self.num_experts, top_k=self.top_k, router=self.router,
                          renormalize=self.renormalize, n_group=self.n_group, topk_group=self.topk_group,
                          routed_scaling_factor=self.routed_scaling_factor,
-                         num_shared_experts=self.num_shared_experts, shared_ffn_size=self.shared_ffn_size)
+                         num_shared_experts=self.num_shared_experts, shared_ffn_size=self.shared_ffn_size,
+                         router_logit_bias=self.router_logit_bias, activation=self.activation,
+                         swiglu_alpha=self.swiglu_alpha, swiglu_limit=self.swiglu_limit, expert_bias=self.expert_bias)
 
     @property
     def moe_layer_ids(self) -> list[int]:
         """Decoder-layer indices of the MoE layers (the statistics' and plans' layer keys)."""
         return [l for l in range(self.num_layers) if l >= self.first_k_dense and l not in self.mlp_only_layers
                 and (l + 1) % self.decoder_sparse_step == 0]
+
+    def layer_windows(self, layers) -> tuple[int, ...]:
+        """The attention window of each decoder layer in ``layers`` (0: the whole sequence)."""
+        return tuple(self.sliding_window if l in self.sliding_window_layers else 0 for l in layers)
 
     @property
     def dense_layer_ids(self) -> list[int]:

@@ -54,9 +54,11 @@ class DecoderLayer(nnx.Module):
             self.mlp = EPMoEBlock(c.moe, mesh, moe_tables, options=options, dtype=dt, weight_block=c.weight_block,
                                   rngs=rngs)
 
-    def __call__(self, x, cache, *, positions, token_mask) -> tuple[jax.Array, object, MoEOutput | None]:
-        """x ``[B, T, H]`` -> (x, updated attention cache, the MoE block's output or None)."""
-        out, cache = self.attention(self.attention_norm(x), positions, cache, token_mask)
+    def __call__(self, x, cache, *, positions, token_mask, window=None) -> tuple[jax.Array, object, MoEOutput | None]:
+        """x ``[B, T, H]`` -> (x, updated attention cache, the MoE block's output or None); ``window``:
+        this layer's attention window (a traced scalar, 0 = none; None: the model has no windows)."""
+        extra = {} if window is None else {"window": window}
+        out, cache = self.attention(self.attention_norm(x), positions, cache, token_mask, **extra)
         x = x + out
         h = self.mlp_norm(x)
         if isinstance(self.mlp, MLP):
@@ -71,10 +73,13 @@ class LayerStack(nnx.Module):
 
     ``__call__`` runs them with ``lax.scan`` over (variables, per-layer cache): the layer is traced
     and compiled once whatever L. Built from ``make_layer(i)`` for each layer index (under
-    ``nnx.eval_shape`` this only records shapes).
+    ``nnx.eval_shape`` this only records shapes). ``windows``: each layer's attention window (0 =
+    none; gpt-oss alternates), scanned alongside as data; None: no layer has one.
     """
 
-    def __init__(self, make_layer: Callable[[int], nnx.Module], num_layers: int):
+    def __init__(self, make_layer: Callable[[int], nnx.Module], num_layers: int,
+                 windows: tuple[int, ...] | None = None):
+        self.windows = tuple(windows) if windows and any(windows) else None
         layers = [make_layer(i) for i in range(num_layers)]
         graphdef, _ = nnx.split(layers[0])
         states = [nnx.state(layer) for layer in layers]
@@ -86,11 +91,13 @@ class LayerStack(nnx.Module):
         graphdef, state = nnx.split(self.layers)
         if start or stop is not None:
             state = jax.tree.map(lambda leaf: leaf[start:stop], state)
+        windows = None if self.windows is None else jnp.asarray(self.windows[start:stop], jnp.int32)
 
         def body(x, inputs):
-            layer_state, layer_cache = inputs
-            x, layer_cache, aux = nnx.merge(graphdef, layer_state)(x, layer_cache, **kwargs)
+            layer_state, layer_cache, window = inputs
+            extra = {} if window is None else {"window": window}
+            x, layer_cache, aux = nnx.merge(graphdef, layer_state)(x, layer_cache, **kwargs, **extra)
             return x, (layer_cache, aux)
 
-        x, (cache, aux) = jax.lax.scan(body, x, (state, cache))
+        x, (cache, aux) = jax.lax.scan(body, x, (state, cache, windows))
         return x, cache, aux

@@ -3,12 +3,13 @@ interleaved pairs, and YaRN's softmax-scale correction.
 
 Axis legend: B batch, T tokens, N heads, Dr rotary dims.
 
-YaRN follows DeepSeek-V3's own inference code (``precompute_freqs_cis``): correction range from
-``beta_fast`` / ``beta_slow`` rounded to whole dims, a linear ramp ``(i - low) / (high - low +
-0.001)`` between them, frequencies ``f * (1 - ramp + ramp / factor)``; applied when the model's
-``max_position_embeddings`` exceeds ``yarn_original_max_position``; the softmax scale is multiplied
-by ``(0.1 * mscale_all_dim * ln(factor) + 1)^2``. transformers rounds the range with floor/ceil,
-has no 0.001 in the ramp, and always applies YaRN when configured (docs/architecture.md).
+YaRN follows DeepSeek-V3's own inference code (``precompute_freqs_cis``), which transformers
+matches: the correction range from ``beta_fast`` / ``beta_slow`` as whole dims (low rounded down,
+high up), a linear ramp ``(i - low) / (high - low)`` between them (0.001 added to the width when
+they are equal), frequencies ``f * (1 - ramp + ramp / factor)``; applied when the model's
+``max_position_embeddings`` exceeds ``yarn_original_max_position`` (transformers: always); with
+``yarn_truncate`` False (gpt-oss) the range is not rounded; the
+softmax scale is multiplied by ``(0.1 * mscale_all_dim * ln(factor) + 1)^2``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def inv_frequencies(config: ModelConfig, dim: int):
     def correction_dim(rotations):
         return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
 
-    low = min(max(round(correction_dim(config.yarn_beta_fast)), 0), dim - 1)
-    high = min(max(round(correction_dim(config.yarn_beta_slow)), 0), dim - 1)
-    ramp = np.clip((np.arange(half, dtype=np.float32) - low) / (high - low + 1e-3), 0, 1)
+    low, high = correction_dim(config.yarn_beta_fast), correction_dim(config.yarn_beta_slow)
+    if config.yarn_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    width = high - low if high != low else 1e-3
+    ramp = np.clip((np.arange(half, dtype=np.float32) - low) / np.float32(width), 0, 1)
     smooth = 1 - ramp
     return (freq * (smooth + (1 - smooth) / factor)).astype(np.float32)
 

@@ -70,10 +70,10 @@ class MoETransformer(nnx.Module):
             raise ValueError(f"tables for {tables.slot_to_expert.shape[0]} MoE layers, model has {c.num_moe_layers}")
         self.config, self.mesh = config, mesh
         self.embed = nnx.Param(jax.random.normal(rngs.params(), (c.vocab_size, c.hidden_size), jnp.float32).astype(dt))
-        self.dense_layers = LayerStack(lambda _: DecoderLayer(c, mesh, rngs=rngs), c.num_dense_layers) \
-            if c.num_dense_layers else None
+        self.dense_layers = LayerStack(lambda _: DecoderLayer(c, mesh, rngs=rngs), c.num_dense_layers,
+                                       c.layer_windows(c.dense_layer_ids)) if c.num_dense_layers else None
         self.moe_layers = LayerStack(lambda i: DecoderLayer(c, mesh, tables.layer(i), options=options, rngs=rngs),
-                                     c.num_moe_layers)
+                                     c.num_moe_layers, c.layer_windows(c.moe_layer_ids))
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype=dt)
         init = jax.nn.initializers.normal(c.init_std)
         self.lm_head = nnx.Param(init(rngs.params(), (c.hidden_size, c.vocab_size), dt))

@@ -146,6 +146,11 @@ def _attention_params(key, config: ModelConfig, layers: int) -> dict:
     if config.qk_norm:
         ones = {"weight": jnp.ones((layers, config.head_dim), config.jnp_dtype)}
         params.update(q_norm=ones, k_norm=ones)
+    d, g = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    zeros = [("bq", d), ("bk", g), ("bv", g)] if config.attention_bias else []  # zero biases and sinks
+    zeros += [("bo", config.hidden_size)] if config.attention_out_bias else []
+    zeros += [("sinks", config.num_heads)] if config.attention_sinks else []
+    params.update({name: jnp.zeros((layers, n), config.jnp_dtype) for name, n in zeros})
     return params
 
 
@@ -177,6 +182,8 @@ def seeded_params(config: ModelConfig, seed: int) -> dict:
     router_std = c.router_logit_std / np.sqrt(c.hidden_size)  # normed inputs: logits ~ N(0, router_logit_std)
     mlp = {"router_kernel": _normal(k[3], (lm, c.hidden_size, c.num_experts), router_std, jnp.float32),
            "correction_bias": jnp.asarray(router_bias(c))}
+    if c.router_logit_bias:
+        mlp["router_bias"] = jnp.zeros((lm, c.num_experts), jnp.float32)
     if c.num_shared_experts:
         mlp["shared"] = _mlp(k[2], lm, c.hidden_size, c.moe.shared_width, c.init_std, dt)
     params["moe_layers"] = {"layers": {**_norms(c, lm), "attention": _attention_params(k[4], c, lm), "mlp": mlp}}
@@ -190,9 +197,7 @@ def expert_weights(config: ModelConfig, seed: int, slot_to_expert: jax.Array) ->
 
     def one(layer, expert):
         k = jax.random.split(jax.random.fold_in(jax.random.fold_in(base, layer), expert), 3)
-        return ExpertWeights(_normal(k[0], (c.hidden_size, c.expert_ffn_size), c.init_std, dt),
-                             _normal(k[1], (c.hidden_size, c.expert_ffn_size), c.init_std, dt),
-                             _normal(k[2], (c.expert_ffn_size, c.hidden_size), c.init_std, dt))
+        return ExpertWeights(*(_normal(key, shape, c.init_std, dt) for key, shape in zip(k, c.moe.expert_shapes)))
 
     layers = jnp.arange(slot_to_expert.shape[0])[:, None] * jnp.ones_like(slot_to_expert)
     weights = jax.vmap(jax.vmap(one))(layers, slot_to_expert)

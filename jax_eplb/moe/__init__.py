@@ -21,9 +21,9 @@ from jax_eplb.moe._mlp import MLP, swiglu
 from jax_eplb.moe._replica_choice import SharedRouting, load_aware_slots, round_robin_slots
 from jax_eplb.moe._split import SplitShares, balanced_shares, replica_quotas, replica_shares
 from jax_eplb.moe._slots import ExpertSource, HostExperts, as_expert_source, slot_weights_from_logical
-from jax_eplb.moe._routers import Routing, deepseek_topk, route, softmax_topk
+from jax_eplb.moe._routers import Routing, deepseek_topk, route, softmax_topk, topk_softmax
 from jax_eplb.moe._transport import resolve_transport
-from jax_eplb.moe._types import (DISPATCH_MODES, GROUPED_MATMULS, POLICIES, RECORD_MODES, SHARED_BALANCE, TRANSPORTS,
+from jax_eplb.moe._types import (DISPATCH_MODES, ExpertFunction, GROUPED_MATMULS, POLICIES, RECORD_MODES, SHARED_BALANCE, TRANSPORTS,
                                  ExpertWeights,
                                  MoEConfig, MoEOptions, MoEOutput, RouterWeights)
 
@@ -36,7 +36,7 @@ __all__ = [
     "BlockFp8", "Fp8Weight", "FP8_DTYPE", "dequantize", "linear_weight", "weight_value", "scale_shape",
     "ExpertSource", "HostExperts", "as_expert_source", "slot_weights_from_logical",
     # the pure pieces, in flow order
-    "Routing", "route", "softmax_topk", "deepseek_topk",
+    "Routing", "route", "softmax_topk", "deepseek_topk", "topk_softmax", "ExpertFunction",
     "round_robin_slots", "load_aware_slots", "SharedRouting", "replica_quotas", "replica_shares",
     "balanced_shares", "SplitShares",
     "DispatchPlan", "dispatch_plan", "TokenPlan", "token_plan", "RaggedOffsets", "ragged_offsets",

@@ -58,8 +58,9 @@ class EPMoEBlock(nnx.Module):
         self.weight_block = None if weight_block is None else tuple(weight_block)
         self.router_kernel = nnx.Param(_INIT(rngs.params(), (c.hidden_size, c.num_experts), jnp.float32))
         self.correction_bias = nnx.Param(jnp.zeros((c.num_experts,), jnp.float32))
-        shapes = ((c.hidden_size, c.expert_ffn_size), (c.hidden_size, c.expert_ffn_size),
-                  (c.expert_ffn_size, c.hidden_size))
+        if c.router_logit_bias:
+            self.router_bias = nnx.Param(jnp.zeros((c.num_experts,), jnp.float32))
+        shapes = c.expert_shapes
         slots = jnp.asarray(tables.slot_to_expert)
         stored = dtype if weight_block is None else FP8_DTYPE
         self.w_gate, self.w_up, self.w_down = (
@@ -87,7 +88,8 @@ class EPMoEBlock(nnx.Module):
         return result._replace(out=result.out.astype(x.dtype))
 
     def router(self) -> RouterWeights:
-        return RouterWeights(self.router_kernel.get_value(), self.correction_bias.get_value())
+        logit_bias = self.router_bias.get_value() if self.config.router_logit_bias else None
+        return RouterWeights(self.router_kernel.get_value(), self.correction_bias.get_value(), logit_bias)
 
     # ------------------------------------------------------------------ placement
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_eplb.moe._experts import expert_compute
-from jax_eplb.moe._types import DISPATCH_MODES, TRANSPORTS
+from jax_eplb.moe._types import DISPATCH_MODES, TRANSPORTS, ExpertFunction
 
 
 class DispatchPlan(NamedTuple):
@@ -145,7 +145,8 @@ class _Route(NamedTuple):
 
 def all_to_all_moe(x: jax.Array, weights: jax.Array, slot_ids: jax.Array, w_gate, w_up, w_down,
                    axis_name: str, *, transport: str = "all_to_all", grouped_matmul: str = "ragged_dot",
-                   ragged_all_to_all: RaggedAllToAll | None = None, dispatch: str = "token"):
+                   ragged_all_to_all: RaggedAllToAll | None = None, dispatch: str = "token",
+                   function: ExpertFunction = ExpertFunction()):
     """One rank's MoE: x ``[T, H]``, weights/slot_ids ``[T, K]`` -> (``[T, H]`` f32, ``[R]`` entries sent).
 
     The second output is the number of entries (not rows) this rank sent to each rank (``psum`` it
@@ -162,7 +163,8 @@ def all_to_all_moe(x: jax.Array, weights: jax.Array, slot_ids: jax.Array, w_gate
 
     def run(rows, row_slot):
         with jax.named_scope("moe/experts"):
-            return expert_compute(rows, row_slot, w_gate, w_up, w_down, grouped_matmul=grouped_matmul)
+            return expert_compute(rows, row_slot, w_gate, w_up, w_down, grouped_matmul=grouped_matmul,
+                                  function=function)
 
     if transport == "all_to_all":
         exchange = _fixed_capacity_exchange

@@ -23,28 +23,31 @@ import jax
 import jax.numpy as jnp
 
 from jax_eplb.moe._tokamax import tokamax_ragged_dot
-from jax_eplb.moe._types import GROUPED_MATMULS
+from jax_eplb.moe._types import GROUPED_MATMULS, ExpertFunction
 from jax_eplb_kernels import tile_grouped_matmul
 
 PADDED_TILE = 64
 
 
-def _swiglu_ragged(ragged_dot, x, w_gate, w_up, w_down, group_sizes):
+def _swiglu_ragged(ragged_dot, x, w_gate, w_up, w_down, group_sizes, function: ExpertFunction):
     """Rows of ``x`` ``[rows, H]`` sorted by local slot; ``w_*`` ``[m, ...]``; -> ``[rows, H]`` f32, with
     ``ragged_dot`` (``jax.lax.ragged_dot`` or ``tokamax.ragged_dot``: the same signature)."""
     dot = functools.partial(ragged_dot, preferred_element_type=jnp.float32)
+    x = function.with_one(x)
     gate, up = dot(x, w_gate, group_sizes), dot(x, w_up, group_sizes)
-    hidden = (jax.nn.silu(gate) * up).astype(x.dtype)
+    hidden = function.with_one(function.glu(gate, up).astype(x.dtype))
     return dot(hidden, w_down, group_sizes)
 
 
-def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int, implementation: str):
+def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int, implementation: str,
+                   function: ExpertFunction):
     """Same contract as :func:`_swiglu_ragged`, as tile-grouped matmuls (``implementation``:
     ``xla`` for ``padded``, else the Pallas kernel).
 
     Group g's rows go to tiles of ``tile`` rows, each tile holding one group only, so the
     number of tiles is at most ``ceil(rows / tile) + m`` (static) whatever the sizes.
     """
+    x = function.with_one(x)
     rows, hidden = x.shape
     num_local = w_gate.shape[0]
     num_tiles = -(-rows // tile) + num_local
@@ -63,19 +66,22 @@ def _swiglu_padded(x, w_gate, w_up, w_down, group_sizes, tile: int, implementati
     used_tiles = tiles_per_group.sum()
     matmul = functools.partial(tile_grouped_matmul, tile_group=tile_group, used_tiles=used_tiles,
                                implementation=implementation)
-    act = (jax.nn.silu(matmul(buffer, w_gate)) * matmul(buffer, w_up)).astype(x.dtype)
+    act = function.with_one(function.glu(matmul(buffer, w_gate), matmul(buffer, w_up)).astype(x.dtype))
     out = matmul(act, w_down)  # [num_tiles * tile, H]
     return jnp.where(in_group[:, None], out[jnp.minimum(padded_row, num_tiles * tile - 1)], 0.0)
 
 
 def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *,
-                   grouped_matmul: str = "ragged_dot", tile: int = PADDED_TILE) -> jax.Array:
-    """Runs every received row through its local slot's SwiGLU expert.
+                   grouped_matmul: str = "ragged_dot", tile: int = PADDED_TILE,
+                   function: ExpertFunction = ExpertFunction()) -> jax.Array:
+    """Runs every received row through its local slot's gated expert.
 
     Args:
       rows: ``[P, H]``; row_slot: ``[P]`` local slot, m for empty rows (-> zeros).
-      w_gate, w_up: ``[m, H, F]``; w_down: ``[m, F, H]``.
+      w_gate, w_up: ``[m, H, F]``; w_down: ``[m, F, H]`` (``[m, H + 1, F]`` / ``[m, F + 1, H]`` with
+        their bias rows when ``function.bias``).
       grouped_matmul: ``ragged_dot``, ``padded``, ``pallas``, ``pallas_interpret`` or ``tokamax`` (module docstring).
+      function: the activation (SwiGLU or gpt-oss's clamped form) and whether the weights carry biases.
     Returns ``[P, H]`` float32.
     """
     if grouped_matmul not in GROUPED_MATMULS[1:]:
@@ -85,11 +91,12 @@ def expert_compute(rows: jax.Array, row_slot: jax.Array, w_gate, w_up, w_down, *
     group_sizes = jnp.zeros((num_local,), jnp.int32).at[row_slot].add(1, mode="drop")
     if grouped_matmul in ("ragged_dot", "tokamax"):
         dot = jax.lax.ragged_dot if grouped_matmul == "ragged_dot" else tokamax_ragged_dot()
-        out_sorted = _swiglu_ragged(dot, rows[order], w_gate, w_up, w_down, group_sizes)
+        out_sorted = _swiglu_ragged(dot, rows[order], w_gate, w_up, w_down, group_sizes, function)
     else:
         implementation = "xla" if grouped_matmul == "padded" else grouped_matmul
         # XLA: no tile larger than the rows; Pallas keeps whole tiles (power-of-two blocks for Triton).
         tile_rows = min(tile, rows.shape[0]) if implementation == "xla" else tile
-        out_sorted = _swiglu_padded(rows[order], w_gate, w_up, w_down, group_sizes, tile_rows, implementation)
+        out_sorted = _swiglu_padded(rows[order], w_gate, w_up, w_down, group_sizes, tile_rows, implementation,
+                                    function)
     out = jnp.zeros(out_sorted.shape, jnp.float32).at[order].set(out_sorted)
     return jnp.where((row_slot < num_local)[:, None], out, 0.0)

@@ -60,9 +60,9 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
         token_mask = jnp.ones((x.shape[0],), bool)
     on = platform(mesh)
     sizes = chunk_sizes(x.shape[0] // ranks, ranks, options.moe_max_num_tokens)
-    num_slots, hidden, ffn = slot_experts.gate.shape
+    num_slots, hidden, ffn = slot_experts.gate.shape  # hidden: H + 1 where the weights carry bias rows
     compute_dtype = x.dtype if isinstance(slot_experts.gate, BlockFp8) else slot_experts.gate.dtype
-    shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden, ffn=ffn, local_slots=num_slots // ranks,
+    shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden - config.expert_bias, ffn=ffn, local_slots=num_slots // ranks,
                           dtype=str(compute_dtype))  # what auto measures at: one rank's biggest chunk
     options = dataclasses.replace(resolve_transport(options, mesh, shapes, config.top_k),
                                   grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on, shapes,
@@ -70,15 +70,17 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     balance = shared is not None and shared_balance_on(options, ranks)
     pieces = shared_pieces(shared, ffn) if balance else ()
     body = functools.partial(_rank_moe, config, options, sizes)
+    logit_bias = router.logit_bias if router.logit_bias is not None else jnp.zeros((config.num_experts,), jnp.float32)
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(EP_AXIS), P(), P())
+        in_specs=(P(EP_AXIS), P(EP_AXIS), P(), P(), P(), P(EP_AXIS), P(), P())
         + (P(),) * len(pieces),
         out_specs=(P(EP_AXIS), P(), P(), P(EP_AXIS), P(EP_AXIS), P(), P(EP_AXIS)),
         check_vma=False)
     with on_platform(on):  # the routing kernels' 'auto' decides by the mesh's platform
         out, rank_load, shared_rows, expert_counts, slot_counts, totals, rows = fn(
-            x, token_mask, router.kernel, router.correction_bias, slot_experts, replica_count, expert_slots, *pieces)
+            x, token_mask, router.kernel, router.correction_bias, logit_bias, slot_experts, replica_count, expert_slots,
+            *pieces)
     rank_rows = rank_load + shared_rows  # balanced: the shared pieces each rank computed
     if shared is not None and not balance:
         out = out + jnp.where(token_mask[:, None], swiglu(x, *shared), 0.0)
@@ -110,7 +112,7 @@ def shared_pieces(shared: ExpertWeights, ffn: int) -> ExpertWeights:
 
 
 def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local, mask_local, kernel, bias,
-              slot_experts, replica_count, expert_slots, *shared):
+              logit_bias, slot_experts, replica_count, expert_slots, *shared):
     """One rank's share (inside shard_map): its ``[T/R, H]`` tokens in static chunks; ``slot_experts``
     its local slots ``[m, ...]`` (FP8 ``BlockFp8`` dequantized here, once per layer, right before
     the matmuls); ``shared``: the shared FFN's pieces (balanced shared experts: one more local slot
@@ -135,7 +137,7 @@ def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local,
     for size in sizes:
         xc, mc = x_local[start:start + size], mask_local[start:start + size]
         start += size
-        routing = route(config, RouterWeights(kernel, bias), xc)
+        routing = route(config, RouterWeights(kernel, bias, logit_bias if config.router_logit_bias else None), xc)
         expert_ids = jnp.where(mc[:, None], routing.expert_ids, -1)
         if options.replica_policy == "round_robin":
             chosen = round_robin_slots(expert_ids, replica_count, expert_slots, num_slots, rank, impl,
@@ -157,7 +159,8 @@ def _rank_moe(config: MoEConfig, options: MoEOptions, sizes: list[int], x_local,
             rows += dispatch_rows(slot_ids, num_ranks, w_gate.shape[0])
         out, sent = all_to_all_moe(xc, weights, slot_ids, w_gate, w_up, w_down, EP_AXIS,
                                    transport=options.transport, grouped_matmul=options.grouped_matmul,
-                                   ragged_all_to_all=options.ragged_exchange, dispatch=options.dispatch)
+                                   ragged_all_to_all=options.ragged_exchange, dispatch=options.dispatch,
+                                   function=config.expert_function)
         outs.append(out)
         rank_load = rank_load + sent
         if shared:  # sent counts the shared pieces too: keep them apart

@@ -27,6 +27,12 @@ def softmax_topk(logits: jax.Array, top_k: int, renormalize: bool = True) -> Rou
     return Routing(weights, ids.astype(jnp.int32))
 
 
+def topk_softmax(logits: jax.Array, top_k: int) -> Routing:
+    """gpt-oss: the top-k logits, softmax over those k."""
+    top, ids = jax.lax.top_k(logits.astype(jnp.float32), top_k)
+    return Routing(jax.nn.softmax(top, axis=-1), ids.astype(jnp.int32))
+
+
 def deepseek_topk(logits: jax.Array, correction_bias: jax.Array, top_k: int, n_group: int, topk_group: int,
                   routed_scaling_factor: float = 1.0, normalize: bool = True) -> Routing:
     """DeepSeek-V3: sigmoid scores; the bias only steers selection; group-limited top-k.
@@ -53,6 +59,10 @@ def deepseek_topk(logits: jax.Array, correction_bias: jax.Array, top_k: int, n_g
 def route(config: MoEConfig, router: RouterWeights, x: jax.Array) -> Routing:
     """``x`` ``[T, H]`` -> Routing; logits ``x @ kernel`` in float32 whatever the model dtype."""
     logits = jnp.dot(x.astype(jnp.float32), router.kernel.astype(jnp.float32))  # [T, E]
+    if router.logit_bias is not None:
+        logits = logits + router.logit_bias.astype(jnp.float32)
+    if config.router == "topk_softmax":
+        return topk_softmax(logits, config.top_k)
     if config.router == "deepseek":
         return deepseek_topk(logits, router.correction_bias, config.top_k, config.n_group, config.topk_group,
                              config.routed_scaling_factor, config.renormalize)

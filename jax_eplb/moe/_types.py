@@ -9,10 +9,12 @@ import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from jax_eplb_kernels import IMPLEMENTATIONS
 
-ROUTERS = ("softmax", "deepseek")
+ROUTERS = ("softmax", "deepseek", "topk_softmax")
+ACTIVATIONS = ("silu", "clamped_swiglu")
 POLICIES = ("round_robin", "load_aware")
 SHARED_BALANCE = ("auto", "on", "off")
 RECORD_MODES = ("expert", "slot", "expert_total", "traffic")
@@ -27,7 +29,15 @@ class MoEConfig:
     """Shapes and routing of one MoE layer.
 
     router: ``softmax`` (Mixtral, Qwen3-MoE: softmax over experts, top-k, renormalised when
-    ``renormalize``) or ``deepseek`` (sigmoid scores, selection bias, group-limited top-k).
+    ``renormalize``), ``deepseek`` (DeepSeek-V3, Kimi-K2, GLM-4.5: sigmoid scores, selection bias,
+    group-limited top-k) or ``topk_softmax`` (gpt-oss: top-k of the logits, softmax over those k).
+    router_logit_bias: the router has a bias added to its logits (gpt-oss).
+
+    Experts: ``activation`` ``silu`` (SwiGLU: ``silu(gate) * up``) or ``clamped_swiglu`` (gpt-oss:
+    ``(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``).
+    ``expert_bias``: every expert linear layer has a bias, stored as one more input row of its
+    weight (gate, up ``[H + 1, F]``, down ``[F + 1, H]``: the affine map as one matrix applied to
+    ``[x, 1]``), so a bias travels with its expert's weights wherever a plan moves them.
     """
 
     hidden_size: int
@@ -41,10 +51,19 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     num_shared_experts: int = 0
     shared_ffn_size: int | None = None
+    router_logit_bias: bool = False
+    activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
+    expert_bias: bool = False
 
     def __post_init__(self):
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.expert_bias and self.num_shared_experts:
+            raise ValueError("expert biases with shared experts are not implemented (no such model)")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
         if self.router == "deepseek" and self.num_experts % self.n_group:
@@ -53,9 +72,41 @@ class MoEConfig:
             raise ValueError(f"topk_group ({self.topk_group}) must be in [1, n_group={self.n_group}]")
 
     @property
+    def expert_shapes(self) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """One expert's gate, up ``[H (+1), F]`` and down ``[F (+1), H]`` (the bias row with ``expert_bias``)."""
+        h, f, b = self.hidden_size, self.expert_ffn_size, int(self.expert_bias)
+        return (h + b, f), (h + b, f), (f + b, h)
+
+    @property
+    def expert_function(self) -> "ExpertFunction":
+        return ExpertFunction(self.activation, self.swiglu_alpha, self.swiglu_limit, self.expert_bias)
+
+    @property
     def shared_width(self) -> int:
         """FFN width of the shared experts together (0: none)."""
         return (self.shared_ffn_size or self.expert_ffn_size) * self.num_shared_experts
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertFunction:
+    """What an expert computes from its weights (``MoEConfig``'s ``activation``, ``swiglu_*`` and
+    ``expert_bias``; hashable: a static argument of the jitted expert compute)."""
+
+    activation: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+    bias: bool = False
+
+    def glu(self, gate: jax.Array, up: jax.Array) -> jax.Array:
+        """The gated hidden activation from the gate and up projections (float32)."""
+        if self.activation == "silu":
+            return jax.nn.silu(gate) * up
+        gate = jnp.minimum(gate, self.limit)
+        return (jnp.clip(up, -self.limit, self.limit) + 1) * gate * jax.nn.sigmoid(gate * self.alpha)
+
+    def with_one(self, x: jax.Array) -> jax.Array:
+        """``[..., D]`` -> ``[..., D + 1]`` with a column of ones when the weights carry a bias row, else x."""
+        return jnp.concatenate([x, jnp.ones(x.shape[:-1] + (1,), x.dtype)], axis=-1) if self.bias else x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +178,7 @@ class ExpertWeights(NamedTuple):
 class RouterWeights(NamedTuple):
     kernel: jax.Array  # [H, E]
     correction_bias: jax.Array  # [E] (DeepSeek selection bias; zeros otherwise)
+    logit_bias: jax.Array | None = None  # [E] added to the logits (gpt-oss); None: none
 
 
 class MoEOutput(NamedTuple):
