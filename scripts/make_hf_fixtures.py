@@ -45,8 +45,8 @@ files (transformers without torch is enough): ``--tokenizer_only``.
   ``*_blocks`` / ``*_scales`` (quantized here with torch); the reference is transformers' model
   loaded from that directory with its own MXFP4 dequantization (``Mxfp4Config(dequantize=True)``).
 
-Biases (attention, selection bias, experts, attention sinks) are drawn at random: transformers initialises them to zeros,
-which would leave the reading of them untested.
+Biases (attention, selection bias, experts, attention sinks) are drawn at random: transformers
+initialises them to zeros, which would leave the reading of them untested.
 """
 
 from __future__ import annotations
@@ -319,7 +319,8 @@ def reference(model, torch) -> dict:
     return {"prompts": prompts, "lengths": np.array([len(p) for p in PROMPTS]), "logits": logits, "tokens": tokens}
 
 
-BUILDS = (deepseek_v3, deepseek_v3_fp8, qwen3_moe, mixtral, glm4_moe, kimi_k2, gpt_oss, gpt_oss_mxfp4)  # the index is the seed
+# The index is the seed.
+BUILDS = (deepseek_v3, deepseek_v3_fp8, qwen3_moe, mixtral, glm4_moe, kimi_k2, gpt_oss, gpt_oss_mxfp4)
 
 
 def main():

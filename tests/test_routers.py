@@ -24,8 +24,9 @@ def margins(config, kernel, bias, x) -> np.ndarray:
 
 
 @settings(max_examples=25, deadline=None)
-@given(st.sampled_from(["softmax", "deepseek", "topk_softmax"]), st.sampled_from([(8, 2, 4, 2), (16, 4, 4, 2), (12, 3, 3, 1)]),
-       st.booleans(), st.floats(0.5, 3.0), st.integers(0, 2**31 - 1))
+@given(st.sampled_from(["softmax", "deepseek", "topk_softmax"]),
+       st.sampled_from([(8, 2, 4, 2), (16, 4, 4, 2), (12, 3, 3, 1)]), st.booleans(), st.floats(0.5, 3.0),
+       st.integers(0, 2**31 - 1))
 def test_route_equals_the_numpy_router(router, shape, renormalize, scale, seed):
     experts, top_k, n_group, topk_group = shape
     config = MoEConfig(hidden_size=8, expert_ffn_size=4, num_experts=experts, top_k=top_k, router=router,

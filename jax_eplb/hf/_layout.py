@@ -113,7 +113,8 @@ def fused_experts(tensor: Tensor, layer: int, c: ModelConfig, layout: MoELayout)
                    down_blocks=tensor(f"{prefix}.down_proj_blocks", (e, h, f // BLOCK, BLOCK_BYTES)),
                    down_scales=tensor(f"{prefix}.down_proj_scales", (e, h, f // BLOCK)))
     else:
-        out.update(gate_up=tensor(f"{prefix}.gate_up_proj", (e, h, 2 * f)), down=tensor(f"{prefix}.down_proj", (e, f, h)))
+        out.update(gate_up=tensor(f"{prefix}.gate_up_proj", (e, h, 2 * f)),
+                   down=tensor(f"{prefix}.down_proj", (e, f, h)))
     return out
 
 

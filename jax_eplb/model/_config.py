@@ -34,15 +34,19 @@ class ModelConfig:
     ``router_logit_bias`` as ``MoEConfig`` defines them (gpt-oss: clamped SwiGLU, biased experts,
     ``router`` ``topk_softmax``).
 
-    Attention: ``gqa`` (grouped-query, ``head_dim`` per head, optional per-head q/k RMSNorm:
-    Qwen3, GLM-4.5; ``attention_bias``: biases on the q, k and v projections, GLM-4.5; ``rotary_dim``:
-    RoPE on each head's first ``rotary_dim`` dims only, GLM-4.5's ``partial_rotary_factor``) or ``mla`` (DeepSeek multi-head latent attention: ``q_lora_rank`` (None: no query
-    compression), ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``, ``v_head_dim``;
-    the cache holds the compressed latent and the rotary key). ``rope_interleave`` rotates
-    interleaved pairs (DeepSeek's layout) instead of halves. ``yarn_*``: DeepSeek's YaRN
-    ``rope_scaling`` (``yarn_factor`` None: plain RoPE; ``yarn_truncate`` False: the correction range is
-    not rounded to whole dims, gpt-oss). ``max_position_embeddings`` is the
-    model's longest supported sequence; ``max_seq_len`` the KV-cache length this run allocates.
+    Attention: ``gqa`` (grouped-query, ``head_dim`` per head; optional per-head q/k RMSNorm:
+    Qwen3, GLM-4.5; ``attention_bias``: biases on the q, k and v projections, GLM-4.5, gpt-oss;
+    ``attention_out_bias``: on the output projection too, gpt-oss; ``attention_sinks``: one learned
+    logit per head joins each softmax and takes its share of the weight, gpt-oss; ``sliding_window``:
+    the decoder layers in ``sliding_window_layers`` see only the last ``sliding_window`` positions,
+    gpt-oss; ``rotary_dim``: RoPE on each head's first ``rotary_dim`` dims only, GLM-4.5's
+    ``partial_rotary_factor``) or ``mla`` (DeepSeek multi-head latent attention: ``q_lora_rank``
+    (None: no query compression), ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim``,
+    ``v_head_dim``; the cache holds the compressed latent and the rotary key). ``rope_interleave``
+    rotates interleaved pairs (DeepSeek's layout) instead of halves. ``yarn_*``: YaRN
+    ``rope_scaling`` (``yarn_factor`` None: plain RoPE; ``yarn_truncate`` False: the correction
+    range is not rounded to whole dims, gpt-oss). ``max_position_embeddings`` is the model's longest
+    supported sequence; ``max_seq_len`` the KV-cache length this run allocates.
 
     ``dtype`` is the compute dtype (activations, caches, and every weight not held in FP8);
     ``fp8_block`` (a checkpoint's ``weight_block_size``, ``[out, in]``): the linear layers'

@@ -23,8 +23,8 @@ from jax_eplb.moe._split import SplitShares, balanced_shares, replica_quotas, re
 from jax_eplb.moe._slots import ExpertSource, HostExperts, as_expert_source, slot_weights_from_logical
 from jax_eplb.moe._routers import Routing, deepseek_topk, route, softmax_topk, topk_softmax
 from jax_eplb.moe._transport import resolve_transport
-from jax_eplb.moe._types import (DISPATCH_MODES, ExpertFunction, GROUPED_MATMULS, POLICIES, RECORD_MODES, SHARED_BALANCE, TRANSPORTS,
-                                 ExpertWeights,
+from jax_eplb.moe._types import (DISPATCH_MODES, GROUPED_MATMULS, POLICIES, RECORD_MODES, SHARED_BALANCE, TRANSPORTS,
+                                 ExpertFunction, ExpertWeights,
                                  MoEConfig, MoEOptions, MoEOutput, RouterWeights)
 
 __all__ = [
