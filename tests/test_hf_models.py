@@ -318,6 +318,26 @@ def test_experts_are_read_per_shard_and_once_per_process(mesh_of):
     np.testing.assert_array_equal(np.asarray(experts.gate[1, 8]), np.asarray(experts.gate[1, 0]))
 
 
+def test_fused_experts_are_read_row_by_row(mesh_of, monkeypatch):
+    """gpt-oss stores each layer's experts in one tensor: loading reads each expert's rows of it once
+    (a replicated expert too), never the whole tensor (the [E, 2F] / [E, H] biases are read whole)."""
+    from jax_eplb.hf._safetensors import ExpertRows
+
+    reads = []
+    row = ExpertRows.__getitem__
+    monkeypatch.setattr(ExpertRows, "__getitem__", lambda self, i: (reads.append((self.name, int(i))), row(self, i))[1])
+    monkeypatch.setattr(ExpertRows, "__array__", lambda *_, **__: pytest.fail("a whole fused tensor was read"))
+    source = HuggingFaceCheckpoint(FIXTURES / "gpt_oss_mxfp4", max_seq_len=32)
+    config = source.config
+    plan = np.tile(np.concatenate([np.arange(8), np.arange(8)]), (config.num_moe_layers, 1))  # every expert twice
+    experts = source.slot_experts(config, mesh_of(4), plan)
+    names = ("gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales")
+    want = [(f"model.layers.{l}.mlp.experts.{n}", e) for l in range(3) for e in range(8) for n in names]
+    assert sorted(reads) == sorted(want)
+    np.testing.assert_array_equal(np.asarray(experts.down[2, 9]), np.asarray(experts.down[2, 1]))
+    np.testing.assert_array_equal(np.asarray(source.rows(2, np.array([1])).down[0]), np.asarray(experts.down[2, 1]))
+
+
 def test_text_prompts_use_the_checkpoint_tokenizer(tmp_path):
     """A dataset's ``prompt`` text is tokenized with the checkpoint's tokenizer.json; prepare-dataset
     turns a text file into a dataset with the same ids."""

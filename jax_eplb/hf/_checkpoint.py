@@ -212,7 +212,7 @@ class HuggingFaceCheckpoint:
         dtype (dequantized), or as stored FP8 (``BlockFp8``, the host master copy moves as is) under ``fp8_block``."""
         decoder_layer = self.config.moe_layer_ids[layer]
         if self.config.fp8_block is None:  # dequantized on the host, in the compute dtype as expert_shapes says
-            # fused experts (gpt-oss) are taken out of the stored layer tensors (read once, kept while recent)
+            # fused experts (gpt-oss): the expert's rows of the stored layer tensors, read alone
             read = self.tensors.stored if self.layout.fused_experts else self.tensors.tensor
             weights = [[getattr(w, "value", w) for w in expert(read, decoder_layer, int(e), self.config, self.layout)]
                        for e in experts]

@@ -120,7 +120,8 @@ def fused_experts(tensor: Tensor, layer: int, c: ModelConfig, layout: MoELayout)
 
 def _fused_expert(tensor: Tensor, layer: int, index: int, c: ModelConfig, layout: MoELayout) -> tuple:
     """One expert out of gpt-oss' fused tensors: gate, up ``[H + 1, F]`` (de-interleaved, bias as the
-    last row), down ``[F + 1, H]``, float32 on the host (MXFP4 dequantized)."""
+    last row), down ``[F + 1, H]``, float32 on the host (MXFP4 dequantized). Only that expert's rows
+    are read from a checkpoint (``ExpertRows``)."""
     parts = fused_experts(tensor, layer, c, layout)
     kind = type(parts["down_bias"])
     one = {k: (v.value if isinstance(v, StoredTensor) else np.asarray(v))[index] for k, v in parts.items()}

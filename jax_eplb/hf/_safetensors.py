@@ -14,7 +14,6 @@ host instead (single experts for online rebalancing, tests).
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -37,7 +36,6 @@ for _name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 SCALE_SUFFIX = "_scale_inv"
-RECENT = 8
 
 
 class SafetensorsCheckpoint:
@@ -53,7 +51,6 @@ class SafetensorsCheckpoint:
         self.block_size = block_size
         self.weight_map = _weight_map(self.directory)
         self._files: dict[str, object] = {}
-        self._recent: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -73,24 +70,20 @@ class SafetensorsCheckpoint:
                 raise EplbInputError(f"{path}: not a readable safetensors file ({err})") from None
         return self._files[shard]
 
-    def raw(self, name: str) -> np.ndarray:
-        """The stored tensor as it is (FP8 stays FP8). The last ``RECENT`` tensors read are kept: a
-        layer's fused expert tensors (gpt-oss) are read once while each of its experts is taken out."""
+    def raw(self, name: str):
+        """The stored tensor as it is (FP8 stays FP8). A tensor of three or more dims (gpt-oss' experts
+        fused per layer, ``[E, ...]``) comes as ``ExpertRows``: indexing one expert reads only its bytes."""
         if name not in self.weight_map:
             raise EplbInputError(f"{self.directory}: tensor {name!r} is missing from the checkpoint")
-        if name in self._recent:
-            self._recent.move_to_end(name)
-            return self._recent[name]
         from safetensors import SafetensorError
 
         try:
-            value = self._file(name).get_tensor(name)
+            view = self._file(name).get_slice(name)
+            if len(view.get_shape()) >= 3:
+                return ExpertRows(view, name, self.directory / self.weight_map[name])
+            return self._file(name).get_tensor(name)
         except (SafetensorError, OSError, ValueError) as err:
             raise EplbInputError(f"{self.directory / self.weight_map[name]}: cannot read {name!r} ({err})") from None
-        self._recent[name] = value
-        if len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
-        return value
 
     def check(self, name: str, shape: tuple[int, ...]) -> None:
         """``name`` is present with ``shape`` (and its FP8 scale fits), from the file headers alone."""
@@ -129,6 +122,35 @@ class SafetensorsCheckpoint:
         if stored.scale_inv is None:
             return np.asarray(stored.value, np.float32)
         return dequantize_blocks(stored.value, stored.scale_inv, stored.block, name)
+
+
+class ExpertRows:
+    """A stored ``[E, ...]`` tensor read one leading index at a time (safetensors' slices: only those
+    bytes are read), so each process reads just the experts of its own slots; ``np.asarray`` reads all."""
+
+    def __init__(self, view, name: str, path):
+        self._view, self.name, self.path = view, name, path
+        self.shape = tuple(view.get_shape())
+        self.ndim = len(self.shape)
+        known = _SAFETENSORS_DTYPES.get(view.get_dtype())
+        self.dtype = np.dtype(known) if known is not None else self[0].dtype
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        from safetensors import SafetensorError
+
+        try:
+            return self._view[int(index)]
+        except (SafetensorError, OSError, ValueError) as err:
+            raise EplbInputError(f"{self.path}: cannot read {self.name}[{index}] ({err})") from None
+
+    def __array__(self, dtype=None, copy=None):
+        whole = np.stack([self[i] for i in range(self.shape[0])])
+        return whole if dtype is None else whole.astype(dtype)
+
+
+_SAFETENSORS_DTYPES = {"U8": np.uint8, "I8": np.int8, "F32": np.float32, "F16": np.float16, "F64": np.float64,
+                       "BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "I32": np.int32,
+                       "I64": np.int64}  # safetensors' dtype names (others: the dtype of a row read)
 
 
 @dataclasses.dataclass(frozen=True)
