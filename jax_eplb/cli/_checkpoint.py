@@ -13,8 +13,9 @@ def add_checkpoint_parser(sub):
                             help="write a seeded random checkpoint (orbax, or Hugging Face layout)")
     parser.add_argument("--model", default=None, help="model config YAML or shipped name (orbax checkpoint)")
     parser.add_argument("--hf_config", default=None,
-                        help="a Hugging Face config.json (configs/hf/ ships DeepSeek-V3, Qwen3-30B-A3B, Mixtral-8x7B): "
-                             "write safetensors in that architecture's layout")
+                        help="a Hugging Face config.json, or a shipped one's name (deepseek_v3, kimi_k2, glm4_5, "
+                             "gpt_oss_120b, qwen3_30b_a3b, mixtral_8x7b): write safetensors in that architecture's "
+                             "layout")
     parser.add_argument("--num_layers", type=int, default=None, help="with --hf_config: fewer decoder layers")
     parser.add_argument("--num_experts", type=int, default=None, help="with --hf_config: fewer routed experts")
     parser.add_argument("--vocab_size", type=int, default=None, help="with --hf_config: a smaller vocabulary")

@@ -15,8 +15,8 @@ def add_memory_parser(sub):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_path", default=None, help="a Hugging Face checkpoint directory (its config.json)")
     source.add_argument("--hf_config", default=None,
-                        help="a Hugging Face config.json, or the name of a shipped one (deepseek_v3, qwen3_30b_a3b, "
-                             "mixtral_8x7b), as create-checkpoint")
+                        help="a Hugging Face config.json, or the name of a shipped one (deepseek_v3, kimi_k2, glm4_5, "
+                             "gpt_oss_120b, qwen3_30b_a3b, mixtral_8x7b), as create-checkpoint")
     source.add_argument("--model", default=None, help="a model config YAML or shipped name (tiny, deepseek_v3_slice)")
     parser.add_argument("--ep_size", type=int, required=True, help="expert-parallel ranks")
     parser.add_argument("--num_slots", type=int, default=None, help="expert slots per MoE layer (default: one per "
