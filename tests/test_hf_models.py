@@ -396,10 +396,12 @@ def test_yarn_follows_deepseek(dim, original, beta_fast, beta_slow):
     np.testing.assert_allclose(np.asarray(inv_frequencies(config, dim)), want, rtol=2e-6)
     mscale = 0.1 * 1.0 * np.log(40.0) + 1.0
     assert softmax_scale(config, 192) == pytest.approx(192 ** -0.5 * mscale ** 2)
-    short = dataclasses.replace(config, max_position_embeddings=original, max_seq_len=32)  # not extended: plain
-    np.testing.assert_allclose(np.asarray(inv_frequencies(short, dim)), 10000.0 ** (-np.arange(dim // 2) / (dim // 2)),
+    short = dataclasses.replace(config, max_position_embeddings=original, max_seq_len=32)  # as transformers: YaRN
+    np.testing.assert_allclose(np.asarray(inv_frequencies(short, dim)), want, rtol=2e-6)  # whatever the length
+    assert softmax_scale(short, 192) == pytest.approx(192 ** -0.5 * mscale ** 2)
+    plain = dataclasses.replace(config, yarn_factor=None)
+    np.testing.assert_allclose(np.asarray(inv_frequencies(plain, dim)), 10000.0 ** (-np.arange(dim // 2) / (dim // 2)),
                                rtol=1e-6)
-    assert softmax_scale(short, 192) == pytest.approx(192 ** -0.5)
 
 
 def test_plan_for_another_expert_count_is_refused_before_work(tmp_path, capsys):

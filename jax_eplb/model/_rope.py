@@ -6,10 +6,11 @@ Axis legend: B batch, T tokens, N heads, Dr rotary dims.
 YaRN follows DeepSeek-V3's own inference code (``precompute_freqs_cis``), which transformers
 matches: the correction range from ``beta_fast`` / ``beta_slow`` as whole dims (low rounded down,
 high up), a linear ramp ``(i - low) / (high - low)`` between them (0.001 added to the width when
-they are equal), frequencies ``f * (1 - ramp + ramp / factor)``; applied when the model's
-``max_position_embeddings`` exceeds ``yarn_original_max_position`` (transformers: always); with
-``yarn_truncate`` False (gpt-oss) the range is not rounded; the
-softmax scale is multiplied by ``(0.1 * mscale_all_dim * ln(factor) + 1)^2``.
+they are equal), frequencies ``f * (1 - ramp + ramp / factor)``; with ``yarn_truncate`` False
+(gpt-oss) the range is not rounded; the softmax scale is multiplied by ``(0.1 * mscale_all_dim *
+ln(factor) + 1)^2``. YaRN applies whenever a config sets it, as in transformers, vLLM and SGLang
+(DeepSeek's own code skips it when it serves no more than the original length; the published
+configs all extend it, so the two only differ on test-sized configs).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ from jax_eplb.model._config import ModelConfig
 
 
 def yarn_enabled(config: ModelConfig) -> bool:
-    max_positions = config.max_position_embeddings or config.max_seq_len
-    return config.yarn_factor is not None and max_positions > config.yarn_original_max_position
+    return config.yarn_factor is not None
 
 
 def inv_frequencies(config: ModelConfig, dim: int):
