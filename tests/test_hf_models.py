@@ -118,10 +118,23 @@ def test_fixture_layouts_cover_the_architectures():
     assert HuggingFaceCheckpoint(FIXTURES / "gpt_oss_mxfp4").layout.fused_experts == "mxfp4"
 
 
+def quantize_mxfp4(values):
+    """float ``[..., K]`` -> MXFP4 (blocks ``[..., K/32, 16]``, scales ``[..., K/32]``): each block's scale
+    makes its largest magnitude at most 6, values round to the nearest e2m1 code, low nibble first."""
+    from jax_eplb.hf._mxfp4 import FP4_VALUES
+
+    grouped = np.asarray(values, np.float32).reshape(*np.shape(values)[:-1], -1, 32)
+    largest = np.abs(grouped).max(axis=-1)
+    exponent = np.where(largest > 0, np.ceil(np.log2(np.maximum(largest, 1e-30) / 6.0)), 0).astype(np.int32)
+    codes = np.abs((grouped / np.ldexp(np.float32(1), exponent)[..., None])[..., None] - FP4_VALUES).argmin(-1)
+    pairs = codes.astype(np.uint8).reshape(*codes.shape[:-1], 16, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8), (exponent + 127).astype(np.uint8)
+
+
 def test_mxfp4_hand_worked_and_round_trip():
     """MXFP4: low nibble first, e2m1 codes, exponent biased by 127 (hand-worked); quantizing a block
     whose values are e2m1 numbers times a power of two gives them back exactly."""
-    from jax_eplb.hf._mxfp4 import dequantize_mxfp4, quantize_mxfp4
+    from jax_eplb.hf._mxfp4 import dequantize_mxfp4
 
     blocks = np.zeros((1, 16), np.uint8)
     blocks[0, 0] = 0x92  # low nibble 2 (1.0), high nibble 9 (-0.5)
@@ -450,7 +463,8 @@ def test_bench_serves_transformers_tokens(name, tmp_path, capsys):
         assert [tokens[i] for i in range(len(lines))] == reference["tokens"].tolist()
     out = capsys.readouterr().out
     assert f"{config.num_experts * 2} slots" in out
-    assert "slots moved (total)" in out or not name.startswith("gpt_oss")
+    if name.startswith("gpt_oss"):
+        assert "slots moved (total)" in out
 
 
 @pytest.mark.parametrize("hf_config,ep,slots,expert_bytes", [

@@ -38,12 +38,13 @@ _FLOAT_WEIGHTS = {"bf16": "bfloat16", "float32": "float32"}
 
 def fp8_block_size(raw: dict, source: str) -> tuple[int, int] | None:
     """``quantization_config``'s FP8 block ``[out, in]`` (None: not FP8); anything but DeepSeek's
-    block-wise e4m3 FP8 (and gpt-oss' MXFP4 experts, which its layout reads) is refused in one line."""
+    block-wise e4m3 FP8, or a format the architecture's own layout reads (its ``OWN_QUANTIZATIONS``:
+    gpt-oss' MXFP4 experts), is refused in one line."""
     quantization = raw.get("quantization_config")
     if not quantization:
         return None
-    if isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4" and \
-            raw.get("model_type") == _gpt_oss.MODEL_TYPE:
+    own = getattr(ARCHITECTURES.get(raw.get("model_type")), "OWN_QUANTIZATIONS", ())
+    if isinstance(quantization, dict) and quantization.get("quant_method") in own:
         return None
     if not isinstance(quantization, dict) or quantization.get("quant_method") != "fp8":
         method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
@@ -110,10 +111,9 @@ class HuggingFaceCheckpoint:
         self.directory = Path(directory)
         self.config, self.layout, self.notes = hf_model_config(directory, name=name, max_seq_len=max_seq_len,
                                                                dtype=dtype, weight_dtype=weight_dtype)
-        quantization = read_config_json(directory).get("quantization_config") or {}
-        block = quantization.get("weight_block_size") if isinstance(quantization, dict) and \
-            quantization.get("quant_method") == "fp8" else None
-        self.tensors = SafetensorsCheckpoint(directory, tuple(block) if block else None)
+        # the stored FP8 block, also where the weights are dequantized while loading (config.fp8_block None)
+        block = fp8_block_size(read_config_json(directory), str(directory))
+        self.tensors = SafetensorsCheckpoint(directory, block)
 
     def with_config(self, config: ModelConfig) -> "HuggingFaceCheckpoint":
         """The same checkpoint serving ``config`` (e.g. another cache length)."""

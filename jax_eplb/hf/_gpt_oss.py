@@ -24,13 +24,14 @@ MODEL_TYPE = "gpt_oss"
 LAYOUT = MoELayout("mlp", ("gate_up_proj", "gate_up_proj", "down_proj"), router="router",
                    router_logit_bias="router.bias", fused_experts="bf16")
 LAYER_TYPES = ("sliding_attention", "full_attention")
+OWN_QUANTIZATIONS = ("mxfp4",)  # read by this layout (not the FP8 path)
 
 
 def layout(raw: dict) -> MoELayout:
     """MXFP4 experts (OpenAI's checkpoints) or plain ones (transformers' ``save_pretrained``, BF16 exports)."""
-    method = (raw.get("quantization_config") or {}).get("quant_method") if isinstance(
-        raw.get("quantization_config"), dict) else None
-    return dataclasses.replace(LAYOUT, fused_experts="mxfp4") if method == "mxfp4" else LAYOUT
+    quantization = raw.get("quantization_config")
+    mxfp4 = isinstance(quantization, dict) and quantization.get("quant_method") == "mxfp4"
+    return dataclasses.replace(LAYOUT, fused_experts="mxfp4") if mxfp4 else LAYOUT
 
 
 def model_fields(reader: ConfigReader) -> tuple[dict, list[str]]:
@@ -50,8 +51,8 @@ def model_fields(reader: ConfigReader) -> tuple[dict, list[str]]:
     rope = read_rope(reader, allow_yarn=True)
     ffn = reader.int("intermediate_size")
     fields.update(
-        num_kv_heads=reader.int("num_key_value_heads", heads), head_dim=reader.int("head_dim", fields["hidden_size"]
-                                                                                   // heads),
+        num_kv_heads=reader.int("num_key_value_heads", heads),
+        head_dim=reader.int("head_dim", fields["hidden_size"] // heads),
         attention_bias=bias, attention_out_bias=bias, attention_sinks=True, sliding_window=window,
         sliding_window_layers=sliding, dense_ffn_size=ffn, num_experts=reader.int("num_local_experts"),
         expert_ffn_size=ffn, router="topk_softmax", router_logit_bias=True, renormalize=False, first_k_dense=0,

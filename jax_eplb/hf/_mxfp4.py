@@ -27,17 +27,3 @@ def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "tensor
     values = np.ldexp(values.reshape(*blocks.shape[:-1], BLOCK), scales.astype(np.int32)[..., None] - 127)
     return values.reshape(*blocks.shape[:-2], -1).astype(np.float32)
 
-
-def quantize_mxfp4(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float ``[..., K]`` (K a multiple of 32) -> (blocks ``[..., K/32, 16]``, scales ``[..., K/32]``):
-    the scale makes each block's largest magnitude at most 6, values round to the nearest e2m1 (tests,
-    random checkpoints)."""
-    values = np.asarray(values, np.float32)
-    grouped = values.reshape(*values.shape[:-1], -1, BLOCK)
-    largest = np.abs(grouped).max(axis=-1)
-    exponent = np.where(largest > 0, np.ceil(np.log2(np.maximum(largest, 1e-30) / 6.0)), 0).astype(np.int32)
-    exponent = np.clip(exponent, -127, 127)
-    scaled = grouped / np.ldexp(np.float32(1), exponent)[..., None]
-    codes = np.abs(scaled[..., None] - FP4_VALUES).argmin(axis=-1).astype(np.uint8)  # nearest of the 16
-    pairs = codes.reshape(*codes.shape[:-1], BLOCK_BYTES, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8), (exponent + 127).astype(np.uint8)

@@ -63,7 +63,7 @@ def ep_moe_forward(config: MoEConfig, mesh, router: RouterWeights, slot_experts:
     num_slots, hidden, ffn = slot_experts.gate.shape  # hidden: H + 1 where the weights carry bias rows
     compute_dtype = x.dtype if isinstance(slot_experts.gate, BlockFp8) else slot_experts.gate.dtype
     # what auto measures at: one rank's biggest chunk
-    shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden - config.expert_bias, ffn=ffn,
+    shapes = ExpertShapes(rows=max(sizes) * config.top_k, hidden=hidden - int(config.expert_bias), ffn=ffn,
                           local_slots=num_slots // ranks, dtype=str(compute_dtype))
     options = dataclasses.replace(resolve_transport(options, mesh, shapes, config.top_k),
                                   grouped_matmul=resolve_grouped_matmul(options.grouped_matmul, on, shapes,
